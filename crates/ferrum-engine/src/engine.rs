@@ -1,0 +1,85 @@
+//! A model ready to serve: GGUF file, weights, tokenizer, chat template and kernel threads.
+
+use std::path::{Path, PathBuf};
+
+use crate::chat_template::ChatTemplate;
+use crate::error::Result;
+use crate::generate::{Generator, Session};
+use crate::gguf::GgufFile;
+use crate::kernels::ThreadPool;
+use crate::model::transformer::Transformer;
+use crate::tokenizer::Tokenizer;
+
+/// How to load a model.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Kernel threads (default: the machine's available parallelism or `FERRUM_THREADS`).
+    pub threads: Option<usize>,
+    /// Context window; defaults to the model's trained context length.
+    pub context_length: Option<usize>,
+    /// Longest prefill chunk (default 512).
+    pub prefill_chunk: Option<usize>,
+}
+
+/// A loaded model.
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub model: Transformer,
+    pub tokenizer: Tokenizer,
+    /// The GGUF's chat template, if it has one.
+    pub template: Option<ChatTemplate>,
+    pub pool: ThreadPool,
+    pub context_length: usize,
+    pub prefill_chunk: usize,
+}
+
+impl LoadedModel {
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let gguf = GgufFile::open(path)?;
+        let model = Transformer::load(&gguf)?;
+        let tokenizer = Tokenizer::from_gguf(gguf.metadata())?;
+        let template = match gguf.get("tokenizer.chat_template") {
+            Some(_) => Some(ChatTemplate::from_gguf(gguf.metadata(), &tokenizer)?),
+            None => None,
+        };
+        let context_length = opts
+            .context_length
+            .unwrap_or(model.cfg.context_length)
+            .max(1);
+        let pool = match opts.threads {
+            Some(n) => ThreadPool::new(n),
+            None => ThreadPool::with_default_threads(),
+        };
+        tracing::info!(
+            path = %path.display(),
+            arch = model.cfg.arch.name(),
+            layers = model.cfg.n_layers,
+            context_length,
+            threads = pool.n_threads(),
+            "model loaded"
+        );
+        Ok(LoadedModel {
+            path: path.to_path_buf(),
+            model,
+            tokenizer,
+            template,
+            pool,
+            context_length,
+            prefill_chunk: opts.prefill_chunk.unwrap_or(512),
+        })
+    }
+
+    /// A fresh conversation state (KV cache) for this model.
+    pub fn new_session(&self) -> Session {
+        Session::new(&self.model, self.context_length)
+    }
+
+    pub fn generator(&self) -> Generator<'_> {
+        Generator {
+            model: &self.model,
+            tokenizer: &self.tokenizer,
+            pool: &self.pool,
+            prefill_chunk: self.prefill_chunk,
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! GGUF files memory-mapped: metadata through candle's reader, tensor bytes as zero-copy views.
+//!
+//! Weights are never copied: every [`TensorView`] borrows its bytes from the shared mmap, so a
+//! model's resident memory is the page cache of the file and several engines can share it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use memmap2::Mmap;
+
+use crate::error::{EngineError, Result};
+
+/// An open GGUF file: parsed header plus the mapped bytes.
+pub struct GgufFile {
+    path: PathBuf,
+    mmap: Arc<Mmap>,
+    content: Content,
+}
+
+/// One tensor's bytes inside the mapped file, with its type and shape.
+///
+/// `dims` are in ggml order: `dims[0]` is the innermost (contiguous) dimension, so a weight
+/// matrix of `rows` output features and `cols` input features has `dims == [cols, rows]`.
+#[derive(Clone)]
+pub struct TensorView {
+    pub name: String,
+    pub dtype: GgmlDType,
+    pub dims: Vec<usize>,
+    mmap: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl TensorView {
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap[self.start..self.start + self.len]
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.dims.iter().product()
+    }
+}
+
+impl std::fmt::Debug for TensorView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "TensorView({}, {:?}, {:?})",
+            self.name, self.dtype, self.dims
+        )
+    }
+}
+
+impl GgufFile {
+    /// Opens and maps `path`, parsing the header. Fails with a typed error on a missing file,
+    /// a bad magic number or a truncated header.
+    pub fn open(path: &Path) -> Result<Self> {
+        let io_err = |source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io_err)?;
+        let content = Content::read(&mut file).map_err(|e| EngineError::CorruptGguf {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        // SAFETY: the file is opened read-only; ferrum never writes model files while serving
+        // them (pulls write to a temporary name and rename atomically).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io_err)?;
+        let gguf = GgufFile {
+            path: path.to_path_buf(),
+            mmap: Arc::new(mmap),
+            content,
+        };
+        gguf.check_tensor_bounds()?;
+        Ok(gguf)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.content.tensor_infos.keys().map(String::as_str)
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// A zero-copy view of tensor `name`.
+    pub fn tensor(&self, name: &str) -> Result<TensorView> {
+        let info =
+            self.content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| EngineError::MissingTensor {
+                    name: name.to_string(),
+                })?;
+        let mut dims = info.shape.dims().to_vec();
+        // candle reverses ggml's dimension order into row-major; ferrum keeps ggml's order.
+        dims.reverse();
+        let elems: usize = dims.iter().product();
+        let len = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        Ok(TensorView {
+            name: name.to_string(),
+            dtype: info.ggml_dtype,
+            dims,
+            mmap: self.mmap.clone(),
+            start: (self.content.tensor_data_offset + info.offset) as usize,
+            len,
+        })
+    }
+
+    fn check_tensor_bounds(&self) -> Result<()> {
+        for (name, info) in &self.content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let bs = info.ggml_dtype.block_size();
+            let corrupt = |message: String| EngineError::CorruptGguf {
+                path: self.path.clone(),
+                message,
+            };
+            if elems % bs != 0 {
+                return Err(corrupt(format!(
+                    "tensor `{name}` has {elems} elements, not a multiple of its block size {bs}"
+                )));
+            }
+            let end = self.content.tensor_data_offset
+                + info.offset
+                + (elems / bs * info.ggml_dtype.type_size()) as u64;
+            if end > self.mmap.len() as u64 {
+                return Err(corrupt(format!(
+                    "tensor `{name}` ends at byte {end}, past the end of the file ({} bytes)",
+                    self.mmap.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<&str> {
+        self.get(key)
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .ok_or_else(|| missing(key))
+    }
+
+    /// An unsigned integer of any width (GGUF writers differ in the width they use).
+    pub fn get_usize(&self, key: &str) -> Result<usize> {
+        let v = self.get(key).ok_or_else(|| missing(key))?;
+        let n = match v {
+            Value::U8(x) => *x as u64,
+            Value::U16(x) => *x as u64,
+            Value::U32(x) => *x as u64,
+            Value::U64(x) => *x,
+            Value::I8(x) if *x >= 0 => *x as u64,
+            Value::I16(x) if *x >= 0 => *x as u64,
+            Value::I32(x) if *x >= 0 => *x as u64,
+            Value::I64(x) if *x >= 0 => *x as u64,
+            _ => return Err(missing(key)),
+        };
+        Ok(n as usize)
+    }
+
+    pub fn get_f32(&self, key: &str) -> Result<f32> {
+        match self.get(key) {
+            Some(Value::F32(x)) => Ok(*x),
+            Some(Value::F64(x)) => Ok(*x as f32),
+            _ => Err(missing(key)),
+        }
+    }
+}
+
+fn missing(key: &str) -> EngineError {
+    EngineError::MissingMetadata {
+        key: key.to_string(),
+    }
+}

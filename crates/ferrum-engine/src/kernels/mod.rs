@@ -1,0 +1,414 @@
+//! Compute kernels: quantized matrix multiplication over GGUF block formats, and the pool that
+//! runs them.
+//!
+//! This is the hot path of the product, so ferrum owns it (candle's stock CPU kernels run the
+//! default tiers at roughly half of llama.cpp's speed). The scheme is llama.cpp's: activations
+//! are quantized once per matmul to 8-bit blocks (Q8_0, Q8_1 or Q8_K, whichever the weight type
+//! pairs with), then each output row is an integer dot product of a weight row with them.
+//! Rows are split over the [`ThreadPool`] in small chunks. The dot product for each pair of
+//! block types is chosen at run time ([`simd`] for AVX2/AVX-512, candle's implementation as the
+//! portable fallback and as the reference the SIMD kernels are tested against).
+
+pub mod pool;
+pub mod simd;
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8K, BlockQ8_0, BlockQ8_1,
+};
+use candle_core::quantized::{GgmlDType, GgmlType};
+use half::{bf16, f16};
+
+pub use pool::ThreadPool;
+
+use crate::gguf::TensorView;
+
+/// A dot product of `n` elements between one weight row and one quantized activation row, both
+/// given as raw block bytes.
+pub type DotFn = fn(n: usize, w: &[u8], x: &[u8]) -> f32;
+
+/// The activation format a weight type's dot product consumes.
+pub fn vec_dot_dtype(w: GgmlDType) -> GgmlDType {
+    use GgmlDType::*;
+    match w {
+        Q4_0 | Q5_0 | Q8_0 => Q8_0,
+        Q4_1 | Q5_1 => Q8_1,
+        Q2K | Q3K | Q4K | Q5K | Q6K | Q8K => Q8K,
+        Q8_1 => Q8_1,
+        F32 => F32,
+        F16 => F16,
+        BF16 => BF16,
+    }
+}
+
+/// Bytes of one row of `cols` elements of type `dtype`.
+pub fn row_bytes(dtype: GgmlDType, cols: usize) -> usize {
+    cols / dtype.block_size() * dtype.type_size()
+}
+
+/// Reinterprets block bytes as blocks of `T`.
+///
+/// # Panics
+/// If `bytes` is not a whole number of blocks or is misaligned for `T` (GGUF tensor data is
+/// 32-byte aligned and ferrum's activation buffers are 64-byte aligned, so neither happens).
+fn blocks<T>(bytes: &[u8]) -> &[T] {
+    let size = std::mem::size_of::<T>();
+    assert_eq!(bytes.len() % size, 0, "not a whole number of blocks");
+    assert_eq!(
+        bytes.as_ptr() as usize % std::mem::align_of::<T>(),
+        0,
+        "misaligned blocks"
+    );
+    // SAFETY: size and alignment checked above; every block type is plain old data.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) }
+}
+
+fn blocks_mut<T>(bytes: &mut [u8]) -> &mut [T] {
+    let size = std::mem::size_of::<T>();
+    assert_eq!(bytes.len() % size, 0, "not a whole number of blocks");
+    assert_eq!(
+        bytes.as_ptr() as usize % std::mem::align_of::<T>(),
+        0,
+        "misaligned blocks"
+    );
+    // SAFETY: as in `blocks`; the exclusive borrow is carried over.
+    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut T, bytes.len() / size) }
+}
+
+fn candle_dot<T: GgmlType>(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    T::vec_dot(n, blocks::<T>(w), blocks::<T::VecDotType>(x))
+}
+
+/// candle's dot product for a weight type: the portable fallback and the tests' reference.
+pub fn reference_dot(w: GgmlDType) -> DotFn {
+    use GgmlDType::*;
+    match w {
+        F32 => candle_dot::<f32>,
+        F16 => candle_dot::<f16>,
+        BF16 => candle_dot::<bf16>,
+        Q4_0 => candle_dot::<BlockQ4_0>,
+        Q4_1 => candle_dot::<BlockQ4_1>,
+        Q5_0 => candle_dot::<BlockQ5_0>,
+        Q5_1 => candle_dot::<BlockQ5_1>,
+        Q8_0 => candle_dot::<BlockQ8_0>,
+        Q8_1 => candle_dot::<BlockQ8_1>,
+        Q2K => candle_dot::<BlockQ2K>,
+        Q3K => candle_dot::<BlockQ3K>,
+        Q4K => candle_dot::<BlockQ4K>,
+        Q5K => candle_dot::<BlockQ5K>,
+        Q6K => candle_dot::<BlockQ6K>,
+        Q8K => candle_dot::<BlockQ8K>,
+    }
+}
+
+/// The fastest dot product this CPU has for weight type `w`.
+pub fn best_dot(w: GgmlDType) -> DotFn {
+    simd::dot_fn(w).unwrap_or_else(|| reference_dot(w))
+}
+
+fn candle_quantize<T: GgmlType>(x: &[f32], out: &mut [u8]) {
+    T::from_float(x, blocks_mut::<T>(out))
+}
+
+/// Quantizes one activation row `x` into `out` in format `dtype` (a vec-dot type).
+///
+/// The 8-bit formats follow ggml's x86 code bit for bit (`id = 127 / amax`, round half to even),
+/// not ggml's reference C code that candle ports (`id = 1 / d`, round half away from zero): the
+/// small models are sensitive enough that the difference shows in greedy continuations.
+pub fn quantize_row(dtype: GgmlDType, x: &[f32], out: &mut [u8]) {
+    use GgmlDType::*;
+    match dtype {
+        F32 => out.copy_from_slice(f32_bytes(x)),
+        F16 => candle_quantize::<f16>(x, out),
+        BF16 => candle_quantize::<bf16>(x, out),
+        Q8_0 => quantize_q8_0(x, out),
+        Q8_1 => quantize_q8_1(x, out),
+        Q8K => quantize_q8_k(x, out),
+        other => unreachable!("{other:?} is not an activation format"),
+    }
+}
+
+/// One 32-element block as ggml's AVX code quantizes it: returns (d, sum of quants).
+fn quantize_block_32(x: &[f32], qs: &mut [u8]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0;
+    for (q, &v) in qs.iter_mut().zip(x) {
+        let i = (v * id).round_ties_even() as i32;
+        sum += i;
+        *q = i as i8 as u8;
+    }
+    (d, sum)
+}
+
+/// ggml's `quantize_row_q8_0` (x86): blocks of {f16 d; i8 qs[32]}.
+pub fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(32).zip(out.chunks_exact_mut(34)) {
+        let (d, _) = quantize_block_32(xb, &mut ob[2..]);
+        ob[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    }
+}
+
+/// ggml's `quantize_row_q8_1` (x86): blocks of {f16 d; f16 s = d * sum(qs); i8 qs[32]}.
+pub fn quantize_q8_1(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(32).zip(out.chunks_exact_mut(36)) {
+        let (d, sum) = quantize_block_32(xb, &mut ob[4..]);
+        ob[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        ob[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_le_bytes());
+    }
+}
+
+/// ggml's `quantize_row_q8_K_ref` (also its x86 version): blocks of
+/// {f32 d; i8 qs[256]; i16 bsums[16]}, scaled by the signed value of largest magnitude.
+pub fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(256).zip(out.chunks_exact_mut(292)) {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            ob.fill(0);
+            continue;
+        }
+        let iscale = -127.0 / max;
+        let (qs, bsums) = ob[4..].split_at_mut(256);
+        for (q, &v) in qs.iter_mut().zip(xb) {
+            *q = nearest_int(iscale * v).min(127) as i8 as u8;
+        }
+        for (j, b) in bsums.chunks_exact_mut(2).enumerate() {
+            let sum: i32 = qs[j * 16..(j + 1) * 16]
+                .iter()
+                .map(|&q| q as i8 as i32)
+                .sum();
+            b.copy_from_slice(&(sum as i16).to_le_bytes());
+        }
+        ob[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+}
+
+/// ggml's `nearest_int`: round half to even through the float-magic trick.
+fn nearest_int(v: f32) -> i32 {
+    let bits = (v + 12_582_912.0).to_bits() as i32;
+    (bits & 0x007f_ffff) - 0x0040_0000
+}
+
+fn f32_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no invalid bit patterns and u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+}
+
+fn candle_dequantize<T: GgmlType>(w: &[u8], out: &mut [f32]) {
+    T::to_float(blocks::<T>(w), out)
+}
+
+/// Dequantizes a run of whole blocks of type `dtype` into f32.
+pub fn dequantize(dtype: GgmlDType, w: &[u8], out: &mut [f32]) {
+    use GgmlDType::*;
+    match dtype {
+        F32 => out.copy_from_slice(blocks::<f32>(w)),
+        F16 => candle_dequantize::<f16>(w, out),
+        BF16 => candle_dequantize::<bf16>(w, out),
+        Q4_0 => candle_dequantize::<BlockQ4_0>(w, out),
+        Q4_1 => candle_dequantize::<BlockQ4_1>(w, out),
+        Q5_0 => candle_dequantize::<BlockQ5_0>(w, out),
+        Q5_1 => candle_dequantize::<BlockQ5_1>(w, out),
+        Q8_0 => candle_dequantize::<BlockQ8_0>(w, out),
+        Q8_1 => candle_dequantize::<BlockQ8_1>(w, out),
+        Q2K => candle_dequantize::<BlockQ2K>(w, out),
+        Q3K => candle_dequantize::<BlockQ3K>(w, out),
+        Q4K => candle_dequantize::<BlockQ4K>(w, out),
+        Q5K => candle_dequantize::<BlockQ5K>(w, out),
+        Q6K => candle_dequantize::<BlockQ6K>(w, out),
+        Q8K => candle_dequantize::<BlockQ8K>(w, out),
+    }
+}
+
+/// A weight matrix of `rows` output features by `cols` input features, in a GGUF block format,
+/// with its dot-product kernel chosen once at load time.
+#[derive(Clone)]
+pub struct QMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    tensor: TensorView,
+    dot: DotFn,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QMatrix({}x{} {:?})", self.rows, self.cols, self.dtype())
+    }
+}
+
+impl QMatrix {
+    /// Wraps a 2-D tensor (ggml dims `[cols, rows]`).
+    pub fn new(tensor: TensorView) -> Self {
+        let (cols, rows) = (tensor.dims[0], tensor.dims.get(1).copied().unwrap_or(1));
+        QMatrix {
+            rows,
+            cols,
+            dot: best_dot(tensor.dtype),
+            tensor,
+        }
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.tensor.dtype
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        row_bytes(self.dtype(), self.cols)
+    }
+
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.tensor.bytes()[r * rb..(r + 1) * rb]
+    }
+
+    /// Total bytes of the weights (read once per matmul).
+    pub fn nbytes(&self) -> usize {
+        self.row_bytes() * self.rows
+    }
+
+    /// Dequantizes row `r` into `out` (embedding lookup).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        dequantize(self.dtype(), self.row(r), out)
+    }
+}
+
+/// A buffer of bytes aligned to 64 (one cache line, and the widest SIMD register).
+#[derive(Default)]
+pub struct AlignedBytes {
+    words: Vec<Align64>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Align64([u8; 64]);
+
+impl AlignedBytes {
+    pub fn resize(&mut self, len: usize) {
+        let words = len.div_ceil(64);
+        if self.words.len() < words {
+            self.words.resize(words, Align64([0; 64]));
+        }
+        self.len = len;
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, with the exclusive borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
+    }
+}
+
+/// Reusable buffers for [`matmul`]: quantized activations, one per activation format.
+#[derive(Default)]
+pub struct MatmulScratch {
+    quantized: Vec<(GgmlDType, AlignedBytes)>,
+}
+
+impl MatmulScratch {
+    fn quantize(&mut self, dtype: GgmlDType, x: &[f32], n_tokens: usize, cols: usize) -> usize {
+        let idx = match self.quantized.iter().position(|(d, _)| *d == dtype) {
+            Some(i) => i,
+            None => {
+                self.quantized.push((dtype, AlignedBytes::default()));
+                self.quantized.len() - 1
+            }
+        };
+        let rb = row_bytes(dtype, cols);
+        let buf = &mut self.quantized[idx].1;
+        buf.resize(rb * n_tokens);
+        let out = buf.as_mut_slice();
+        for t in 0..n_tokens {
+            quantize_row(
+                dtype,
+                &x[t * cols..(t + 1) * cols],
+                &mut out[t * rb..(t + 1) * rb],
+            );
+        }
+        idx
+    }
+}
+
+/// One weight matrix of a [`matmul`] call and where its output goes: `out[t * rows + r]`.
+pub struct MatmulJob<'a> {
+    pub w: &'a QMatrix,
+    pub out: &'a mut [f32],
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: chunks write disjoint rows of the outputs.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Rows per chunk: small enough that a descheduled thread holds up little work, large enough
+/// that dispatch overhead stays small.
+fn rows_per_chunk(rows: usize, n_threads: usize) -> usize {
+    let target_chunks = n_threads * 8;
+    rows.div_ceil(target_chunks).clamp(4, 256)
+}
+
+/// Computes `job.out = x · job.wᵀ` for every job, all sharing the input `x` (`n_tokens` rows of
+/// `cols` floats), in one parallel dispatch. Fusing e.g. the Q, K and V projections into one
+/// call saves two dispatches and two activation quantizations per layer.
+pub fn matmul(
+    pool: &ThreadPool,
+    scratch: &mut MatmulScratch,
+    x: &[f32],
+    n_tokens: usize,
+    jobs: &mut [MatmulJob<'_>],
+) {
+    let cols = jobs[0].w.cols;
+    assert_eq!(x.len(), n_tokens * cols);
+    let mut quant_idx = Vec::with_capacity(jobs.len());
+    for job in jobs.iter() {
+        assert_eq!(job.w.cols, cols, "fused matmuls must share the input width");
+        assert_eq!(job.out.len(), n_tokens * job.w.rows);
+        quant_idx.push(scratch.quantize(vec_dot_dtype(job.w.dtype()), x, n_tokens, cols));
+    }
+    // Chunk table: (job, first row, end row).
+    let mut chunks = Vec::new();
+    for (j, job) in jobs.iter().enumerate() {
+        let rpc = rows_per_chunk(job.w.rows, pool.n_threads());
+        let mut r = 0;
+        while r < job.w.rows {
+            let end = (r + rpc).min(job.w.rows);
+            chunks.push((j, r, end));
+            r = end;
+        }
+    }
+    let outs: Vec<SendPtr> = jobs
+        .iter_mut()
+        .map(|j| SendPtr(j.out.as_mut_ptr()))
+        .collect();
+    let ws: Vec<&QMatrix> = jobs.iter().map(|j| j.w).collect();
+    let scratch = &*scratch;
+    pool.run(chunks.len(), &|c| {
+        let (j, r0, r1) = chunks[c];
+        let w = ws[j];
+        let (dtype, buf) = &scratch.quantized[quant_idx[j]];
+        let xrb = row_bytes(*dtype, cols);
+        let xq = buf.as_slice();
+        let out = outs[j];
+        for r in r0..r1 {
+            let wrow = w.row(r);
+            for t in 0..n_tokens {
+                let v = (w.dot)(cols, wrow, &xq[t * xrb..(t + 1) * xrb]);
+                // SAFETY: row r of token t belongs to this chunk alone; in bounds by the
+                // length assertion above.
+                unsafe { *out.0.add(t * w.rows + r) = v };
+            }
+        }
+    });
+}

@@ -1,0 +1,158 @@
+//! SIMD dot products and activation quantizers for x86-64 (AVX2, AVX-VNNI, AVX-512), chosen at
+//! run time.
+//!
+//! Each kernel computes exactly what candle's reference (`super::reference_dot`) computes, up to
+//! float rounding, and is tested against it: the integer part of every block's dot product is
+//! exact, only the order in which the scaled block sums are added differs. The quantizers produce
+//! the same bytes as candle's `from_float`.
+//!
+//! The kernels come in three instruction-set tiers, picked once per process by [`Tier::best`]:
+//! plain AVX2 + FMA + F16C (Haswell and later, Zen), AVX-VNNI (Alder Lake and later client cores,
+//! which lack AVX-512) and AVX-512 VNNI (Cascade Lake and later Xeons, Zen 4). All of them work on
+//! 256-bit vectors; the VNNI tiers replace the two-instruction `maddubs` + `madd` sequence by one
+//! `vpdpbusd`, and the AVX-512 tier also uses mask registers to expand Q5_0's fifth bits. On other
+//! architectures every function here returns `None`, and candle's portable code is used instead.
+//!
+//! The environment variable `FERRUM_SIMD` overrides the choice: `off` disables these kernels,
+//! `avx2`, `avxvnni` or `avx512` caps the tier (a tier the CPU lacks is never used).
+
+use std::sync::OnceLock;
+
+use candle_core::quantized::GgmlDType;
+
+use super::DotFn;
+
+#[cfg(target_arch = "x86_64")]
+mod quant;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Four dot products of `n` elements: four weight rows against one quantized activation row.
+/// Reading the activation once for four rows saves its loads and scale conversions, which are
+/// a large part of the work for the 4- and 5-bit formats.
+pub type Dot4Fn = fn(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4];
+
+/// An activation quantizer: `f32` values into blocks of a vec-dot format.
+pub type QuantizeFn = fn(x: &[f32], out: &mut [u8]);
+
+/// An instruction-set tier the kernels are compiled for, from the most to the least portable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tier {
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// The AVX2 tier plus the VEX-encoded VNNI dot products (`vpdpbusd`, `vpdpwssd`).
+    AvxVnni,
+    /// The AVX2 tier plus AVX-512 F/BW/VL and VNNI, used on 256-bit vectors.
+    Avx512,
+}
+
+impl Tier {
+    /// Every tier, least capable first.
+    pub const ALL: [Tier; 3] = [Tier::Avx2, Tier::AvxVnni, Tier::Avx512];
+
+    /// Whether this CPU can run the tier's kernels.
+    pub fn is_supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            match self {
+                Tier::Avx2 => avx2,
+                Tier::AvxVnni => avx2 && is_x86_feature_detected!("avxvnni"),
+                Tier::Avx512 => {
+                    avx2 && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vl")
+                        && is_x86_feature_detected!("avx512vnni")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// The tiers this CPU supports, least capable first (tests and benchmarks run them all).
+    pub fn supported() -> Vec<Tier> {
+        Tier::ALL.into_iter().filter(|t| t.is_supported()).collect()
+    }
+
+    /// The best supported tier, capped by `FERRUM_SIMD`; detected once per process.
+    pub fn best() -> Option<Tier> {
+        static BEST: OnceLock<Option<Tier>> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let cap = match std::env::var("FERRUM_SIMD").ok().as_deref() {
+                Some("off") | Some("none") | Some("0") => return None,
+                Some("avx2") => Tier::Avx2,
+                Some("avxvnni") => Tier::AvxVnni,
+                _ => Tier::Avx512,
+            };
+            Tier::ALL
+                .into_iter()
+                .rev()
+                .find(|t| *t <= cap && t.is_supported())
+        })
+    }
+}
+
+/// The SIMD dot product for weight type `w`, if this CPU has one.
+pub fn dot_fn(w: GgmlDType) -> Option<DotFn> {
+    dot_fn_for(w, Tier::best()?)
+}
+
+/// The dot product for weight type `w` compiled for `tier`, if there is one and this CPU supports
+/// the tier. Benchmarks and tests use it to compare tiers on one machine.
+pub fn dot_fn_for(w: GgmlDType, tier: Tier) -> Option<DotFn> {
+    if !tier.is_supported() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::dot_fn(w, tier)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = w;
+        None
+    }
+}
+
+/// The four-row dot product for weight type `w`, if this CPU has one (see [`Dot4Fn`]).
+pub fn dot4_fn(w: GgmlDType) -> Option<Dot4Fn> {
+    dot4_fn_for(w, Tier::best()?)
+}
+
+/// The four-row dot product for weight type `w` compiled for `tier`, as [`dot_fn_for`].
+pub fn dot4_fn_for(w: GgmlDType, tier: Tier) -> Option<Dot4Fn> {
+    if !tier.is_supported() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::dot4_fn(w, tier)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = w;
+        None
+    }
+}
+
+/// The SIMD quantizer for activation format `dtype`, if this CPU has one.
+pub fn quantize_fn(dtype: GgmlDType) -> Option<QuantizeFn> {
+    // The quantizers need only AVX2 and gain nothing from the wider tiers.
+    Tier::best()?;
+    #[cfg(target_arch = "x86_64")]
+    {
+        quant::quantize_fn(dtype)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = dtype;
+        None
+    }
+}

@@ -1,0 +1,900 @@
+//! x86-64 dot-product kernels over raw GGUF block bytes, one copy per [`Tier`].
+//!
+//! The kernels are written once, inside the `tier_kernels!` macro, and stamped out per tier with
+//! that tier's `#[target_feature]` set and its integer dot-product primitives. A macro rather than
+//! generics because a primitive only inlines into a function compiled with the same features, and
+//! an un-inlined intrinsic call per block would cost more than the work it does.
+//!
+//! Every kernel reads blocks through raw pointers with unaligned loads (weight rows start at any
+//! multiple of the block size), accumulates the scaled per-block integer sums in `f32` vector
+//! registers, and sums those horizontally once at the end. Block scales are `f16`; they are turned
+//! into `f32` through a 256 KiB lookup table, which costs two loads and no shuffle-port work (the
+//! F16C conversion instruction competes with the nibble unpacking for port 5).
+
+use std::arch::x86_64::*;
+use std::sync::LazyLock;
+
+use candle_core::quantized::GgmlDType;
+
+use super::{Dot4Fn, Tier};
+use crate::kernels::DotFn;
+
+/// Bytes per block of each format (ggml's `#[repr(C)]` layouts, little endian, no padding).
+const Q4_0: usize = 18;
+const Q4_1: usize = 20;
+const Q5_0: usize = 22;
+const Q8_0: usize = 34;
+const Q8_1: usize = 36;
+const Q4K: usize = 144;
+const Q6K: usize = 210;
+const Q8K: usize = 292;
+
+/// `f16` bit pattern to `f32`, for all 65536 patterns.
+static F16_TABLE: LazyLock<Box<[f32]>> = LazyLock::new(|| {
+    (0..=u16::MAX)
+        .map(|b| half::f16::from_bits(b).to_f32())
+        .collect()
+});
+
+fn f16_table() -> *const f32 {
+    F16_TABLE.as_ptr()
+}
+
+/// The `f16` at `p`, widened through the table `t`.
+///
+/// # Safety
+/// `p` must point to two readable bytes and `t` to [`F16_TABLE`].
+#[inline(always)]
+unsafe fn h(t: *const f32, p: *const u8) -> f32 {
+    unsafe { *t.add(p.cast::<u16>().read_unaligned() as usize) }
+}
+
+/// The `f16` at `p`, widened through the table `t` and broadcast to eight lanes. Used as an
+/// operand of `mul`/`fmadd`, it becomes a broadcast memory operand (no shuffle-port work), which
+/// is why block scales are applied as `cvt(p) · xd` then `fmadd(·, wd, acc)` and not as
+/// `p · (wd · xd)`: LLVM folds a product of two broadcasts into a scalar multiply and a
+/// register broadcast.
+///
+/// # Safety
+/// As [`h`].
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn hb(t: *const f32, p: *const u8) -> __m256 {
+    _mm256_set1_ps(unsafe { h(t, p) })
+}
+
+/// The `f16` at `p` widened through the table `t` into lane 0.
+///
+/// # Safety
+/// As [`h`].
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn hs(t: *const f32, p: *const u8) -> __m128 {
+    unsafe { _mm_load_ss(t.add(p.cast::<u16>().read_unaligned() as usize)) }
+}
+
+/// # Safety
+/// `p` must point to four readable bytes.
+#[inline(always)]
+unsafe fn rd_u32(p: *const u8) -> u32 {
+    unsafe { p.cast::<u32>().read_unaligned() }
+}
+
+/// # Safety
+/// `p` must point to four readable bytes.
+#[inline(always)]
+unsafe fn rd_f32(p: *const u8) -> f32 {
+    unsafe { p.cast::<f32>().read_unaligned() }
+}
+
+/// # Safety
+/// `p` must point to 32 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn ld(p: *const u8) -> __m256i {
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+/// Sums the eight lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Sums the eight lanes of each of four vectors.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum4(v: [__m256; 4]) -> [f32; 4] {
+    let s01 = _mm256_hadd_ps(v[0], v[1]);
+    let s23 = _mm256_hadd_ps(v[2], v[3]);
+    let s = _mm256_hadd_ps(s01, s23);
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let mut out = [0f32; 4];
+    // SAFETY: `out` has room for four floats.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
+    out
+}
+
+/// Sums the four lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum128(v: __m128) -> f32 {
+    let s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Unpacks the 16 bytes at `p` into 32 nibbles: the low nibbles in bytes 0..16 and the high ones
+/// in bytes 16..32, which is the element order of ggml's 32-weight blocks. A broadcast load and a
+/// per-lane variable shift keep this off the shuffle port.
+///
+/// # Safety
+/// `p` must point to 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let b = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
+    let b = _mm256_srlv_epi64(b, _mm256_set_epi64x(4, 4, 0, 0));
+    _mm256_and_si256(b, _mm256_set1_epi8(0x0F))
+}
+
+// The per-tier integer primitives. `dp*` are `acc + Σ u8·i8` over groups of four bytes, `dpw*`
+// are `acc + Σ i16·i16` over pairs of words, `dpx*(u, s, xcorr*(c, s))` is `Σ (u - c)·s` over
+// groups of four bytes for a constant `c` (the zero point of Q4_0 and Q5_0, whose weights are
+// stored as unsigned `q + c`), where the correction depends on the activation alone and so is
+// computed once per activation block, and `hibits*` spread a 32-bit mask into bytes of 0x10
+// (Q5_0's fifth bits).
+
+/// AVX2 has no 4-way byte dot product: `maddubs` makes 16-bit pair sums (which cannot saturate
+/// for the value ranges used here, at most 2 * 128 * 127) and `madd` widens them.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn dp_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+    _mm256_add_epi32(acc, p)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn dpw_avx2(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+}
+
+/// The zero-point correction `c·s` of an activation block, kept in 16 bits: AVX2 subtracts it
+/// before widening, which saves one `madd` per weight block.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn xcorr_avx2(c: __m256i, s: __m256i) -> __m256i {
+    _mm256_maddubs_epi16(c, s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn dpx_avx2(u: __m256i, s: __m256i, corr: __m256i) -> __m256i {
+    let p = _mm256_sub_epi16(_mm256_maddubs_epi16(u, s), corr);
+    _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hibits_avx2(qh: u32) -> __m256i {
+    // Byte j of the result looks at byte j / 8 of `qh` and tests bit j % 8.
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,avxvnni")]
+fn dp_avxvnni(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_avx_epi32(acc, u, s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,avxvnni")]
+fn dpw_avxvnni(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpwssd_avx_epi32(acc, a, b)
+}
+
+/// With VNNI the correction is negated once and then serves as the accumulator's start value,
+/// so each weight block costs one instruction.
+#[inline]
+#[target_feature(enable = "avx2,avxvnni")]
+fn xcorr_avxvnni(c: __m256i, s: __m256i) -> __m256i {
+    let z = _mm256_setzero_si256();
+    _mm256_sub_epi32(z, _mm256_dpbusd_avx_epi32(z, c, s))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,avxvnni")]
+fn dpx_avxvnni(u: __m256i, s: __m256i, corr: __m256i) -> __m256i {
+    _mm256_dpbusd_avx_epi32(corr, u, s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn dp_avx512(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, u, s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn dpw_avx512(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpwssd_epi32(acc, a, b)
+}
+
+/// With VNNI the correction is negated once and then serves as the accumulator's start value,
+/// so each weight block costs one instruction.
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn xcorr_avx512(c: __m256i, s: __m256i) -> __m256i {
+    let z = _mm256_setzero_si256();
+    _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, c, s))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn dpx_avx512(u: __m256i, s: __m256i, corr: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(corr, u, s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+fn hibits_avx512(qh: u32) -> __m256i {
+    _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10))
+}
+
+/// A `vpshufb` mask that fills the low 128-bit lane with copies of 16-bit word `lo` of that lane
+/// and the high lane with copies of word `hi` of its lane.
+const fn word_bcast(lo: u8, hi: u8) -> [u8; 32] {
+    let mut m = [0u8; 32];
+    let mut i = 0;
+    while i < 16 {
+        m[i] = 2 * lo + (i as u8 & 1);
+        m[16 + i] = 2 * hi + (i as u8 & 1);
+        i += 1;
+    }
+    m
+}
+
+/// For Q4_K: mask `j` fills the whole vector with word `j` of a lane holding 8 scales.
+static K4_SCALE: [[u8; 32]; 8] = [
+    word_bcast(0, 0),
+    word_bcast(1, 1),
+    word_bcast(2, 2),
+    word_bcast(3, 3),
+    word_bcast(4, 4),
+    word_bcast(5, 5),
+    word_bcast(6, 6),
+    word_bcast(7, 7),
+];
+
+/// For Q6_K: mask `k` fills the low lane with word `2k` and the high lane with word `2k + 1`,
+/// the scales of the two 16-element halves of 32 consecutive weights.
+static K6_SCALE: [[u8; 32]; 4] = [
+    word_bcast(0, 1),
+    word_bcast(2, 3),
+    word_bcast(4, 5),
+    word_bcast(6, 7),
+];
+
+/// # Safety
+/// `i` must be below 8.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn k4_scale(i: usize) -> __m256i {
+    unsafe { _mm256_loadu_si256(K4_SCALE.as_ptr().add(i).cast()) }
+}
+
+/// # Safety
+/// `i` must be below 4.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn k6_scale(i: usize) -> __m256i {
+    unsafe { _mm256_loadu_si256(K6_SCALE.as_ptr().add(i).cast()) }
+}
+
+/// Unpacks Q4_K's 12 packed bytes of 6-bit scales and mins (ggml's `get_scale_min_k4`) into
+/// sixteen 16-bit words: the eight scales, then the eight mins.
+///
+/// # Safety
+/// `p` must point to 12 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn k4_scales_mins(p: *const u8) -> __m256i {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let (u0, u1, u2) = unsafe { (rd_u32(p), rd_u32(p.add(4)), rd_u32(p.add(8))) };
+    let scales_lo = u0 & KMASK1;
+    let scales_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let mins_lo = u1 & KMASK1;
+    let mins_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    _mm256_cvtepu8_epi16(_mm_set_epi32(
+        mins_hi as i32,
+        mins_lo as i32,
+        scales_hi as i32,
+        scales_lo as i32,
+    ))
+}
+
+/// Checks a dot product's arguments and returns the number of blocks.
+fn blocks(n: usize, block: usize, w: &[u8], wsize: usize, x: &[u8], xsize: usize) -> usize {
+    assert_eq!(
+        n % block,
+        0,
+        "{n} is not a multiple of the block size {block}"
+    );
+    let nb = n / block;
+    assert!(
+        w.len() >= nb * wsize,
+        "weight row shorter than {n} elements"
+    );
+    assert!(
+        x.len() >= nb * xsize,
+        "activation row shorter than {n} elements"
+    );
+    nb
+}
+
+/// Stamps out every kernel for one tier: the module name, its `target_feature` list, and the
+/// tier's primitives (see `dp_avx2` and friends).
+macro_rules! tier_kernels {
+    ($tier:ident, $feat:tt, $dp:ident, $dpw:ident, $xcorr:ident, $dpx:ident, $hibits:ident) => {
+        pub(super) mod $tier {
+            use super::*;
+
+            // The 32-weight formats: a step function per block, and kernels that interleave two
+            // blocks into separate accumulators (named variables, so that they stay in registers
+            // and the two FMA chains overlap).
+
+            /// Adds block `wb` · block `xb` of Q4_0 · Q8_0 to `acc`.
+            ///
+            /// # Safety
+            /// The CPU must support the tier; both pointers must point to whole blocks.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_0_step(
+                t: *const f32,
+                wb: *const u8,
+                xb: *const u8,
+                acc: __m256,
+            ) -> __m256 {
+                // SAFETY: whole blocks by the contract.
+                unsafe {
+                    let xv = ld(xb.add(2));
+                    let p = $dpx(nibbles(wb.add(2)), xv, $xcorr(_mm256_set1_epi8(8), xv));
+                    let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
+                    _mm256_fmadd_ps(f, hb(t, wb), acc)
+                }
+            }
+
+            /// Adds block `wb` · block `xb` of Q4_1 · Q8_1 to `acc`, and the min times the
+            /// activation block's sum (which Q8_1 stores premultiplied by its scale) to `m`.
+            ///
+            /// # Safety
+            /// As [`q4_0_step`].
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_1_step(
+                t: *const f32,
+                wb: *const u8,
+                xb: *const u8,
+                acc: __m256,
+                m: __m128,
+            ) -> (__m256, __m128) {
+                // SAFETY: whole blocks by the contract.
+                unsafe {
+                    let p = $dp(_mm256_setzero_si256(), nibbles(wb.add(4)), ld(xb.add(4)));
+                    let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
+                    (
+                        _mm256_fmadd_ps(f, hb(t, wb), acc),
+                        _mm_fmadd_ss(hs(t, wb.add(2)), hs(t, xb.add(2)), m),
+                    )
+                }
+            }
+
+            /// Adds block `wb` · block `xb` of Q5_0 · Q8_0 to `acc`.
+            ///
+            /// # Safety
+            /// As [`q4_0_step`].
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn q5_0_step(
+                t: *const f32,
+                wb: *const u8,
+                xb: *const u8,
+                acc: __m256,
+            ) -> __m256 {
+                // SAFETY: whole blocks by the contract.
+                unsafe {
+                    let xv = ld(xb.add(2));
+                    let q = _mm256_or_si256(nibbles(wb.add(6)), $hibits(rd_u32(wb.add(2))));
+                    let p = $dpx(q, xv, $xcorr(_mm256_set1_epi8(16), xv));
+                    let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
+                    _mm256_fmadd_ps(f, hb(t, wb), acc)
+                }
+            }
+
+            /// Adds block `wb` · block `xb` of Q8_0 · Q8_0 to `acc`.
+            ///
+            /// # Safety
+            /// As [`q4_0_step`].
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn q8_0_step(
+                t: *const f32,
+                wb: *const u8,
+                xb: *const u8,
+                acc: __m256,
+            ) -> __m256 {
+                // SAFETY: whole blocks by the contract.
+                unsafe {
+                    let (qw, qx) = (ld(wb.add(2)), ld(xb.add(2)));
+                    // Signed times signed: move the weight's sign onto the activation.
+                    let u = _mm256_sign_epi8(qw, qw);
+                    let p = $dp(_mm256_setzero_si256(), u, _mm256_sign_epi8(qx, qw));
+                    let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
+                    _mm256_fmadd_ps(f, hb(t, wb), acc)
+                }
+            }
+
+            /// # Safety
+            /// The CPU must support the tier; `w` and `x` must hold `nb` blocks.
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_0_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
+                let t = f16_table();
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut i = 0;
+                // SAFETY (all blocks below): `i + 1 < nb`, or `i < nb` for the last one.
+                while i + 1 < nb {
+                    unsafe {
+                        a0 = q4_0_step(t, w.add(i * Q4_0), x.add(i * Q8_0), a0);
+                        a1 = q4_0_step(t, w.add((i + 1) * Q4_0), x.add((i + 1) * Q8_0), a1);
+                    }
+                    i += 2;
+                }
+                if i < nb {
+                    a0 = unsafe { q4_0_step(t, w.add(i * Q4_0), x.add(i * Q8_0), a0) };
+                }
+                hsum(_mm256_add_ps(a0, a1))
+            }
+
+            /// # Safety
+            /// As [`q4_0_k`].
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_1_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
+                let t = f16_table();
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let (mut m0, mut m1) = (_mm_setzero_ps(), _mm_setzero_ps());
+                let mut i = 0;
+                // SAFETY (all blocks below): as in `q4_0_k`.
+                while i + 1 < nb {
+                    unsafe {
+                        (a0, m0) = q4_1_step(t, w.add(i * Q4_1), x.add(i * Q8_1), a0, m0);
+                        (a1, m1) =
+                            q4_1_step(t, w.add((i + 1) * Q4_1), x.add((i + 1) * Q8_1), a1, m1);
+                    }
+                    i += 2;
+                }
+                if i < nb {
+                    (a0, m0) = unsafe { q4_1_step(t, w.add(i * Q4_1), x.add(i * Q8_1), a0, m0) };
+                }
+                hsum(_mm256_add_ps(a0, a1)) + _mm_cvtss_f32(_mm_add_ss(m0, m1))
+            }
+
+            /// # Safety
+            /// As [`q4_0_k`].
+            #[target_feature(enable = $feat)]
+            unsafe fn q5_0_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
+                let t = f16_table();
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut i = 0;
+                // SAFETY (all blocks below): as in `q4_0_k`.
+                while i + 1 < nb {
+                    unsafe {
+                        a0 = q5_0_step(t, w.add(i * Q5_0), x.add(i * Q8_0), a0);
+                        a1 = q5_0_step(t, w.add((i + 1) * Q5_0), x.add((i + 1) * Q8_0), a1);
+                    }
+                    i += 2;
+                }
+                if i < nb {
+                    a0 = unsafe { q5_0_step(t, w.add(i * Q5_0), x.add(i * Q8_0), a0) };
+                }
+                hsum(_mm256_add_ps(a0, a1))
+            }
+
+            /// # Safety
+            /// As [`q4_0_k`].
+            #[target_feature(enable = $feat)]
+            unsafe fn q8_0_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
+                let t = f16_table();
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut i = 0;
+                // SAFETY (all blocks below): as in `q4_0_k`.
+                while i + 1 < nb {
+                    unsafe {
+                        a0 = q8_0_step(t, w.add(i * Q8_0), x.add(i * Q8_0), a0);
+                        a1 = q8_0_step(t, w.add((i + 1) * Q8_0), x.add((i + 1) * Q8_0), a1);
+                    }
+                    i += 2;
+                }
+                if i < nb {
+                    a0 = unsafe { q8_0_step(t, w.add(i * Q8_0), x.add(i * Q8_0), a0) };
+                }
+                hsum(_mm256_add_ps(a0, a1))
+            }
+
+            /// # Safety
+            /// As [`q4_0_k`].
+            #[target_feature(enable = $feat)]
+            unsafe fn q4k_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
+                let t = f16_table();
+                let m4 = _mm256_set1_epi8(0x0F);
+                let mut acc = _mm256_setzero_ps();
+                let mut acc_m = _mm_setzero_ps();
+                for i in 0..nb {
+                    // SAFETY: block `i` is in bounds of both rows; the scale masks are indexed
+                    // below 8.
+                    unsafe {
+                        let (wb, xb) = (w.add(i * Q4K), x.add(i * Q8K));
+                        let yd = rd_f32(xb);
+                        let d = yd * h(t, wb);
+                        let dmin = yd * h(t, wb.add(2));
+                        let sm = k4_scales_mins(wb.add(4));
+                        // The mins meet the activation's 16-element sums, added in pairs to match
+                        // the 32-element sub-blocks.
+                        let bsums = ld(xb.add(260));
+                        let bs = _mm_hadd_epi16(
+                            _mm256_castsi256_si128(bsums),
+                            _mm256_extracti128_si256::<1>(bsums),
+                        );
+                        let pm = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), bs);
+                        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(pm), acc_m);
+
+                        let sc = _mm256_permute2x128_si256::<0>(sm, sm);
+                        let mut sumi = _mm256_setzero_si256();
+                        for j in 0..4 {
+                            let q = ld(wb.add(16 + 32 * j));
+                            let lo = _mm256_and_si256(q, m4);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                            let pl = _mm256_maddubs_epi16(lo, ld(xb.add(4 + 64 * j)));
+                            let ph = _mm256_maddubs_epi16(hi, ld(xb.add(36 + 64 * j)));
+                            sumi = $dpw(sumi, _mm256_shuffle_epi8(sc, k4_scale(2 * j)), pl);
+                            sumi = $dpw(sumi, _mm256_shuffle_epi8(sc, k4_scale(2 * j + 1)), ph);
+                        }
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+                    }
+                }
+                hsum(acc) - hsum128(acc_m)
+            }
+
+            /// # Safety
+            /// As [`q4_0_k`].
+            #[target_feature(enable = $feat)]
+            unsafe fn q6k_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
+                let t = f16_table();
+                let m4 = _mm256_set1_epi8(0x0F);
+                let m30 = _mm256_set1_epi8(0x30);
+                let mut acc = _mm256_setzero_ps();
+                for i in 0..nb {
+                    // SAFETY: block `i` is in bounds of both rows; the scale masks are indexed
+                    // below 4.
+                    unsafe {
+                        let (wb, xb) = (w.add(i * Q6K), x.add(i * Q8K));
+                        let d = rd_f32(xb) * h(t, wb.add(208));
+                        // The weights are stored as q + 32 with q in 0..64; the 32 times the
+                        // scaled activation sums is subtracted once per block, from the bsums.
+                        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(192).cast()));
+                        let corr = _mm256_madd_epi16(sc16, ld(xb.add(260)));
+                        let mut sumi = _mm256_setzero_si256();
+                        for half in 0..2 {
+                            let ql = wb.add(64 * half);
+                            let q8 = xb.add(4 + 128 * half);
+                            let sc = _mm256_cvtepi8_epi16(_mm_loadl_epi64(
+                                wb.add(192 + 8 * half).cast(),
+                            ));
+                            let sc = _mm256_permute2x128_si256::<0>(sc, sc);
+                            let (l0, l1) = (ld(ql), ld(ql.add(32)));
+                            let hb = ld(wb.add(128 + 32 * half));
+                            let q = [
+                                _mm256_or_si256(
+                                    _mm256_and_si256(l0, m4),
+                                    _mm256_and_si256(_mm256_slli_epi16::<4>(hb), m30),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(l1, m4),
+                                    _mm256_and_si256(_mm256_slli_epi16::<2>(hb), m30),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+                                    _mm256_and_si256(hb, m30),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                                    _mm256_and_si256(_mm256_srli_epi16::<2>(hb), m30),
+                                ),
+                            ];
+                            for (k, q) in q.into_iter().enumerate() {
+                                let p = _mm256_maddubs_epi16(q, ld(q8.add(32 * k)));
+                                sumi = $dpw(sumi, _mm256_shuffle_epi8(sc, k6_scale(k)), p);
+                            }
+                        }
+                        let sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32::<5>(corr));
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+                    }
+                }
+                hsum(acc)
+            }
+
+            // Four weight rows against one activation row: the activation block, its scale and
+            // its zero-point correction are loaded once for all four.
+
+            /// # Safety
+            /// The CPU must support the tier; every row of `w` and `x` must hold `nb` blocks.
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_0_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32; 4] {
+                let t = f16_table();
+                let off = _mm256_set1_epi8(8);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for i in 0..nb {
+                    // SAFETY: block `i` is in bounds of every row.
+                    unsafe {
+                        let xb = x.add(i * Q8_0);
+                        let xv = ld(xb.add(2));
+                        let corr = $xcorr(off, xv);
+                        let xd = hb(t, xb);
+                        for r in 0..4 {
+                            let wb = w[r].add(i * Q4_0);
+                            let p = $dpx(nibbles(wb.add(2)), xv, corr);
+                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
+                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
+                        }
+                    }
+                }
+                hsum4(acc)
+            }
+
+            /// # Safety
+            /// As [`q4_0_x4`].
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_1_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32; 4] {
+                let t = f16_table();
+                let zero = _mm256_setzero_si256();
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut mins = [_mm_setzero_ps(); 4];
+                for i in 0..nb {
+                    // SAFETY: block `i` is in bounds of every row.
+                    unsafe {
+                        let xb = x.add(i * Q8_1);
+                        let xv = ld(xb.add(4));
+                        let xd = hb(t, xb);
+                        let xs = hs(t, xb.add(2));
+                        for r in 0..4 {
+                            let wb = w[r].add(i * Q4_1);
+                            let p = $dp(zero, nibbles(wb.add(4)), xv);
+                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
+                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
+                            mins[r] = _mm_fmadd_ss(hs(t, wb.add(2)), xs, mins[r]);
+                        }
+                    }
+                }
+                let s = hsum4(acc);
+                [0, 1, 2, 3].map(|r| s[r] + _mm_cvtss_f32(mins[r]))
+            }
+
+            /// # Safety
+            /// As [`q4_0_x4`].
+            #[target_feature(enable = $feat)]
+            unsafe fn q5_0_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32; 4] {
+                let t = f16_table();
+                let off = _mm256_set1_epi8(16);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for i in 0..nb {
+                    // SAFETY: block `i` is in bounds of every row.
+                    unsafe {
+                        let xb = x.add(i * Q8_0);
+                        let xv = ld(xb.add(2));
+                        let corr = $xcorr(off, xv);
+                        let xd = hb(t, xb);
+                        for r in 0..4 {
+                            let wb = w[r].add(i * Q5_0);
+                            let q = _mm256_or_si256(nibbles(wb.add(6)), $hibits(rd_u32(wb.add(2))));
+                            let p = $dpx(q, xv, corr);
+                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
+                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
+                        }
+                    }
+                }
+                hsum4(acc)
+            }
+
+            /// # Safety
+            /// As [`q4_0_x4`].
+            #[target_feature(enable = $feat)]
+            unsafe fn q8_0_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32; 4] {
+                let t = f16_table();
+                let zero = _mm256_setzero_si256();
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for i in 0..nb {
+                    // SAFETY: block `i` is in bounds of every row.
+                    unsafe {
+                        let xb = x.add(i * Q8_0);
+                        let qx = ld(xb.add(2));
+                        let xd = hb(t, xb);
+                        for r in 0..4 {
+                            let wb = w[r].add(i * Q8_0);
+                            let qw = ld(wb.add(2));
+                            let u = _mm256_sign_epi8(qw, qw);
+                            let p = $dp(zero, u, _mm256_sign_epi8(qx, qw));
+                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
+                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
+                        }
+                    }
+                }
+                hsum4(acc)
+            }
+
+            // The safe entry points. Only `dot_fn` hands them out, after checking that the CPU
+            // supports the tier; the lengths are checked here.
+
+            pub(in super::super) fn q4_0(n: usize, w: &[u8], x: &[u8]) -> f32 {
+                let nb = blocks(n, 32, w, Q4_0, x, Q8_0);
+                // SAFETY: the tier is supported and both rows hold `nb` blocks.
+                unsafe { q4_0_k(nb, w.as_ptr(), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q4_1(n: usize, w: &[u8], x: &[u8]) -> f32 {
+                let nb = blocks(n, 32, w, Q4_1, x, Q8_1);
+                // SAFETY: as in `q4_0`.
+                unsafe { q4_1_k(nb, w.as_ptr(), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q5_0(n: usize, w: &[u8], x: &[u8]) -> f32 {
+                let nb = blocks(n, 32, w, Q5_0, x, Q8_0);
+                // SAFETY: as in `q4_0`.
+                unsafe { q5_0_k(nb, w.as_ptr(), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q8_0(n: usize, w: &[u8], x: &[u8]) -> f32 {
+                let nb = blocks(n, 32, w, Q8_0, x, Q8_0);
+                // SAFETY: as in `q4_0`.
+                unsafe { q8_0_k(nb, w.as_ptr(), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q4k(n: usize, w: &[u8], x: &[u8]) -> f32 {
+                let nb = blocks(n, 256, w, Q4K, x, Q8K);
+                // SAFETY: as in `q4_0`.
+                unsafe { q4k_k(nb, w.as_ptr(), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q6k(n: usize, w: &[u8], x: &[u8]) -> f32 {
+                let nb = blocks(n, 256, w, Q6K, x, Q8K);
+                // SAFETY: as in `q4_0`.
+                unsafe { q6k_k(nb, w.as_ptr(), x.as_ptr()) }
+            }
+
+            /// Checks a four-row call and returns the number of blocks.
+            fn blocks4(
+                n: usize,
+                block: usize,
+                w: &[&[u8]; 4],
+                wsize: usize,
+                x: &[u8],
+                xsize: usize,
+            ) -> usize {
+                let nb = blocks(n, block, w[0], wsize, x, xsize);
+                for row in &w[1..] {
+                    assert!(
+                        row.len() >= nb * wsize,
+                        "weight row shorter than {n} elements"
+                    );
+                }
+                nb
+            }
+
+            pub(in super::super) fn q4_0x4(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+                let nb = blocks4(n, 32, &w, Q4_0, x, Q8_0);
+                // SAFETY: the tier is supported and all rows hold `nb` blocks.
+                unsafe { q4_0_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q4_1x4(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+                let nb = blocks4(n, 32, &w, Q4_1, x, Q8_1);
+                // SAFETY: as in `q4_0x4`.
+                unsafe { q4_1_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q5_0x4(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+                let nb = blocks4(n, 32, &w, Q5_0, x, Q8_0);
+                // SAFETY: as in `q4_0x4`.
+                unsafe { q5_0_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q8_0x4(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+                let nb = blocks4(n, 32, &w, Q8_0, x, Q8_0);
+                // SAFETY: as in `q4_0x4`.
+                unsafe { q8_0_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn dot4_fn(w: GgmlDType) -> Option<Dot4Fn> {
+                Some(match w {
+                    GgmlDType::Q4_0 => q4_0x4,
+                    GgmlDType::Q4_1 => q4_1x4,
+                    GgmlDType::Q5_0 => q5_0x4,
+                    GgmlDType::Q8_0 => q8_0x4,
+                    _ => return None,
+                })
+            }
+
+            pub(in super::super) fn dot_fn(w: GgmlDType) -> Option<DotFn> {
+                Some(match w {
+                    GgmlDType::Q4_0 => q4_0,
+                    GgmlDType::Q4_1 => q4_1,
+                    GgmlDType::Q5_0 => q5_0,
+                    GgmlDType::Q8_0 => q8_0,
+                    GgmlDType::Q4K => q4k,
+                    GgmlDType::Q6K => q6k,
+                    _ => return None,
+                })
+            }
+        }
+    };
+}
+
+tier_kernels!(
+    avx2,
+    "avx2,fma,f16c",
+    dp_avx2,
+    dpw_avx2,
+    xcorr_avx2,
+    dpx_avx2,
+    hibits_avx2
+);
+tier_kernels!(
+    avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    dp_avxvnni,
+    dpw_avxvnni,
+    xcorr_avxvnni,
+    dpx_avxvnni,
+    hibits_avx2
+);
+tier_kernels!(
+    avx512,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    dp_avx512,
+    dpw_avx512,
+    xcorr_avx512,
+    dpx_avx512,
+    hibits_avx512
+);
+
+/// The dot product for weight type `w` in `tier`; the caller has checked the tier is supported.
+pub(super) fn dot_fn(w: GgmlDType, tier: Tier) -> Option<DotFn> {
+    match tier {
+        Tier::Avx2 => avx2::dot_fn(w),
+        Tier::AvxVnni => avxvnni::dot_fn(w),
+        Tier::Avx512 => avx512::dot_fn(w),
+    }
+}
+
+/// The four-row dot product for weight type `w` in `tier`, as [`dot_fn`].
+pub(super) fn dot4_fn(w: GgmlDType, tier: Tier) -> Option<Dot4Fn> {
+    match tier {
+        Tier::Avx2 => avx2::dot4_fn(w),
+        Tier::AvxVnni => avxvnni::dot4_fn(w),
+        Tier::Avx512 => avx512::dot4_fn(w),
+    }
+}

@@ -1,0 +1,441 @@
+//! The decoder-only transformer shared by `llama` and `qwen2`: weights, then the forward pass.
+//!
+//! Activations are f32, laid out `[token][feature]`. Each projection is one call to
+//! [`kernels::matmul`], with Q/K/V fused and gate/up fused, so a decode step costs five parallel
+//! dispatches per layer (QKV, attention, output, gate+up, down).
+
+use std::cell::RefCell;
+
+use super::ops::{self, Rope};
+use super::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::gguf::{GgufFile, TensorView};
+use crate::kernels::{self, MatmulJob, MatmulScratch, QMatrix, ThreadPool};
+use crate::kv::KvCache;
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: QMatrix,
+    ffn_norm: Vec<f32>,
+    w_gate: QMatrix,
+    w_up: QMatrix,
+    w_down: QMatrix,
+}
+
+/// A loaded llama/qwen2 model: configuration plus weights (views into the GGUF mmap).
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    embed: QMatrix,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    output: QMatrix,
+    rope: Rope,
+}
+
+/// Which positions of a forward pass need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// None (a prefill chunk that is not the prompt's last).
+    None,
+    /// The last token only (ordinary generation).
+    Last,
+    /// Every token (scoring, speculative verification).
+    All,
+}
+
+/// Scratch buffers of a forward pass, reused across calls so the hot loop never allocates.
+#[derive(Default)]
+pub struct Workspace {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    logits: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    scratch: MatmulScratch,
+}
+
+fn resize(buf: &mut Vec<f32>, n: usize) {
+    buf.resize(n, 0.0);
+}
+
+fn f32_vector(gguf: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = gguf.tensor(name)?;
+    check_shape(&t, &[len])?;
+    let mut out = vec![0f32; len];
+    kernels::dequantize(t.dtype, t.bytes(), &mut out);
+    Ok(out)
+}
+
+fn optional_vector(gguf: &GgufFile, name: &str, len: usize) -> Result<Option<Vec<f32>>> {
+    if gguf.has_tensor(name) {
+        f32_vector(gguf, name, len).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn check_shape(t: &TensorView, expected: &[usize]) -> Result<()> {
+    if t.dims != expected {
+        return Err(EngineError::BadTensorShape {
+            name: t.name.clone(),
+            expected: expected.to_vec(),
+            actual: t.dims.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn matrix(gguf: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
+    let t = gguf.tensor(name)?;
+    check_shape(&t, &[cols, rows])?;
+    use candle_core::quantized::GgmlDType::*;
+    if matches!(t.dtype, Q8_1 | Q8K) {
+        return Err(EngineError::UnsupportedQuantization {
+            name: name.to_string(),
+            dtype: format!("{:?}", t.dtype),
+        });
+    }
+    if cols % t.dtype.block_size() != 0 {
+        return Err(EngineError::BadTensorShape {
+            name: name.to_string(),
+            expected: vec![cols.next_multiple_of(t.dtype.block_size()), rows],
+            actual: t.dims.clone(),
+        });
+    }
+    Ok(QMatrix::new(t))
+}
+
+impl Transformer {
+    pub fn load(gguf: &GgufFile) -> Result<Self> {
+        let cfg = ModelConfig::from_gguf(gguf)?;
+        let (d, qd, kvd, ff) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            layers.push(Layer {
+                attn_norm: f32_vector(gguf, &n("attn_norm.weight"), d)?,
+                wq: matrix(gguf, &n("attn_q.weight"), qd, d)?,
+                wk: matrix(gguf, &n("attn_k.weight"), kvd, d)?,
+                wv: matrix(gguf, &n("attn_v.weight"), kvd, d)?,
+                bq: optional_vector(gguf, &n("attn_q.bias"), qd)?,
+                bk: optional_vector(gguf, &n("attn_k.bias"), kvd)?,
+                bv: optional_vector(gguf, &n("attn_v.bias"), kvd)?,
+                wo: matrix(gguf, &n("attn_output.weight"), d, qd)?,
+                ffn_norm: f32_vector(gguf, &n("ffn_norm.weight"), d)?,
+                w_gate: matrix(gguf, &n("ffn_gate.weight"), ff, d)?,
+                w_up: matrix(gguf, &n("ffn_up.weight"), ff, d)?,
+                w_down: matrix(gguf, &n("ffn_down.weight"), d, ff)?,
+            });
+        }
+        let embed = matrix(gguf, "token_embd.weight", cfg.vocab_size, d)?;
+        // Models with tied embeddings (SmolLM2) have no separate output matrix.
+        let output = if gguf.has_tensor("output.weight") {
+            matrix(gguf, "output.weight", cfg.vocab_size, d)?
+        } else {
+            embed.clone()
+        };
+        let rope = Rope::new(cfg.rope_style, cfg.rope_dims, cfg.rope_base);
+        Ok(Transformer {
+            norm: f32_vector(gguf, "output_norm.weight", d)?,
+            embed,
+            layers,
+            output,
+            rope,
+            cfg,
+        })
+    }
+
+    /// A KV cache sized for this model, holding up to `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.cfg.n_layers, self.cfg.kv_dim(), capacity)
+    }
+
+    /// Bytes of weights read for one decode token: every layer matrix plus the output matrix.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|m| m.nbytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + self.output.nbytes()
+    }
+
+    /// Runs `tokens` (at positions `kv.len()..`) through the model, appending their keys and
+    /// values to `kv`, and returns the requested logits (`vocab_size` floats per token).
+    pub fn forward<'w>(
+        &self,
+        pool: &ThreadPool,
+        ws: &'w mut Workspace,
+        kv: &mut KvCache,
+        tokens: &[u32],
+        logits: Logits,
+    ) -> Result<&'w [f32]> {
+        let cfg = &self.cfg;
+        let (t_len, d) = (tokens.len(), cfg.d_model);
+        if t_len == 0 {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let start = kv.len();
+        let end = start + t_len;
+        if end > kv.capacity() {
+            return Err(EngineError::ContextLengthExceeded {
+                requested: end,
+                max: kv.capacity(),
+            });
+        }
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(EngineError::TokenOutOfRange {
+                id,
+                vocab: cfg.vocab_size,
+            });
+        }
+        kv.reserve_to(end);
+        self.prepare(ws, t_len);
+        for (t, &id) in tokens.iter().enumerate() {
+            self.embed
+                .dequantize_row(id as usize, &mut ws.x[t * d..(t + 1) * d]);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            self.attention_block(pool, ws, kv, l, layer, start);
+            self.ffn_block(pool, ws, layer, t_len);
+        }
+        kv.set_len(end);
+        let rows: Vec<usize> = match logits {
+            Logits::None => return Ok(&ws.logits[..0]),
+            Logits::Last => vec![t_len - 1],
+            Logits::All => (0..t_len).collect(),
+        };
+        for (i, &t) in rows.iter().enumerate() {
+            let (x, h) = (&ws.x[t * d..(t + 1) * d], &mut ws.h[i * d..(i + 1) * d]);
+            ops::rms_norm(x, &self.norm, cfg.rms_eps, h);
+        }
+        let n = rows.len();
+        resize(&mut ws.logits, n * cfg.vocab_size);
+        kernels::matmul(
+            pool,
+            &mut ws.scratch,
+            &ws.h[..n * d],
+            n,
+            &mut [MatmulJob {
+                w: &self.output,
+                out: &mut ws.logits,
+            }],
+        );
+        Ok(&ws.logits)
+    }
+
+    fn prepare(&self, ws: &mut Workspace, t: usize) {
+        let c = &self.cfg;
+        resize(&mut ws.x, t * c.d_model);
+        resize(&mut ws.h, t * c.d_model);
+        resize(&mut ws.q, t * c.q_dim());
+        resize(&mut ws.k, t * c.kv_dim());
+        resize(&mut ws.v, t * c.kv_dim());
+        resize(&mut ws.attn, t * c.q_dim());
+        resize(&mut ws.proj, t * c.d_model);
+        resize(&mut ws.gate, t * c.d_ff);
+        resize(&mut ws.up, t * c.d_ff);
+        resize(&mut ws.cos, c.rope_dims / 2);
+        resize(&mut ws.sin, c.rope_dims / 2);
+    }
+
+    fn attention_block(
+        &self,
+        pool: &ThreadPool,
+        ws: &mut Workspace,
+        kv: &mut KvCache,
+        l: usize,
+        layer: &Layer,
+        start: usize,
+    ) {
+        let c = &self.cfg;
+        let (d, t_len) = (c.d_model, ws.x.len() / c.d_model);
+        let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        for t in 0..t_len {
+            ops::rms_norm(
+                &ws.x[t * d..(t + 1) * d],
+                &layer.attn_norm,
+                c.rms_eps,
+                &mut ws.h[t * d..(t + 1) * d],
+            );
+        }
+        kernels::matmul(
+            pool,
+            &mut ws.scratch,
+            &ws.h,
+            t_len,
+            &mut [
+                MatmulJob {
+                    w: &layer.wq,
+                    out: &mut ws.q,
+                },
+                MatmulJob {
+                    w: &layer.wk,
+                    out: &mut ws.k,
+                },
+                MatmulJob {
+                    w: &layer.wv,
+                    out: &mut ws.v,
+                },
+            ],
+        );
+        for t in 0..t_len {
+            let q = &mut ws.q[t * qd..(t + 1) * qd];
+            let k = &mut ws.k[t * kvd..(t + 1) * kvd];
+            let v = &mut ws.v[t * kvd..(t + 1) * kvd];
+            if let Some(b) = &layer.bq {
+                ops::add_assign(q, b);
+            }
+            if let Some(b) = &layer.bk {
+                ops::add_assign(k, b);
+            }
+            if let Some(b) = &layer.bv {
+                ops::add_assign(v, b);
+            }
+            self.rope.cos_sin(start + t, &mut ws.cos, &mut ws.sin);
+            self.rope.apply(q, hd, &ws.cos, &ws.sin);
+            self.rope.apply(k, hd, &ws.cos, &ws.sin);
+            kv.write(l, start + t, k, v);
+        }
+        self.attend(pool, ws, kv, l, start, t_len);
+        kernels::matmul(
+            pool,
+            &mut ws.scratch,
+            &ws.attn,
+            t_len,
+            &mut [MatmulJob {
+                w: &layer.wo,
+                out: &mut ws.proj,
+            }],
+        );
+        ops::add_assign(&mut ws.x, &ws.proj);
+    }
+
+    /// Causal attention of the `t_len` new queries over the cache, one chunk per (token, head).
+    fn attend(
+        &self,
+        pool: &ThreadPool,
+        ws: &mut Workspace,
+        kv: &KvCache,
+        l: usize,
+        start: usize,
+        t_len: usize,
+    ) {
+        let c = &self.cfg;
+        let (hd, nh, kvd) = (c.head_dim, c.n_heads, c.kv_dim());
+        let group = nh / c.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let keys = kv.keys(l, start + t_len);
+        let values = kv.values(l, start + t_len);
+        let q = &ws.q;
+        let out = SendPtr(ws.attn.as_mut_ptr());
+        pool.run(t_len * nh, &|chunk| {
+            let (t, h) = (chunk / nh, chunk % nh);
+            let n_ctx = start + t + 1;
+            let kvh = h / group;
+            let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+            ATTN_SCRATCH.with(|cell| {
+                let mut bufs = cell.borrow_mut();
+                let (scores, row, acc) = &mut *bufs;
+                scores.resize(n_ctx, 0.0);
+                row.resize(hd, 0.0);
+                acc.clear();
+                acc.resize(hd, 0.0);
+                for p in 0..n_ctx {
+                    let k = &keys[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(k, row);
+                    scores[p] = ops::dot_f32(qh, row) * scale;
+                }
+                ops::softmax(scores);
+                for p in 0..n_ctx {
+                    let v = &values[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(v, row);
+                    ops::axpy(scores[p], row, acc);
+                }
+                // SAFETY: each (token, head) chunk owns its own `hd` outputs.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(out.get().add((t * nh + h) * hd), hd) };
+                dst.copy_from_slice(acc);
+            });
+        });
+    }
+
+    fn ffn_block(&self, pool: &ThreadPool, ws: &mut Workspace, layer: &Layer, t_len: usize) {
+        let c = &self.cfg;
+        let d = c.d_model;
+        for t in 0..t_len {
+            ops::rms_norm(
+                &ws.x[t * d..(t + 1) * d],
+                &layer.ffn_norm,
+                c.rms_eps,
+                &mut ws.h[t * d..(t + 1) * d],
+            );
+        }
+        kernels::matmul(
+            pool,
+            &mut ws.scratch,
+            &ws.h,
+            t_len,
+            &mut [
+                MatmulJob {
+                    w: &layer.w_gate,
+                    out: &mut ws.gate,
+                },
+                MatmulJob {
+                    w: &layer.w_up,
+                    out: &mut ws.up,
+                },
+            ],
+        );
+        ops::silu_mul(&mut ws.gate, &ws.up);
+        kernels::matmul(
+            pool,
+            &mut ws.scratch,
+            &ws.gate,
+            t_len,
+            &mut [MatmulJob {
+                w: &layer.w_down,
+                out: &mut ws.proj,
+            }],
+        );
+        ops::add_assign(&mut ws.x, &ws.proj);
+    }
+}
+
+type AttnBufs = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+thread_local! {
+    /// Per-thread attention scratch (scores, one converted K/V row, the output accumulator).
+    static ATTN_SCRATCH: RefCell<AttnBufs> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: attention chunks write disjoint head slices.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Taking the pointer through a method makes closures capture the whole `Sync` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}

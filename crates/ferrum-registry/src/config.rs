@@ -1,0 +1,224 @@
+//! `ferrum.toml`: the tiers of a deployment, their prices and weights, parsed and validated.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::RegistryError;
+use crate::weights::WeightsSource;
+
+/// The built-in `ferrum.toml`, serving the three default tiers. Operators can copy it as a start.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// The environment variable naming a config file to use when none is given explicitly.
+pub const CONFIG_ENV: &str = "FERRUM_CONFIG";
+
+/// A parsed and validated config: the tiers this deployment serves.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    tiers: Vec<Tier>,
+    path: Option<PathBuf>,
+}
+
+/// One model tier: an OpenAI model id backed by one GGUF file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    /// The model id clients send, for example `gpt-4.1-mini`.
+    pub id: String,
+    /// Other names accepted for this tier, for example `gpt-4.1-mini-2025-04-14`.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Where the GGUF file comes from.
+    pub weights: WeightsSource,
+    /// What a request costs, for usage accounting.
+    pub price: Price,
+    /// A cap on the context window; `None` uses the model's own.
+    #[serde(default)]
+    pub context_length: Option<usize>,
+    /// When the server loads this tier.
+    #[serde(default)]
+    pub load: LoadPolicy,
+}
+
+/// Prices in USD per one million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Prompt tokens that had to be computed.
+    pub input: f64,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_input: f64,
+    /// Generated tokens.
+    pub output: f64,
+}
+
+/// When a tier's weights are loaded into memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadPolicy {
+    /// Load when the server starts, so the first request is not slow.
+    #[default]
+    Startup,
+    /// Load on the first request for this tier, to save memory for rarely used tiers.
+    Lazy,
+}
+
+/// The top level of `ferrum.toml`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    tier: Vec<Tier>,
+}
+
+impl Price {
+    /// The cost in USD of one request.
+    ///
+    /// `cached_tokens` are the part of `prompt_tokens` served from the prefix cache: they are
+    /// billed at `cached_input` and the rest of the prompt at `input`. A cached count larger
+    /// than the prompt is clamped, so bad accounting can never produce a negative charge.
+    pub fn cost_usd(&self, prompt_tokens: u64, cached_tokens: u64, completion_tokens: u64) -> f64 {
+        let cached = cached_tokens.min(prompt_tokens);
+        let uncached = prompt_tokens - cached;
+        (uncached as f64 * self.input
+            + cached as f64 * self.cached_input
+            + completion_tokens as f64 * self.output)
+            / 1_000_000.0
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let fields = [
+            ("input", self.input),
+            ("cached_input", self.cached_input),
+            ("output", self.output),
+        ];
+        match fields.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+            Some((name, v)) => Err(format!("price `{name}` must be a number >= 0, got {v}")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Tier {
+    /// The id followed by the aliases: every name this tier answers to.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.id.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for name in self.names() {
+            let ok = !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c.is_control());
+            if !ok {
+                return Err(format!("invalid model name {name:?}"));
+            }
+        }
+        if self.context_length == Some(0) {
+            return Err("`context_length` must be greater than 0".into());
+        }
+        self.price.validate()?;
+        self.weights.validate()
+    }
+}
+
+impl Registry {
+    /// Parses and validates a config given as a string.
+    ///
+    /// Relative `path` weights are resolved against `base_dir` (normally the directory of the
+    /// config file); with `None` they stay relative to the working directory.
+    pub fn from_toml_str(s: &str, base_dir: Option<&Path>) -> Result<Self, RegistryError> {
+        Self::parse(s, base_dir, None)
+    }
+
+    /// Reads a config file; with `None`, the file named by `FERRUM_CONFIG`, else the embedded
+    /// default.
+    pub fn load(path: Option<&Path>) -> Result<Self, RegistryError> {
+        let from_env = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty());
+        match path.map(Path::to_path_buf).or(from_env.map(PathBuf::from)) {
+            Some(path) => Self::from_file(&path),
+            None => Self::from_toml_str(DEFAULT_CONFIG, None),
+        }
+    }
+
+    /// Reads and validates one config file; relative weight paths are relative to its directory.
+    pub fn from_file(path: &Path) -> Result<Self, RegistryError> {
+        let text = std::fs::read_to_string(path).map_err(RegistryError::io(path))?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, Some(base_dir), Some(path))
+    }
+
+    /// The built-in default tiers (`gpt-4.1`, `gpt-4.1-mini`, `gpt-4.1-nano`).
+    pub fn embedded_default() -> Self {
+        // The embedded text is a compile-time constant covered by tests, so this cannot fail at
+        // run time; a panic here would mean the shipped default.toml itself is broken.
+        Self::from_toml_str(DEFAULT_CONFIG, None).expect("embedded default.toml is valid")
+    }
+
+    /// The tiers, in config order.
+    pub fn tiers(&self) -> &[Tier] {
+        &self.tiers
+    }
+
+    /// The config file this registry was read from, or `None` for an inline or default config.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Finds the tier whose id or alias is exactly `model_id`.
+    pub fn resolve(&self, model_id: &str) -> Option<&Tier> {
+        self.tiers.iter().find(|t| t.names().any(|n| n == model_id))
+    }
+
+    /// Like [`Registry::resolve`], but an unknown id is an error listing the available ones,
+    /// ready to be returned to a client.
+    pub fn get(&self, model_id: &str) -> Result<&Tier, RegistryError> {
+        self.resolve(model_id)
+            .ok_or_else(|| RegistryError::UnknownModel {
+                model: model_id.to_string(),
+                available: self.tiers.iter().map(|t| t.id.clone()).collect(),
+            })
+    }
+
+    fn parse(s: &str, base_dir: Option<&Path>, path: Option<&Path>) -> Result<Self, RegistryError> {
+        let config_error = |message: String| RegistryError::Config {
+            path: path.map(Path::to_path_buf),
+            message,
+        };
+        let file: ConfigFile = toml::from_str(s).map_err(|e| config_error(e.to_string()))?;
+        let mut tiers = file.tier;
+        validate_tiers(&tiers).map_err(config_error)?;
+        if let Some(base_dir) = base_dir {
+            tiers
+                .iter_mut()
+                .for_each(|t| t.weights.resolve_relative(base_dir));
+        }
+        Ok(Self {
+            tiers,
+            path: path.map(Path::to_path_buf),
+        })
+    }
+}
+
+/// Checks each tier, then that no name (id or alias) is used twice anywhere.
+fn validate_tiers(tiers: &[Tier]) -> Result<(), String> {
+    if tiers.is_empty() {
+        return Err("no [[tier]] defined".into());
+    }
+    for tier in tiers {
+        tier.validate()
+            .map_err(|e| format!("tier `{}`: {e}", tier.id))?;
+    }
+    let mut owner: HashMap<&str, &str> = HashMap::new();
+    for tier in tiers {
+        for name in tier.names() {
+            if let Some(first) = owner.insert(name, &tier.id) {
+                return Err(format!(
+                    "duplicate model name `{name}` (used by tier `{first}` and tier `{}`)",
+                    tier.id
+                ));
+            }
+        }
+    }
+    Ok(())
+}

