@@ -100,45 +100,25 @@ impl Matrix {
     }
 }
 
-/// The CPU time this thread has used. On a shared machine, wall-clock time also counts the
-/// periods the thread waits for a core, which is noise here.
-#[cfg(target_os = "linux")]
-fn cpu_time() -> Duration {
-    #[repr(C)]
-    struct Timespec {
-        sec: i64,
-        nsec: i64,
-    }
-    extern "C" {
-        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
-    }
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    let mut ts = Timespec { sec: 0, nsec: 0 };
-    // SAFETY: `ts` is a valid `struct timespec` on 64-bit Linux.
-    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime failed");
-    Duration::new(ts.sec as u64, ts.nsec as u32)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn cpu_time() -> Duration {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed()
-}
-
-/// The fastest of repeated runs of `f`, run for at least `budget` after one warm-up. The fastest
-/// run is the least disturbed by other work on the machine (a busy hyper-threading sibling slows
-/// everything down by half, and CPU time does not show it).
+/// The time of one run of `f`: the fastest of repeated samples after one warm-up, each sample
+/// timing enough runs to last a couple of milliseconds, for at least `budget` in all. The
+/// fastest sample is the one least disturbed by other work on the machine (preemption, or a busy
+/// hyper-threading sibling, which slows everything down by half).
 fn time(budget: Duration, mut f: impl FnMut()) -> Duration {
+    let t = Instant::now();
     f();
+    let once = t.elapsed().max(Duration::from_nanos(100));
+    let batch = (Duration::from_millis(2).as_nanos() / once.as_nanos()).max(1) as u32;
     let mut best = Duration::MAX;
-    let mut runs = 0;
+    let mut samples = 0;
     let start = Instant::now();
-    while start.elapsed() < budget || runs < 5 {
-        let t = cpu_time();
-        f();
-        best = best.min(cpu_time() - t);
-        runs += 1;
+    while start.elapsed() < budget || samples < 5 {
+        let t = Instant::now();
+        for _ in 0..batch {
+            f();
+        }
+        best = best.min(t.elapsed() / batch);
+        samples += 1;
     }
     best
 }

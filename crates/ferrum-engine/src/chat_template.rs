@@ -33,6 +33,9 @@ const MAX_OUTPUT: usize = 32 << 20;
 const MAX_JSON_DEPTH: usize = 128;
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// llama-server's template for models whose GGUF has none (`CHATML_TEMPLATE_SRC`).
+pub const CHATML_SOURCE: &str = "{%- for message in messages -%}\n  {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' -}}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n  {{- '<|im_start|>assistant\n' -}}\n{%- endif -%}";
+
 /// Errors of loading or rendering a chat template.
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -138,6 +141,25 @@ impl ChatTemplate {
         let source = read("tokenizer.chat_template")?
             .or(tool_use_source)
             .ok_or(TemplateError::Missing)?;
+        let mut template = ChatTemplate::for_tokenizer(source, tokenizer)?;
+        // llama.cpp ignores a tool-use variant that does not parse.
+        if let Some(src) = tool_use_source.filter(|s| *s != source) {
+            template.tool_use = Compiled::new(src, &template.bos_token, &template.eos_token).ok();
+        }
+        Ok(template)
+    }
+
+    /// The ChatML template llama-server falls back to when a GGUF has no chat template.
+    pub fn chatml(tokenizer: &Tokenizer) -> ChatTemplate {
+        // The built-in source is known to compile.
+        ChatTemplate::for_tokenizer(CHATML_SOURCE, tokenizer).expect("the ChatML template compiles")
+    }
+
+    /// Compiles `source` with the BOS/EOS texts and BOS/EOS handling of `tokenizer`.
+    pub fn for_tokenizer(
+        source: &str,
+        tokenizer: &Tokenizer,
+    ) -> Result<ChatTemplate, TemplateError> {
         let token_text = |id: Option<u32>| {
             id.map(|id| String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned())
                 .unwrap_or_default()
@@ -147,10 +169,6 @@ impl ChatTemplate {
             &token_text(tokenizer.bos_id()),
             &token_text(tokenizer.eos_id()),
         )?;
-        // llama.cpp ignores a tool-use variant that does not parse.
-        if let Some(src) = tool_use_source.filter(|s| *s != source) {
-            template.tool_use = Compiled::new(src, &template.bos_token, &template.eos_token).ok();
-        }
         template.strip_bos = tokenizer.adds_bos();
         template.strip_eos = tokenizer.adds_eos();
         Ok(template)
@@ -266,7 +284,13 @@ impl Compiled {
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
         env.set_fuel(Some(FUEL));
         env.set_recursion_limit(RECURSION_LIMIT);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(string_method);
+        env.set_formatter(format_value);
+        env.add_filter("length", length);
+        env.add_filter("count", length);
+        for name in ["upper", "lower", "title", "capitalize"] {
+            env.add_filter(name, move |s: &str| ascii_case(s, name));
+        }
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -313,7 +337,9 @@ impl Compiled {
         self.render(ctx).ok()
     }
 
-    /// llama.cpp's capability probes (`common/jinja/caps.cpp`), judged by the output.
+    /// llama.cpp's capability probes (`common/jinja/caps.cpp`). llama.cpp records which input
+    /// values the template reads; here a value counts as read when changing it changes the
+    /// output (or whether rendering fails), which agrees for templates that use what they read.
     fn probe_caps(&self, bos_token: &str, eos_token: &str) -> TemplateCaps {
         let mut caps = self.caps;
 
@@ -323,72 +349,86 @@ impl Compiled {
             None,
         );
         // Typed content counts as supported when the template reads the parts' text rather
-        // than printing the whole list.
+        // than printing the whole list (which would show the `type` key).
         caps.supports_typed_content = typed_out.as_deref().is_some_and(|out| {
-            out.contains("TYPED_MARKER") && !out.contains("\"type\"") && !out.contains("'type'")
+            let lower = out.to_lowercase();
+            out.contains("TYPED_MARKER") && !lower.contains("\"type\"") && !lower.contains("'type'")
         });
         caps.supports_string_content = match &string_out {
             None => false,
-            Some(out) => !(caps.supports_typed_content && !out.contains("STRING_MARKER")),
+            Some(out) => !caps.supports_typed_content || out.contains("STRING_MARKER"),
         };
         if !caps.supports_string_content && !caps.supports_typed_content {
             // llama.cpp only warns in this case and keeps passing strings.
             caps.supports_string_content = true;
         }
 
-        let system_out = self.probe(
-            json!([
-                {"role": "system", "content": "SYSTEM_MARKER"},
-                {"role": "user", "content": "User message"},
-            ]),
-            None,
-        );
-        caps.supports_system_role = system_out.is_some_and(|out| out.contains("SYSTEM_MARKER"));
+        let system = |content: &str| {
+            self.probe(
+                json!([
+                    {"role": "system", "content": content},
+                    {"role": "user", "content": "User message"},
+                ]),
+                None,
+            )
+        };
+        caps.supports_system_role = system("System message") != system("Another system text");
 
-        let tools = json!([{
-            "name": "tool",
-            "type": "function",
-            "function": {
-                "name": "TOOL_MARKER",
-                "description": "Tool description",
-                "parameters": {
-                    "type": "object",
-                    "properties": {"arg": {"type": "string", "description": "Arg description"}},
-                    "required": ["arg"],
+        let tools = |name: &str| {
+            json!([{
+                "name": "tool",
+                "type": "function",
+                "function": {
+                    "name": name,
+                    "description": "Tool description",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"arg": {"type": "string", "description": "Arg description"}},
+                        "required": ["arg"],
+                    },
                 },
-            },
-        }]);
-        let conversation = |arguments: Json| {
-            json!([
-                {"role": "user", "content": "User message"},
-                {"role": "assistant", "content": "", "tool_calls": [{
+            }])
+        };
+        // `arguments: None` leaves the tool call out, to see whether the template reads it.
+        let conversation = |arguments: Option<Json>| {
+            let mut assistant = json!({"role": "assistant", "content": ""});
+            if let Some(arguments) = arguments {
+                assistant["tool_calls"] = json!([{
                     "id": "call00001",
                     "type": "function",
                     "function": {"name": "tool1", "arguments": arguments},
-                }]},
+                }]);
+            }
+            json!([
+                {"role": "user", "content": "User message"},
+                assistant,
                 {"role": "tool", "content": "Tool response", "tool_call_id": "call00001"},
                 {"role": "assistant", "content": "The tool response was 'tool response'"},
                 {"role": "user", "content": "User message"},
             ])
         };
-        let calls_used = |out: &str| out.contains("tool1") || out.contains("ARG_MARKER");
-        if let Some(out) = self.probe(
-            conversation(json!({"arg": "ARG_MARKER"})),
-            Some(tools.clone()),
-        ) {
-            caps.supports_tools = out.contains("TOOL_MARKER");
-            caps.supports_tool_calls = calls_used(&out);
-            caps.supports_object_arguments = out.contains("ARG_MARKER");
+        let object = |value: &str| Some(json!({"arg": value}));
+        let text = |value: &str| Some(json!(format!(r#"{{"arg": "{value}"}}"#)));
+        let tool_probe =
+            |args: Option<Json>, name: &str| self.probe(conversation(args), Some(tools(name)));
+
+        if let Some(out) = tool_probe(object("value"), "tool1") {
+            let out = Some(out);
+            caps.supports_tools = out != tool_probe(object("value"), "tool2");
+            caps.supports_tool_calls = out != tool_probe(None, "tool1");
+            caps.supports_object_arguments =
+                caps.supports_tool_calls && out != tool_probe(object("other value"), "tool1");
         }
         if !caps.supports_object_arguments {
-            match self.probe(conversation(json!(r#"{"arg": "ARG_MARKER"}"#)), Some(tools)) {
+            match tool_probe(text("value"), "tool1") {
                 None => {
                     caps.supports_tools = false;
                     caps.supports_tool_calls = false;
                 }
                 Some(out) => {
-                    caps.supports_tools = out.contains("TOOL_MARKER");
-                    caps.supports_tool_calls = calls_used(&out);
+                    let out = Some(out);
+                    caps.supports_tools = out != tool_probe(text("value"), "tool2");
+                    caps.supports_tool_calls = out != tool_probe(None, "tool1");
                 }
             }
         }
@@ -653,6 +693,103 @@ fn normalize_tool(index: usize, tool: &Json) -> Result<Json, TemplateError> {
         "type": "function",
         "function": {"name": name, "description": description, "parameters": parameters},
     }))
+}
+
+/// Python methods on values (`.strip()`, `.startswith()`, `.items()`, ...), with the case
+/// methods working on ASCII only as in llama.cpp's engine.
+fn string_method(
+    state: &minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
+    if let (Some(s), true) = (value.as_str(), args.is_empty()) {
+        if matches!(method, "upper" | "lower" | "title" | "capitalize") {
+            return Ok(Value::from(ascii_case(s, method)));
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// llama.cpp's `upper`, `lower`, `title` and `capitalize`, which change ASCII letters only
+/// (C's `toupper` byte by byte); `title` starts a word after whitespace only.
+fn ascii_case(s: &str, how: &str) -> String {
+    match how {
+        "upper" => s.to_ascii_uppercase(),
+        "lower" => s.to_ascii_lowercase(),
+        "capitalize" => {
+            let mut chars = s.chars();
+            match chars.next() {
+                Some(first) => {
+                    let mut out = first.to_ascii_uppercase().to_string();
+                    out.push_str(&chars.as_str().to_ascii_lowercase());
+                    out
+                }
+                None => String::new(),
+            }
+        }
+        _ => {
+            let mut out = String::with_capacity(s.len());
+            let mut start = true;
+            for c in s.chars() {
+                if c.is_ascii_whitespace() || c == '\u{b}' {
+                    start = true;
+                    out.push(c);
+                } else if start {
+                    start = false;
+                    out.push(c.to_ascii_uppercase());
+                } else {
+                    out.push(c.to_ascii_lowercase());
+                }
+            }
+            out
+        }
+    }
+}
+
+/// `length` (and `count`): items of a list or mapping, and bytes of a string, as llama.cpp's
+/// engine counts them.
+fn length(value: &Value) -> Result<Value, Error> {
+    if let Some(s) = value.as_str() {
+        return Ok(Value::from(s.len()));
+    }
+    value.len().map(Value::from).ok_or_else(|| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("cannot take the length of {}", value.kind()),
+        )
+    })
+}
+
+/// Prints `{{ value }}` as llama.cpp's engine does where minijinja differs: none prints
+/// nothing, a list prints its items one after another, a mapping prints nothing, and floats
+/// print as C++'s `std::to_string` without trailing zeros (`2.5`, `1.0`).
+fn format_value(
+    out: &mut minijinja::Output,
+    state: &minijinja::State,
+    value: &Value,
+) -> Result<(), Error> {
+    match value.kind() {
+        ValueKind::None | ValueKind::Map | ValueKind::Plain => Ok(()),
+        ValueKind::Seq | ValueKind::Iterable => {
+            for item in value.try_iter()? {
+                format_value(out, state, &item)?;
+            }
+            Ok(())
+        }
+        ValueKind::Number if !value.is_integer() => {
+            let f = f64::try_from(value.clone()).unwrap_or(f64::NAN);
+            let mut text = format!("{f:.6}");
+            if f.is_finite() {
+                text.truncate(text.trim_end_matches('0').len());
+                if text.ends_with('.') {
+                    text.push('0');
+                }
+            }
+            out.write_str(&text).map_err(Error::from)
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    }
 }
 
 /// Maps a rendering error to the typed error, keeping the template's own message.
@@ -1160,7 +1297,7 @@ mod tests {
             (1234567.0, "1.23457e+06"),
             (1.5e-5, "1.5e-05"),
             (0.0001, "0.0001"),
-            (3.14159265, "3.14159"),
+            (1.23456789, "1.23457"),
             (0.0, "0"),
         ] {
             assert_eq!(cpp_float(f), s);
@@ -1304,6 +1441,16 @@ mod tests {
         .unwrap();
         assert!(thinking.caps().supports_thinking);
         assert_eq!(thinking.render(&msg, None, true).unwrap(), "<think>");
+    }
+
+    #[test]
+    fn values_print_like_llama_cpp() {
+        let out = render(
+            "{{ none }}|{{ 2.5 }}|{{ 1.0 }}|{{ 3 }}|{{ true }}|{{ undefined_name }}|{{ 'a' }}|{{ [1, 'x', [2]] }}|{{ {'a': 1} }}",
+            json!([]),
+        )
+        .unwrap();
+        assert_eq!(out, "|2.5|1.0|3|True||a|1x2|");
     }
 
     #[test]

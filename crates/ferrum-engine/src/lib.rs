@@ -13,3 +13,5 @@ pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod sampler;
+#[doc(hidden)]
+pub mod testing;

@@ -406,7 +406,8 @@ impl Tokenizer {
                             let encoding = bpe
                                 .encode_fast(&text[start..end], false)
                                 .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-                            out.extend_from_slice(encoding.get_ids());
+                            let n = self.texts.len() as u32;
+                            out.extend(encoding.get_ids().iter().filter(|&&id| id < n));
                         }
                         Fragment::Token(id) => out.push(id),
                     }
@@ -918,11 +919,27 @@ fn build_bpe(
     merges: &[&str],
     spec: &PreTokenizerSpec,
 ) -> Result<tokenizers::Tokenizer> {
-    let vocab: Vocab = texts
+    let mut vocab: Vocab = texts
         .iter()
         .enumerate()
         .map(|(i, t)| (t.clone(), i as u32))
         .collect();
+    // A byte whose character is not a token is dropped by both tokenizers, but llama.cpp drops
+    // it after merging, so it still keeps its neighbours apart, while `tokenizers` skips it
+    // before merging. Placeholder ids past the vocabulary keep it in the word; `encode`
+    // removes them afterwards.
+    let table = byte_level_table();
+    let mut placeholder = texts.len() as u32;
+    for (c, &b) in table.iter().enumerate() {
+        if b == 0 {
+            continue;
+        }
+        let text = char::from_u32(c as u32).unwrap_or_default().to_string();
+        if !text_to_id.contains_key(&text) {
+            vocab.insert(text, placeholder);
+            placeholder += 1;
+        }
+    }
     // llama.cpp ranks a merge by its first occurrence and splits it at the first space after
     // the first byte. The `tokenizers` crate keeps the last duplicate and rejects merges whose
     // parts or result are not tokens; such merges can never produce a token in llama.cpp

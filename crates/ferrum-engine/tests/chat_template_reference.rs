@@ -97,3 +97,79 @@ fn qwen_tool_round_trip() {
          <|im_start|>user\n<tool_response>\n{\"temp\": 21.5}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     );
 }
+
+/// Optional: compares with prompts rendered by llama.cpp's own chat code (as llama-server
+/// does for /v1/chat/completions). Set `FERRUM_TEMPLATE_ORACLE_DIR` to a directory holding
+/// `chat_cases.json` (a list of `{messages, tools?, add_generation_prompt?}`) and, per model,
+/// `tmpl_<name>.json` (a list of `{prompt}` or `{error}`); `<name>` is a tier, or any name with
+/// a `<name>.path` file holding the GGUF path, plus optionally `<name>.template` holding a
+/// template source to use instead of the GGUF's. Without the variable the test does nothing.
+#[test]
+fn llama_cpp_template_oracle() {
+    let Some(dir) = std::env::var_os("FERRUM_TEMPLATE_ORACLE_DIR") else {
+        eprintln!("FERRUM_TEMPLATE_ORACLE_DIR is not set; skipping the oracle comparison");
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let read = |path: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let cases = read(&dir.join("chat_cases.json"));
+    let cases = cases.as_array().unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            Some(
+                name.strip_prefix("tmpl_")?
+                    .strip_suffix(".json")?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    names.sort();
+    for name in names {
+        let custom = dir.join(format!("{name}.template"));
+        let template = if custom.exists() {
+            let gguf = std::fs::read_to_string(dir.join(format!("{name}.path"))).unwrap();
+            let mut file = std::fs::File::open(gguf.trim()).unwrap();
+            let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+            let tokenizer = Tokenizer::from_gguf(&content.metadata).unwrap();
+            let source = std::fs::read_to_string(&custom).unwrap();
+            ChatTemplate::for_tokenizer(&source, &tokenizer).unwrap()
+        } else if common::TIERS.contains(&name.as_str()) {
+            template(&name)
+        } else {
+            let gguf = std::fs::read_to_string(dir.join(format!("{name}.path"))).unwrap();
+            let mut file = std::fs::File::open(gguf.trim()).unwrap();
+            let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+            let tokenizer = Tokenizer::from_gguf(&content.metadata).unwrap();
+            ChatTemplate::from_gguf(&content.metadata, &tokenizer)
+                .unwrap_or_else(|_| ChatTemplate::chatml(&tokenizer))
+        };
+        let expected = read(&dir.join(format!("tmpl_{name}.json")));
+        let mut failures = Vec::new();
+        for (i, (case, want)) in cases.iter().zip(expected.as_array().unwrap()).enumerate() {
+            let messages = case["messages"].as_array().unwrap();
+            let tools = case["tools"].as_array().map(Vec::as_slice);
+            let add = case["add_generation_prompt"].as_bool().unwrap_or(true);
+            let got = template.render(messages, tools, add);
+            match (&got, want["prompt"].as_str()) {
+                (Ok(ours), Some(theirs)) if ours == theirs => {}
+                (Err(_), None) => {}
+                _ => failures.push(format!(
+                    "case {i}: ours {got:?}\n  llama.cpp {}",
+                    serde_json::to_string(want).unwrap()
+                )),
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{name}: {} of {} cases differ:\n{}",
+            failures.len(),
+            cases.len(),
+            failures.join("\n")
+        );
+        eprintln!("{name}: {} oracle renders identical", cases.len());
+    }
+}

@@ -274,3 +274,115 @@ fn special_tokens_follow_llama_cpp() {
     assert_eq!(qwen.token_bytes(151665), b"");
     assert_eq!(qwen.token_str(9707), "Hello");
 }
+
+/// Optional: compares with a dump made by llama.cpp itself over a larger corpus. Set
+/// `FERRUM_TOKENIZER_ORACLE_DIR` to a directory holding `corpus.json` (a list of texts) and, per
+/// model, `oracle_<name>.json` (`eog`, `bos`, `eos`, `pieces` as pairs of the special-rendered
+/// bytes and the plain length, and per text `plain` ids without BOS/special parsing and
+/// `special` ids with both). `<name>` is a tier, or any name with a `<name>.path` file holding
+/// the GGUF path (e.g. a SentencePiece model). Without the variable the test does nothing.
+#[test]
+fn llama_cpp_oracle_dump() {
+    let Some(dir) = std::env::var_os("FERRUM_TOKENIZER_ORACLE_DIR") else {
+        eprintln!("FERRUM_TOKENIZER_ORACLE_DIR is not set; skipping the oracle comparison");
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let read = |path: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let corpus = read(&dir.join("corpus.json"));
+    let texts: Vec<&str> = corpus
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            Some(
+                name.strip_prefix("oracle_")?
+                    .strip_suffix(".json")?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    names.sort();
+    for name in names {
+        let tok = if common::TIERS.contains(&name.as_str()) {
+            tokenizer(&name)
+        } else {
+            let gguf = std::fs::read_to_string(dir.join(format!("{name}.path"))).unwrap();
+            let mut file = std::fs::File::open(gguf.trim()).unwrap();
+            let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+            Tokenizer::from_gguf(&content.metadata).unwrap()
+        };
+        let oracle = read(&dir.join(format!("oracle_{name}.json")));
+        let eog = ids(&oracle["eog"]);
+        assert_eq!(tok.eog_ids(), eog.as_slice(), "{name}: EOG set");
+        assert_eq!(
+            tok.bos_id().map_or(-1, |i| i as i64),
+            oracle["bos"].as_i64().unwrap()
+        );
+        assert_eq!(
+            tok.eos_id().map_or(-1, |i| i as i64),
+            oracle["eos"].as_i64().unwrap()
+        );
+        let pieces = oracle["pieces"].as_array().unwrap();
+        assert_eq!(
+            pieces.len(),
+            2 * tok.vocab_size(),
+            "{name}: vocabulary size"
+        );
+        for (id, pair) in pieces.chunks(2).enumerate() {
+            let bytes: Vec<u8> = pair[0]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+                .collect();
+            assert_eq!(
+                tok.token_bytes(id as u32),
+                bytes.as_slice(),
+                "{name}: piece {id}"
+            );
+            // llama.cpp renders control tokens only when asked to; so does `decode`.
+            let hidden = pair[1].as_u64().unwrap() == 0 && !bytes.is_empty();
+            let shown = !tok.decode(&[id as u32], true).unwrap().is_empty();
+            assert_eq!(
+                hidden,
+                !shown && !bytes.is_empty(),
+                "{name}: token {id} visibility"
+            );
+        }
+        let cases = oracle["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), texts.len());
+        let mut failures = Vec::new();
+        for (text, case) in texts.iter().zip(cases) {
+            let plain = tok.encode(text, false, false).unwrap();
+            let special = tok.encode(text, true, true).unwrap();
+            if plain != ids(&case["plain"]) || special != ids(&case["special"]) {
+                failures.push(format!(
+                    "{text:?}\n  plain ours {plain:?}\n  plain llama.cpp {:?}\n  special ours {special:?}\n  special llama.cpp {:?}",
+                    ids(&case["plain"]),
+                    ids(&case["special"])
+                ));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{name}: {} of {} texts differ:\n{}",
+            failures.len(),
+            texts.len(),
+            failures
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        eprintln!("{name}: {} oracle texts identical", texts.len());
+    }
+}

@@ -23,6 +23,8 @@ use candle_core::quantized::GgmlDType;
 use super::DotFn;
 
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
 mod quant;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests;

@@ -20,11 +20,11 @@ use super::{Dot4Fn, Tier};
 use crate::kernels::DotFn;
 
 /// Bytes per block of each format (ggml's `#[repr(C)]` layouts, little endian, no padding).
-const Q4_0: usize = 18;
-const Q4_1: usize = 20;
-const Q5_0: usize = 22;
-const Q8_0: usize = 34;
-const Q8_1: usize = 36;
+pub(super) const Q4_0: usize = 18;
+pub(super) const Q4_1: usize = 20;
+pub(super) const Q5_0: usize = 22;
+pub(super) const Q8_0: usize = 34;
+pub(super) const Q8_1: usize = 36;
 const Q4K: usize = 144;
 const Q6K: usize = 210;
 const Q8K: usize = 292;
@@ -36,7 +36,7 @@ static F16_TABLE: LazyLock<Box<[f32]>> = LazyLock::new(|| {
         .collect()
 });
 
-fn f16_table() -> *const f32 {
+pub(super) fn f16_table() -> *const f32 {
     F16_TABLE.as_ptr()
 }
 
@@ -45,7 +45,7 @@ fn f16_table() -> *const f32 {
 /// # Safety
 /// `p` must point to two readable bytes and `t` to [`F16_TABLE`].
 #[inline(always)]
-unsafe fn h(t: *const f32, p: *const u8) -> f32 {
+pub(super) unsafe fn h(t: *const f32, p: *const u8) -> f32 {
     unsafe { *t.add(p.cast::<u16>().read_unaligned() as usize) }
 }
 
@@ -69,14 +69,14 @@ unsafe fn hb(t: *const f32, p: *const u8) -> __m256 {
 /// As [`h`].
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn hs(t: *const f32, p: *const u8) -> __m128 {
+pub(super) unsafe fn hs(t: *const f32, p: *const u8) -> __m128 {
     unsafe { _mm_load_ss(t.add(p.cast::<u16>().read_unaligned() as usize)) }
 }
 
 /// # Safety
 /// `p` must point to four readable bytes.
 #[inline(always)]
-unsafe fn rd_u32(p: *const u8) -> u32 {
+pub(super) unsafe fn rd_u32(p: *const u8) -> u32 {
     unsafe { p.cast::<u32>().read_unaligned() }
 }
 
@@ -142,12 +142,43 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     _mm256_and_si256(b, _mm256_set1_epi8(0x0F))
 }
 
+/// Unpacks 16 bytes of nibbles for the VNNI tiers: the low nibbles in bytes 0..16 as with
+/// [`nibbles`], but the high ones left in place, i.e. 16 times their value, in bytes 16..32. This
+/// saves the shift; `vpdpbusd` cannot saturate, and the accumulator lanes 4..8 that collect the
+/// high halves are divided by 16 at the end ([`NIB_SCALE_VNNI`]), which is exact.
+///
+/// # Safety
+/// `p` must point to 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibbles16(p: *const u8) -> __m256i {
+    let b = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
+    _mm256_and_si256(
+        b,
+        _mm256_set_epi64x(
+            -0x0F0F_0F0F_0F0F_0F10,
+            -0x0F0F_0F0F_0F0F_0F10,
+            0x0F0F_0F0F_0F0F_0F0F,
+            0x0F0F_0F0F_0F0F_0F0F,
+        ),
+    )
+}
+
+/// The factors that undo each tier's nibble layout in the accumulator lanes.
+const NIB_SCALE_AVX2: [f32; 8] = [1.0; 8];
+const NIB_SCALE_VNNI: [f32; 8] = [1.0, 1.0, 1.0, 1.0, 0.0625, 0.0625, 0.0625, 0.0625];
+
+/// Q4_0's zero point per byte in each tier's nibble layout (8, or 8 · 16 for the high nibbles
+/// that [`nibbles16`] leaves in place).
+const Q4_0_ZERO_AVX2: [i8; 2] = [8, 8];
+const Q4_0_ZERO_VNNI: [i8; 2] = [8, -128];
+
 // The per-tier integer primitives. `dp*` are `acc + Σ u8·i8` over groups of four bytes, `dpw*`
 // are `acc + Σ i16·i16` over pairs of words, `dpx*(u, s, xcorr*(c, s))` is `Σ (u - c)·s` over
 // groups of four bytes for a constant `c` (the zero point of Q4_0 and Q5_0, whose weights are
 // stored as unsigned `q + c`), where the correction depends on the activation alone and so is
-// computed once per activation block, and `hibits*` spread a 32-bit mask into bytes of 0x10
-// (Q5_0's fifth bits).
+// computed once per activation block, and `hibits*` add a 32-bit mask, spread into bytes of
+// 0x10, to the nibbles (Q5_0's fifth bits).
 
 /// AVX2 has no 4-way byte dot product: `maddubs` makes 16-bit pair sums (which cannot saturate
 /// for the value ranges used here, at most 2 * 128 * 127) and `madd` widens them.
@@ -179,9 +210,10 @@ fn dpx_avx2(u: __m256i, s: __m256i, corr: __m256i) -> __m256i {
     _mm256_madd_epi16(p, _mm256_set1_epi16(1))
 }
 
+/// Adds Q5_0's fifth bits (`qh`, bit j for byte j) to the nibbles `q`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn hibits_avx2(qh: u32) -> __m256i {
+fn hibits_avx2(q: __m256i, qh: u32) -> __m256i {
     // Byte j of the result looks at byte j / 8 of `qh` and tests bit j % 8.
     let shuf = _mm256_set_epi64x(
         0x0303_0303_0303_0303,
@@ -192,7 +224,7 @@ fn hibits_avx2(qh: u32) -> __m256i {
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
 }
 
 #[inline]
@@ -249,10 +281,11 @@ fn dpx_avx512(u: __m256i, s: __m256i, corr: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(corr, u, s)
 }
 
+/// With AVX-512 the mask register does the spreading: one masked byte add.
 #[inline]
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
-fn hibits_avx512(qh: u32) -> __m256i {
-    _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10))
+fn hibits_avx512(q: __m256i, qh: u32) -> __m256i {
+    _mm256_mask_add_epi8(q, qh, q, _mm256_set1_epi8(0x10))
 }
 
 /// A `vpshufb` mask that fills the low 128-bit lane with copies of 16-bit word `lo` of that lane
@@ -348,12 +381,59 @@ fn blocks(n: usize, block: usize, w: &[u8], wsize: usize, x: &[u8], xsize: usize
     nb
 }
 
+/// Checks a four-row call and returns the number of blocks.
+pub(super) fn blocks4(
+    n: usize,
+    block: usize,
+    w: &[&[u8]; 4],
+    wsize: usize,
+    x: &[u8],
+    xsize: usize,
+) -> usize {
+    let nb = blocks(n, block, w[0], wsize, x, xsize);
+    for row in &w[1..] {
+        assert!(
+            row.len() >= nb * wsize,
+            "weight row shorter than {n} elements"
+        );
+    }
+    nb
+}
+
 /// Stamps out every kernel for one tier: the module name, its `target_feature` list, and the
 /// tier's primitives (see `dp_avx2` and friends).
 macro_rules! tier_kernels {
-    ($tier:ident, $feat:tt, $dp:ident, $dpw:ident, $xcorr:ident, $dpx:ident, $hibits:ident) => {
+    (
+        $tier:ident,
+        $feat:tt,
+        $dp:ident,
+        $dpw:ident,
+        $xcorr:ident,
+        $dpx:ident,
+        $hibits:ident,
+        $nib:ident,
+        $nib_scale:ident,
+        $q4_zero:ident
+    ) => {
         pub(super) mod $tier {
             use super::*;
+
+            /// The accumulator lanes' scale factors for this tier's nibble layout (see
+            /// [`nibbles16`]).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn nib_scale() -> __m256 {
+                // SAFETY: the constant holds eight floats.
+                unsafe { _mm256_loadu_ps($nib_scale.as_ptr()) }
+            }
+
+            /// Q4_0's zero point in this tier's nibble layout.
+            #[inline]
+            #[target_feature(enable = $feat)]
+            fn q4_zero() -> __m256i {
+                let [lo, hi] = $q4_zero;
+                _mm256_set_m128i(_mm_set1_epi8(hi), _mm_set1_epi8(lo))
+            }
 
             // The 32-weight formats: a step function per block, and kernels that interleave two
             // blocks into separate accumulators (named variables, so that they stay in registers
@@ -374,7 +454,7 @@ macro_rules! tier_kernels {
                 // SAFETY: whole blocks by the contract.
                 unsafe {
                     let xv = ld(xb.add(2));
-                    let p = $dpx(nibbles(wb.add(2)), xv, $xcorr(_mm256_set1_epi8(8), xv));
+                    let p = $dpx($nib(wb.add(2)), xv, $xcorr(q4_zero(), xv));
                     let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
                     _mm256_fmadd_ps(f, hb(t, wb), acc)
                 }
@@ -396,7 +476,7 @@ macro_rules! tier_kernels {
             ) -> (__m256, __m128) {
                 // SAFETY: whole blocks by the contract.
                 unsafe {
-                    let p = $dp(_mm256_setzero_si256(), nibbles(wb.add(4)), ld(xb.add(4)));
+                    let p = $dp(_mm256_setzero_si256(), $nib(wb.add(4)), ld(xb.add(4)));
                     let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
                     (
                         _mm256_fmadd_ps(f, hb(t, wb), acc),
@@ -420,7 +500,7 @@ macro_rules! tier_kernels {
                 // SAFETY: whole blocks by the contract.
                 unsafe {
                     let xv = ld(xb.add(2));
-                    let q = _mm256_or_si256(nibbles(wb.add(6)), $hibits(rd_u32(wb.add(2))));
+                    let q = $hibits(nibbles(wb.add(6)), rd_u32(wb.add(2)));
                     let p = $dpx(q, xv, $xcorr(_mm256_set1_epi8(16), xv));
                     let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
                     _mm256_fmadd_ps(f, hb(t, wb), acc)
@@ -468,7 +548,7 @@ macro_rules! tier_kernels {
                 if i < nb {
                     a0 = unsafe { q4_0_step(t, w.add(i * Q4_0), x.add(i * Q8_0), a0) };
                 }
-                hsum(_mm256_add_ps(a0, a1))
+                hsum(_mm256_mul_ps(_mm256_add_ps(a0, a1), nib_scale()))
             }
 
             /// # Safety
@@ -491,7 +571,8 @@ macro_rules! tier_kernels {
                 if i < nb {
                     (a0, m0) = unsafe { q4_1_step(t, w.add(i * Q4_1), x.add(i * Q8_1), a0, m0) };
                 }
-                hsum(_mm256_add_ps(a0, a1)) + _mm_cvtss_f32(_mm_add_ss(m0, m1))
+                hsum(_mm256_mul_ps(_mm256_add_ps(a0, a1), nib_scale()))
+                    + _mm_cvtss_f32(_mm_add_ss(m0, m1))
             }
 
             /// # Safety
@@ -646,7 +727,7 @@ macro_rules! tier_kernels {
             #[target_feature(enable = $feat)]
             unsafe fn q4_0_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32; 4] {
                 let t = f16_table();
-                let off = _mm256_set1_epi8(8);
+                let off = q4_zero();
                 let mut acc = [_mm256_setzero_ps(); 4];
                 for i in 0..nb {
                     // SAFETY: block `i` is in bounds of every row.
@@ -657,13 +738,13 @@ macro_rules! tier_kernels {
                         let xd = hb(t, xb);
                         for r in 0..4 {
                             let wb = w[r].add(i * Q4_0);
-                            let p = $dpx(nibbles(wb.add(2)), xv, corr);
+                            let p = $dpx($nib(wb.add(2)), xv, corr);
                             let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
                             acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
                         }
                     }
                 }
-                hsum4(acc)
+                hsum4(acc.map(|a| _mm256_mul_ps(a, nib_scale())))
             }
 
             /// # Safety
@@ -683,14 +764,14 @@ macro_rules! tier_kernels {
                         let xs = hs(t, xb.add(2));
                         for r in 0..4 {
                             let wb = w[r].add(i * Q4_1);
-                            let p = $dp(zero, nibbles(wb.add(4)), xv);
+                            let p = $dp(zero, $nib(wb.add(4)), xv);
                             let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
                             acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
                             mins[r] = _mm_fmadd_ss(hs(t, wb.add(2)), xs, mins[r]);
                         }
                     }
                 }
-                let s = hsum4(acc);
+                let s = hsum4(acc.map(|a| _mm256_mul_ps(a, nib_scale())));
                 [0, 1, 2, 3].map(|r| s[r] + _mm_cvtss_f32(mins[r]))
             }
 
@@ -710,7 +791,7 @@ macro_rules! tier_kernels {
                         let xd = hb(t, xb);
                         for r in 0..4 {
                             let wb = w[r].add(i * Q5_0);
-                            let q = _mm256_or_si256(nibbles(wb.add(6)), $hibits(rd_u32(wb.add(2))));
+                            let q = $hibits(nibbles(wb.add(6)), rd_u32(wb.add(2)));
                             let p = $dpx(q, xv, corr);
                             let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
                             acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
@@ -785,25 +866,6 @@ macro_rules! tier_kernels {
                 unsafe { q6k_k(nb, w.as_ptr(), x.as_ptr()) }
             }
 
-            /// Checks a four-row call and returns the number of blocks.
-            fn blocks4(
-                n: usize,
-                block: usize,
-                w: &[&[u8]; 4],
-                wsize: usize,
-                x: &[u8],
-                xsize: usize,
-            ) -> usize {
-                let nb = blocks(n, block, w[0], wsize, x, xsize);
-                for row in &w[1..] {
-                    assert!(
-                        row.len() >= nb * wsize,
-                        "weight row shorter than {n} elements"
-                    );
-                }
-                nb
-            }
-
             pub(in super::super) fn q4_0x4(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
                 let nb = blocks4(n, 32, &w, Q4_0, x, Q8_0);
                 // SAFETY: the tier is supported and all rows hold `nb` blocks.
@@ -860,7 +922,10 @@ tier_kernels!(
     dpw_avx2,
     xcorr_avx2,
     dpx_avx2,
-    hibits_avx2
+    hibits_avx2,
+    nibbles,
+    NIB_SCALE_AVX2,
+    Q4_0_ZERO_AVX2
 );
 tier_kernels!(
     avxvnni,
@@ -869,7 +934,10 @@ tier_kernels!(
     dpw_avxvnni,
     xcorr_avxvnni,
     dpx_avxvnni,
-    hibits_avx2
+    hibits_avx2,
+    nibbles16,
+    NIB_SCALE_VNNI,
+    Q4_0_ZERO_VNNI
 );
 tier_kernels!(
     avx512,
@@ -878,7 +946,10 @@ tier_kernels!(
     dpw_avx512,
     xcorr_avx512,
     dpx_avx512,
-    hibits_avx512
+    hibits_avx512,
+    nibbles16,
+    NIB_SCALE_VNNI,
+    Q4_0_ZERO_VNNI
 );
 
 /// The dot product for weight type `w` in `tier`; the caller has checked the tier is supported.
@@ -895,6 +966,7 @@ pub(super) fn dot4_fn(w: GgmlDType, tier: Tier) -> Option<Dot4Fn> {
     match tier {
         Tier::Avx2 => avx2::dot4_fn(w),
         Tier::AvxVnni => avxvnni::dot4_fn(w),
-        Tier::Avx512 => avx512::dot4_fn(w),
+        // The 512-bit kernels, where there is one.
+        Tier::Avx512 => super::avx512::dot4_fn(w).or_else(|| avx512::dot4_fn(w)),
     }
 }

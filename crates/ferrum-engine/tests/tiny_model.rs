@@ -1,0 +1,164 @@
+//! The engine on tiny random-weight GGUF files written by the test itself: loading, batched vs
+//! token-by-token equivalence, and typed errors for bad input.
+
+use candle_core::quantized::GgmlDType;
+use ferrum_engine::error::EngineError;
+use ferrum_engine::gguf::GgufFile;
+use ferrum_engine::kernels::ThreadPool;
+use ferrum_engine::model::transformer::{Logits, Transformer, Workspace};
+use ferrum_engine::testing::TinyModel;
+
+fn write(model: &TinyModel) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    model.write(&path).unwrap();
+    (dir, path)
+}
+
+fn load(model: &TinyModel) -> Transformer {
+    let (_dir, path) = write(model);
+    Transformer::load(&GgufFile::open(&path).unwrap()).unwrap()
+}
+
+/// A prompt run in one batch gives the same logits as the same prompt fed token by token.
+fn check_batched_equals_sequential(model: &TinyModel) {
+    let m = load(model);
+    let pool = ThreadPool::new(2);
+    let prompt: Vec<u32> = (0..23).map(|i| (i * 7 + 3) % model.vocab as u32).collect();
+    let mut ws = Workspace::default();
+    let mut kv = m.new_cache(64);
+    let batched = m
+        .forward(&pool, &mut ws, &mut kv, &prompt, Logits::All)
+        .unwrap()
+        .to_vec();
+    let mut kv = m.new_cache(64);
+    let vocab = model.vocab;
+    for (t, &tok) in prompt.iter().enumerate() {
+        let one = m
+            .forward(&pool, &mut ws, &mut kv, &[tok], Logits::Last)
+            .unwrap();
+        let want = &batched[t * vocab..(t + 1) * vocab];
+        for (a, b) in one.iter().zip(want) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{model:?} token {t}: {a} vs {b}"
+            );
+        }
+    }
+    assert!(batched.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn llama_q8_0_batched_equals_sequential() {
+    check_batched_equals_sequential(&TinyModel::default());
+}
+
+#[test]
+fn qwen2_with_biases_and_k_quants() {
+    check_batched_equals_sequential(&TinyModel {
+        arch: "qwen2".into(),
+        d_model: 256,
+        d_ff: 512,
+        n_heads: 4,
+        n_kv_heads: 1,
+        dtype: GgmlDType::Q4K,
+        separate_output: true,
+        ..Default::default()
+    });
+}
+
+#[test]
+fn every_layer_format_runs() {
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+        GgmlDType::F32,
+    ] {
+        let d = if matches!(dtype, GgmlDType::Q6K) {
+            256
+        } else {
+            64
+        };
+        check_batched_equals_sequential(&TinyModel {
+            dtype,
+            d_model: d,
+            d_ff: 2 * d,
+            ..Default::default()
+        });
+    }
+}
+
+#[test]
+fn typed_errors_for_bad_input() {
+    let model = TinyModel::default();
+    let m = load(&model);
+    let pool = ThreadPool::new(1);
+    let mut ws = Workspace::default();
+    let mut kv = m.new_cache(8);
+    let err = m
+        .forward(&pool, &mut ws, &mut kv, &[], Logits::Last)
+        .unwrap_err();
+    assert!(matches!(err, EngineError::EmptyPrompt), "{err}");
+    let err = m
+        .forward(&pool, &mut ws, &mut kv, &[1000], Logits::Last)
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::TokenOutOfRange { id: 1000, .. }),
+        "{err}"
+    );
+    let err = m
+        .forward(&pool, &mut ws, &mut kv, &[1; 9], Logits::Last)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::ContextLengthExceeded {
+                requested: 9,
+                max: 8
+            }
+        ),
+        "{err}"
+    );
+    assert!(err
+        .to_string()
+        .contains("maximum context length is 8 tokens"));
+}
+
+#[test]
+fn unsupported_architecture_and_corrupt_files_are_errors() {
+    let (_dir, path) = write(&TinyModel {
+        arch: "mamba".into(),
+        ..Default::default()
+    });
+    let err = Transformer::load(&GgufFile::open(&path).unwrap())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, EngineError::UnsupportedArchitecture(ref a) if a == "mamba"),
+        "{err}"
+    );
+
+    let (dir, path) = write(&TinyModel::default());
+    let bytes = std::fs::read(&path).unwrap();
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let err = GgufFile::open(&truncated).err().unwrap();
+    assert!(matches!(err, EngineError::CorruptGguf { .. }), "{err}");
+
+    let garbage = dir.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"definitely not a gguf file").unwrap();
+    assert!(matches!(
+        GgufFile::open(&garbage),
+        Err(EngineError::CorruptGguf { .. })
+    ));
+
+    let missing = dir.path().join("missing.gguf");
+    assert!(matches!(
+        GgufFile::open(&missing),
+        Err(EngineError::Io { .. })
+    ));
+}
