@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::chat_template::ChatTemplate;
 use crate::error::Result;
 use crate::generate::{Generator, Session};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, WeightsMemory};
 use crate::kernels::ThreadPool;
 use crate::model::transformer::Transformer;
 use crate::tokenizer::Tokenizer;
@@ -19,6 +19,8 @@ pub struct LoadOptions {
     pub context_length: Option<usize>,
     /// Longest prefill chunk (default 512).
     pub prefill_chunk: Option<usize>,
+    /// Where the weights live (default: huge-page memory; `FERRUM_WEIGHTS_MEMORY=mmap` maps).
+    pub weights_memory: WeightsMemory,
 }
 
 /// A loaded model.
@@ -35,7 +37,7 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
-        let gguf = GgufFile::open(path)?;
+        let gguf = GgufFile::open_with(path, opts.weights_memory)?;
         let model = Transformer::load(&gguf)?;
         let tokenizer = Tokenizer::from_gguf(gguf.metadata())?;
         let template = match gguf.get("tokenizer.chat_template") {

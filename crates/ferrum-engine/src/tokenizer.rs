@@ -947,6 +947,7 @@ fn build_bpe(
     let mut seen = std::collections::HashSet::with_capacity(merges.len());
     let mut pairs = Vec::with_capacity(merges.len());
     let mut dropped = 0usize;
+    let mut joined = String::new();
     for m in merges {
         // Searching bytes from index 1 is safe: a space is ASCII, so it sits on a boundary.
         let Some(pos) = m.bytes().skip(1).position(|b| b == b' ').map(|p| p + 1) else {
@@ -954,9 +955,12 @@ fn build_bpe(
             continue;
         };
         let (a, b) = (&m[..pos], &m[pos + 1..]);
+        joined.clear();
+        joined.push_str(a);
+        joined.push_str(b);
         let valid = text_to_id.contains_key(a)
             && text_to_id.contains_key(b)
-            && text_to_id.contains_key(&format!("{a}{b}"));
+            && text_to_id.contains_key(joined.as_str());
         if !valid || !seen.insert((a, b)) {
             dropped += 1;
             continue;

@@ -259,11 +259,14 @@ fn special_tokens_follow_llama_cpp() {
     let qwen = tokenizer("mini");
     assert_eq!(qwen.bos_id(), Some(151643));
     assert_eq!(qwen.eos_id(), Some(151645));
+    // llama.cpp b11312 also matches the spelling `</s>`, a normal token (128247) in Qwen2.5's
+    // vocabulary, and makes it a control token that ends generation.
     assert_eq!(
         qwen.eog_ids(),
-        &[151643, 151645, 151662, 151663, 151664],
-        "endoftext, im_end, fim_pad, repo_name, file_sep"
+        &[128247, 151643, 151645, 151662, 151663, 151664],
+        "</s>, endoftext, im_end, fim_pad, repo_name, file_sep"
     );
+    assert!(qwen.is_control(128247));
     let call = qwen.token_id("<tool_call>").unwrap();
     assert_eq!(
         qwen.encode("<tool_call>", false, false).unwrap(),

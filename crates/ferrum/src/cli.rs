@@ -168,6 +168,7 @@ pub fn load_model(registry: &Registry, args: &ModelArgs) -> anyhow::Result<Loade
         threads: args.threads,
         context_length: args.context_length,
         prefill_chunk: None,
+        weights_memory: ferrum_engine::gguf::WeightsMemory::from_env(),
     };
     Ok(LoadedModel::load(&path, &opts)?)
 }

@@ -135,7 +135,8 @@ fn quantize_block_32(x: &[f32], qs: &mut [u8]) -> (f32, i32) {
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut sum = 0;
     for (q, &v) in qs.iter_mut().zip(x) {
-        let i = (v * id).round_ties_even() as i32;
+        // Round half to even, as `_mm256_round_ps` does; the float trick vectorises.
+        let i = nearest_int(v * id);
         sum += i;
         *q = i as i8 as u8;
     }
@@ -235,6 +236,8 @@ pub struct QMatrix {
     pub cols: usize,
     tensor: TensorView,
     dot: DotFn,
+    /// Four rows at a time against one activation row, where the CPU has a kernel for it.
+    dot4: Option<simd::Dot4Fn>,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -251,6 +254,7 @@ impl QMatrix {
             rows,
             cols,
             dot: best_dot(tensor.dtype),
+            dot4: simd::dot4_fn(tensor.dtype),
             tensor,
         }
     }
@@ -356,7 +360,9 @@ unsafe impl Sync for SendPtr {}
 /// that dispatch overhead stays small.
 fn rows_per_chunk(rows: usize, n_threads: usize) -> usize {
     let target_chunks = n_threads * 8;
-    rows.div_ceil(target_chunks).clamp(4, 256)
+    rows.div_ceil(target_chunks)
+        .next_multiple_of(4)
+        .clamp(4, 256)
 }
 
 /// Computes `job.out = x · job.wᵀ` for every job, all sharing the input `x` (`n_tokens` rows of
@@ -401,7 +407,22 @@ pub fn matmul(
         let xrb = row_bytes(*dtype, cols);
         let xq = buf.as_slice();
         let out = outs[j];
-        for r in r0..r1 {
+        let mut r = r0;
+        if let Some(dot4) = w.dot4 {
+            // Four weight rows stay in L1 while every token's activations pass over them.
+            while r + 4 <= r1 {
+                let rows = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
+                for t in 0..n_tokens {
+                    let v = dot4(cols, rows, &xq[t * xrb..(t + 1) * xrb]);
+                    for (k, v) in v.into_iter().enumerate() {
+                        // SAFETY: as below; rows r..r+4 belong to this chunk.
+                        unsafe { *out.0.add(t * w.rows + r + k) = v };
+                    }
+                }
+                r += 4;
+            }
+        }
+        for r in r..r1 {
             let wrow = w.row(r);
             for t in 0..n_tokens {
                 let v = (w.dot)(cols, wrow, &xq[t * xrb..(t + 1) * xrb]);

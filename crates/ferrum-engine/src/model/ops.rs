@@ -120,6 +120,96 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
 }
 
+/// Whether the CPU has AVX2, FMA and F16C (checked once).
+fn has_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Dot product of an f16 row (a cached key) with an f32 row (a query), in f32.
+pub fn dot_f16(k: &[half::f16], q: &[f32]) -> f32 {
+    assert_eq!(k.len(), q.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() && k.len() % 8 == 0 {
+        // SAFETY: features checked above; lengths are equal multiples of 8.
+        return unsafe { x86::dot_f16(k, q) };
+    }
+    k.iter().zip(q).map(|(k, q)| k.to_f32() * q).sum()
+}
+
+/// `y += a * v` for an f16 row `v` (a cached value).
+pub fn axpy_f16(a: f32, v: &[half::f16], y: &mut [f32]) {
+    assert_eq!(v.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() && v.len() % 8 == 0 {
+        // SAFETY: features checked above; lengths are equal multiples of 8.
+        return unsafe { x86::axpy_f16(a, v, y) };
+    }
+    y.iter_mut().zip(v).for_each(|(y, v)| *y += a * v.to_f32());
+}
+
+/// F16C kernels for attention over the f16 KV cache: keys and values are widened in registers,
+/// never copied to an f32 buffer.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(k: &[half::f16], q: &[f32]) -> f32 {
+        let (kp, qp) = (k.as_ptr() as *const __m128i, q.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let n8 = k.len() / 8;
+        let mut i = 0;
+        // SAFETY (whole body): indices stay below n8 * 8 == len of both slices.
+        unsafe {
+            while i + 2 <= n8 {
+                let k0 = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(i)));
+                let k1 = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(i + 1)));
+                acc0 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(qp.add(i * 8)), acc0);
+                acc1 = _mm256_fmadd_ps(k1, _mm256_loadu_ps(qp.add(i * 8 + 8)), acc1);
+                i += 2;
+            }
+            if i < n8 {
+                let k0 = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(i)));
+                acc0 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(qp.add(i * 8)), acc0);
+            }
+        }
+        let acc = _mm256_add_ps(acc0, acc1);
+        let lo = _mm256_castps256_ps128(acc);
+        let hi = _mm256_extractf128_ps(acc, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_f16(a: f32, v: &[half::f16], y: &mut [f32]) {
+        let (vp, yp) = (v.as_ptr() as *const __m128i, y.as_mut_ptr());
+        let av = _mm256_set1_ps(a);
+        // SAFETY: indices stay below len / 8 blocks of 8 for both slices.
+        unsafe {
+            for i in 0..v.len() / 8 {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(i)));
+                let yv = _mm256_loadu_ps(yp.add(i * 8));
+                _mm256_storeu_ps(yp.add(i * 8), _mm256_fmadd_ps(av, x, yv));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +237,23 @@ mod tests {
             let n0: f32 = orig.iter().map(|v| v * v).sum();
             let n1: f32 = x.iter().map(|v| v * v).sum();
             assert!((n0 - n1).abs() < 1e-3, "{style:?}");
+        }
+    }
+
+    #[test]
+    fn f16_attention_kernels_match_scalar() {
+        for n in [8usize, 16, 24, 64, 128, 12] {
+            let k: Vec<half::f16> = (0..n)
+                .map(|i| half::f16::from_f32((i as f32 * 0.37).sin()))
+                .collect();
+            let q: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f32 = k.iter().zip(&q).map(|(k, q)| k.to_f32() * q).sum();
+            assert!((dot_f16(&k, &q) - want).abs() < 1e-4, "n={n}");
+            let mut y = q.clone();
+            axpy_f16(0.5, &k, &mut y);
+            for i in 0..n {
+                assert!((y[i] - (q[i] + 0.5 * k[i].to_f32())).abs() < 1e-6);
+            }
         }
     }
 

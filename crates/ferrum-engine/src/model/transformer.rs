@@ -354,21 +354,18 @@ impl Transformer {
             let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
             ATTN_SCRATCH.with(|cell| {
                 let mut bufs = cell.borrow_mut();
-                let (scores, row, acc) = &mut *bufs;
+                let (scores, acc) = &mut *bufs;
                 scores.resize(n_ctx, 0.0);
-                row.resize(hd, 0.0);
                 acc.clear();
                 acc.resize(hd, 0.0);
-                for p in 0..n_ctx {
+                for (p, s) in scores.iter_mut().enumerate() {
                     let k = &keys[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(k, row);
-                    scores[p] = ops::dot_f32(qh, row) * scale;
+                    *s = ops::dot_f16(k, qh) * scale;
                 }
                 ops::softmax(scores);
-                for p in 0..n_ctx {
+                for (p, &s) in scores.iter().enumerate() {
                     let v = &values[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(v, row);
-                    ops::axpy(scores[p], row, acc);
+                    ops::axpy_f16(s, v, acc);
                 }
                 // SAFETY: each (token, head) chunk owns its own `hd` outputs.
                 let dst =
@@ -420,11 +417,11 @@ impl Transformer {
     }
 }
 
-type AttnBufs = (Vec<f32>, Vec<f32>, Vec<f32>);
+type AttnBufs = (Vec<f32>, Vec<f32>);
 
 thread_local! {
-    /// Per-thread attention scratch (scores, one converted K/V row, the output accumulator).
-    static ATTN_SCRATCH: RefCell<AttnBufs> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Per-thread attention scratch (scores and the output accumulator).
+    static ATTN_SCRATCH: RefCell<AttnBufs> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 #[derive(Clone, Copy)]

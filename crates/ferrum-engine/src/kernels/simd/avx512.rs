@@ -185,8 +185,8 @@ pub(super) unsafe fn q4_1_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32
                 let f = _mm512_mul_ps(_mm512_cvtepi32_ps(p), xd);
                 *acc = _mm512_fmadd_ps(f, scales(t, a, b), *acc);
                 // The min times the activation block's sum, which Q8_1 stores premultiplied.
-                mins[2 * pair] = _mm_fmadd_ss(hs(t, a.add(2)), xs, mins[2 * pair]);
-                mins[2 * pair + 1] = _mm_fmadd_ss(hs(t, b.add(2)), xs, mins[2 * pair + 1]);
+                mins[2 * pair] = _mm_fmadd_ps(hs(t, a.add(2)), xs, mins[2 * pair]);
+                mins[2 * pair + 1] = _mm_fmadd_ps(hs(t, b.add(2)), xs, mins[2 * pair + 1]);
             }
         }
     }

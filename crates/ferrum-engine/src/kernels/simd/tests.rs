@@ -190,9 +190,15 @@ fn dot4_products_match_single_row() {
             };
             let f = dot_fn_for(dtype, tier).unwrap();
             for n in widths(dtype) {
-                let rows: Vec<Vec<u8>> = (0..4)
+                let mut rows: Vec<Vec<u8>> = (0..4)
                     .map(|r| quantize(dtype, &random_vec(&mut rng, n, 0.05 * (r + 1) as f32)))
                     .collect();
+                // One row at the ends of the weight range, where a saturating intermediate or a
+                // wrong zero point would show.
+                let extreme: Vec<f32> = (0..n)
+                    .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 } * (1.0 + (i % 5) as f32))
+                    .collect();
+                rows[2] = quantize(dtype, &extreme);
                 let x = quantize(vec_dot_dtype(dtype), &random_vec(&mut rng, n, 2.0));
                 let got = f4(n, [&rows[0], &rows[1], &rows[2], &rows[3]], &x);
                 for r in 0..4 {

@@ -7,9 +7,13 @@
 //!
 //! Every kernel reads blocks through raw pointers with unaligned loads (weight rows start at any
 //! multiple of the block size), accumulates the scaled per-block integer sums in `f32` vector
-//! registers, and sums those horizontally once at the end. Block scales are `f16`; they are turned
-//! into `f32` through a 256 KiB lookup table, which costs two loads and no shuffle-port work (the
-//! F16C conversion instruction competes with the nibble unpacking for port 5).
+//! registers (two blocks in flight, so that two FMA chains overlap), and sums those horizontally
+//! once at the end. Block scales are `f16`; they are widened through a 256 KiB lookup table and
+//! used as broadcast memory operands, which costs loads only, where an F16C conversion costs two
+//! arithmetic uops plus a broadcast on the shuffle port per scale. Only the few hundred entries
+//! that a model's scales hit stay in cache.
+//!
+//! The 512-bit four-row kernels of the AVX-512 tier are in `super::avx512`.
 
 use std::arch::x86_64::*;
 use std::sync::LazyLock;
@@ -63,7 +67,9 @@ unsafe fn hb(t: *const f32, p: *const u8) -> __m256 {
     _mm256_set1_ps(unsafe { h(t, p) })
 }
 
-/// The `f16` at `p` widened through the table `t` into lane 0.
+/// The `f16` at `p` widened through the table `t` into lane 0, the other lanes zero. Scalar
+/// sums kept in such vectors are updated with full-width `_mm_fmadd_ps` (the zero lanes stay
+/// zero): `_mm_fmadd_ss` makes LLVM add a blend per use to preserve the upper lanes.
 ///
 /// # Safety
 /// As [`h`].
@@ -480,7 +486,7 @@ macro_rules! tier_kernels {
                     let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
                     (
                         _mm256_fmadd_ps(f, hb(t, wb), acc),
-                        _mm_fmadd_ss(hs(t, wb.add(2)), hs(t, xb.add(2)), m),
+                        _mm_fmadd_ps(hs(t, wb.add(2)), hs(t, xb.add(2)), m),
                     )
                 }
             }
@@ -645,16 +651,18 @@ macro_rules! tier_kernels {
                         acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(pm), acc_m);
 
                         let sc = _mm256_permute2x128_si256::<0>(sm, sm);
-                        let mut sumi = _mm256_setzero_si256();
+                        // Two integer sums, so that the `vpdpwssd` latency chains overlap.
+                        let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                         for j in 0..4 {
                             let q = ld(wb.add(16 + 32 * j));
                             let lo = _mm256_and_si256(q, m4);
                             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
                             let pl = _mm256_maddubs_epi16(lo, ld(xb.add(4 + 64 * j)));
                             let ph = _mm256_maddubs_epi16(hi, ld(xb.add(36 + 64 * j)));
-                            sumi = $dpw(sumi, _mm256_shuffle_epi8(sc, k4_scale(2 * j)), pl);
-                            sumi = $dpw(sumi, _mm256_shuffle_epi8(sc, k4_scale(2 * j + 1)), ph);
+                            s0 = $dpw(s0, _mm256_shuffle_epi8(sc, k4_scale(2 * j)), pl);
+                            s1 = $dpw(s1, _mm256_shuffle_epi8(sc, k4_scale(2 * j + 1)), ph);
                         }
+                        let sumi = _mm256_add_epi32(s0, s1);
                         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
                     }
                 }
@@ -679,7 +687,8 @@ macro_rules! tier_kernels {
                         // scaled activation sums is subtracted once per block, from the bsums.
                         let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(192).cast()));
                         let corr = _mm256_madd_epi16(sc16, ld(xb.add(260)));
-                        let mut sumi = _mm256_setzero_si256();
+                        // Two integer sums, so that the `vpdpwssd` latency chains overlap.
+                        let mut sumi = [_mm256_setzero_si256(); 2];
                         for half in 0..2 {
                             let ql = wb.add(64 * half);
                             let q8 = xb.add(4 + 128 * half);
@@ -709,9 +718,11 @@ macro_rules! tier_kernels {
                             ];
                             for (k, q) in q.into_iter().enumerate() {
                                 let p = _mm256_maddubs_epi16(q, ld(q8.add(32 * k)));
-                                sumi = $dpw(sumi, _mm256_shuffle_epi8(sc, k6_scale(k)), p);
+                                let sk = _mm256_shuffle_epi8(sc, k6_scale(k));
+                                sumi[k & 1] = $dpw(sumi[k & 1], sk, p);
                             }
                         }
+                        let sumi = _mm256_add_epi32(sumi[0], sumi[1]);
                         let sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32::<5>(corr));
                         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
                     }
@@ -767,7 +778,7 @@ macro_rules! tier_kernels {
                             let p = $dp(zero, $nib(wb.add(4)), xv);
                             let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
                             acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
-                            mins[r] = _mm_fmadd_ss(hs(t, wb.add(2)), xs, mins[r]);
+                            mins[r] = _mm_fmadd_ps(hs(t, wb.add(2)), xs, mins[r]);
                         }
                     }
                 }
