@@ -5,12 +5,21 @@ mod common;
 
 /// Two candidates closer than this (in nats) are a near tie: kernel rounding may pick either.
 ///
-/// Measured today (teacher-forced over every reference position): top-1 agreement nano 95.9%,
-/// mini 98.5%, gpt-4.1 98.7%; mean |logprob diff| 0.036 / 0.010 / 0.014. The issue's target is
-/// 99%; the thresholds below guard what is reached so far (see issue #2's notes for the
-/// investigation: quantized dot products and activation quantization are ggml-exact, attention
-/// numerics were ruled out, the residual difference is still unexplained for SmolLM2).
+/// Measured today (teacher-forced over every reference position, prompts fed in llama-server's
+/// 512-token micro-batches): top-1 agreement nano 96.7%, mini 98.5%, gpt-4.1 98.7%; mean
+/// |logprob diff| 0.036 / 0.010 / 0.014. The issue's target is 99%; the thresholds guard what is
+/// reached. Known causes (found with a llama.cpp oracle at the reference commit): (1) the
+/// reference ran llama.cpp's CPU flash attention, which rounds Q and the running value sum to f16;
+/// ferrum keeps attention in f32 (emulating it gained only nano 96.7% -> 97.4%, so it was not
+/// kept); (2) float summation order: llama.cpp without flash attention scores nano 96.5% / 0.037
+/// against its own reference, so ulp-level differences, such as the order in which a matmul adds
+/// its block sums, flip activation-quantization roundings and grow layer by layer. ggml's x86
+/// Q4_1 order (one 8-lane accumulator, blocks in order, then the min corrections) was reproduced
+/// bit-exactly in an emulation; matching it in the SIMD kernels is the next step.
 const NEAR_TIE: f32 = 0.35;
+
+/// llama-server's default physical batch size (`n_ubatch`).
+const LLAMA_UBATCH: usize = 512;
 
 use ferrum_engine::gguf::GgufFile;
 use ferrum_engine::kernels::ThreadPool;
@@ -42,10 +51,17 @@ fn positions(
     let theirs = ids(&greedy["ids"]);
     let mut steps = greedy["steps"].as_array().unwrap().iter().peekable();
     let mut out = Vec::new();
-    let mut logits = model
-        .forward(pool, &mut ws, &mut kv, prompt, Logits::Last)
-        .unwrap()
-        .to_vec();
+    // llama-server evaluates a prompt in micro-batches of 512 tokens, and the batch size picks
+    // llama.cpp's attention kernel (and so its rounding), so the prompt goes in the same chunks.
+    let mut logits = Vec::new();
+    for (i, chunk) in prompt.chunks(LLAMA_UBATCH).enumerate() {
+        let last = (i + 1) * LLAMA_UBATCH >= prompt.len();
+        let which = if last { Logits::Last } else { Logits::None };
+        logits = model
+            .forward(pool, &mut ws, &mut kv, chunk, which)
+            .unwrap()
+            .to_vec();
+    }
     for &id in &theirs {
         let lse = log_sum_exp(&logits);
         let top = top_k(&logits, 2);
