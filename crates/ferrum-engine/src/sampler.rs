@@ -230,7 +230,7 @@ mod tests {
             logit_bias: vec![(0, 100.0)],
             ..SamplingParams::greedy()
         });
-        assert_eq!(s.sample(&mut vec![0.0, 2.0, 1.0]).id, 0);
+        assert_eq!(s.sample(&mut [0.0, 2.0, 1.0]).id, 0);
     }
 
     #[test]
@@ -257,7 +257,7 @@ mod tests {
             frequency_penalty: 2.0,
             ..SamplingParams::greedy()
         });
-        assert_eq!(s.sample(&mut vec![1.0, 0.5]).id, 0);
-        assert_eq!(s.sample(&mut vec![1.0, 0.5]).id, 1);
+        assert_eq!(s.sample(&mut [1.0, 0.5]).id, 0);
+        assert_eq!(s.sample(&mut [1.0, 0.5]).id, 1);
     }
 }

@@ -97,10 +97,13 @@ impl ModelConfig {
         let bad = |what: &str| EngineError::MissingMetadata {
             key: format!("{}.{what} (inconsistent value)", self.arch.name()),
         };
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return Err(bad("attention.head_count_kv"));
         }
-        if self.rope_dims > self.head_dim || self.rope_dims % 2 != 0 {
+        if self.rope_dims > self.head_dim || !self.rope_dims.is_multiple_of(2) {
             return Err(bad("rope.dimension_count"));
         }
         if self.n_layers == 0 || self.d_model == 0 || self.d_ff == 0 {

@@ -141,7 +141,7 @@ fn has_f16c() -> bool {
 pub fn dot_f16(k: &[half::f16], q: &[f32]) -> f32 {
     assert_eq!(k.len(), q.len());
     #[cfg(target_arch = "x86_64")]
-    if has_f16c() && k.len() % 8 == 0 {
+    if has_f16c() && k.len().is_multiple_of(8) {
         // SAFETY: features checked above; lengths are equal multiples of 8.
         return unsafe { x86::dot_f16(k, q) };
     }
@@ -152,7 +152,7 @@ pub fn dot_f16(k: &[half::f16], q: &[f32]) -> f32 {
 pub fn axpy_f16(a: f32, v: &[half::f16], y: &mut [f32]) {
     assert_eq!(v.len(), y.len());
     #[cfg(target_arch = "x86_64")]
-    if has_f16c() && v.len() % 8 == 0 {
+    if has_f16c() && v.len().is_multiple_of(8) {
         // SAFETY: features checked above; lengths are equal multiples of 8.
         return unsafe { x86::axpy_f16(a, v, y) };
     }

@@ -108,7 +108,7 @@ fn matrix(gguf: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<QMatr
             dtype: format!("{:?}", t.dtype),
         });
     }
-    if cols % t.dtype.block_size() != 0 {
+    if !cols.is_multiple_of(t.dtype.block_size()) {
         return Err(EngineError::BadTensorShape {
             name: name.to_string(),
             expected: vec![cols.next_multiple_of(t.dtype.block_size()), rows],
