@@ -137,14 +137,15 @@ impl Generator<'_> {
         }
         let t0 = Instant::now();
         let cached = session.reuse_prefix(prompt);
-        let mut logits = self.prefill(session, &prompt[cached..])?;
+        self.prefill(session, &prompt[cached..])?;
         let prefill_time = t0.elapsed();
         let t1 = Instant::now();
         let mut sampler = Sampler::new(params.sampling.clone());
         let mut text = TextStream::new(self.tokenizer, &params.stop);
         let mut tokens = Vec::new();
         let finish = loop {
-            let s = sampler.sample(&mut logits);
+            // Sampling works in place on the workspace's logits: no copy of the vocabulary.
+            let s = sampler.sample(session.ws.logits_mut());
             tokens.push(s.id);
             let eog = !params.ignore_eos && self.tokenizer.eog_ids().contains(&s.id);
             let (delta, hit_stop) = if eog {
@@ -176,7 +177,7 @@ impl Generator<'_> {
                 }
                 break FinishReason::Length;
             }
-            logits = self.step(session, s.id)?;
+            self.step(session, s.id)?;
         };
         Ok(Completion {
             text: text.into_text(),
@@ -189,8 +190,9 @@ impl Generator<'_> {
         })
     }
 
-    /// Runs the uncached part of a prompt in chunks and returns the last token's logits.
-    fn prefill(&self, session: &mut Session, tokens: &[u32]) -> Result<Vec<f32>> {
+    /// Runs the uncached part of a prompt in chunks; the last token's logits are left in the
+    /// session's workspace.
+    fn prefill(&self, session: &mut Session, tokens: &[u32]) -> Result<()> {
         let chunk = self.prefill_chunk.max(1);
         let n_chunks = tokens.len().div_ceil(chunk);
         for (i, part) in tokens.chunks(chunk).enumerate() {
@@ -199,19 +201,15 @@ impl Generator<'_> {
             } else {
                 Logits::None
             };
-            let logits =
-                self.model
-                    .forward(self.pool, &mut session.ws, &mut session.kv, part, mode)?;
+            self.model
+                .forward(self.pool, &mut session.ws, &mut session.kv, part, mode)?;
             session.tokens.extend_from_slice(part);
-            if i + 1 == n_chunks {
-                return Ok(logits.to_vec());
-            }
         }
-        unreachable!("a non-empty prompt has a last chunk")
+        Ok(())
     }
 
-    fn step(&self, session: &mut Session, id: u32) -> Result<Vec<f32>> {
-        let logits = self.model.forward(
+    fn step(&self, session: &mut Session, id: u32) -> Result<()> {
+        self.model.forward(
             self.pool,
             &mut session.ws,
             &mut session.kv,
@@ -219,7 +217,7 @@ impl Generator<'_> {
             Logits::Last,
         )?;
         session.tokens.push(id);
-        Ok(logits.to_vec())
+        Ok(())
     }
 }
 

@@ -67,6 +67,13 @@ pub struct Workspace {
     scratch: MatmulScratch,
 }
 
+impl Workspace {
+    /// The logits the last [`Transformer::forward`] call produced, for in-place sampling.
+    pub fn logits_mut(&mut self) -> &mut [f32] {
+        &mut self.logits
+    }
+}
+
 fn resize(buf: &mut Vec<f32>, n: usize) {
     buf.resize(n, 0.0);
 }
@@ -267,16 +274,9 @@ impl Transformer {
         start: usize,
     ) {
         let c = &self.cfg;
-        let (d, t_len) = (c.d_model, ws.x.len() / c.d_model);
+        let t_len = ws.x.len() / c.d_model;
         let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
-        for t in 0..t_len {
-            ops::rms_norm(
-                &ws.x[t * d..(t + 1) * d],
-                &layer.attn_norm,
-                c.rms_eps,
-                &mut ws.h[t * d..(t + 1) * d],
-            );
-        }
+        norm_rows(&ws.x, &layer.attn_norm, c.rms_eps, &mut ws.h);
         kernels::matmul(
             pool,
             &mut ws.scratch,
@@ -377,15 +377,7 @@ impl Transformer {
 
     fn ffn_block(&self, pool: &ThreadPool, ws: &mut Workspace, layer: &Layer, t_len: usize) {
         let c = &self.cfg;
-        let d = c.d_model;
-        for t in 0..t_len {
-            ops::rms_norm(
-                &ws.x[t * d..(t + 1) * d],
-                &layer.ffn_norm,
-                c.rms_eps,
-                &mut ws.h[t * d..(t + 1) * d],
-            );
-        }
+        norm_rows(&ws.x, &layer.ffn_norm, c.rms_eps, &mut ws.h);
         kernels::matmul(
             pool,
             &mut ws.scratch,
@@ -414,6 +406,14 @@ impl Transformer {
             }],
         );
         ops::add_assign(&mut ws.x, &ws.proj);
+    }
+}
+
+/// RMS-normalises every row of `x` (rows of `weight.len()` floats) into `out`.
+fn norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (x, out) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        ops::rms_norm(x, weight, eps, out);
     }
 }
 
