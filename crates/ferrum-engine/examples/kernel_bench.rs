@@ -236,6 +236,8 @@ fn main() {
         }
     }
 
+    prefill(&only, budget, &mut rng);
+
     // The activation quantizers, once per matmul input row.
     println!();
     println!(
@@ -258,6 +260,87 @@ fn main() {
             t_ref.as_nanos(),
             t_simd.as_nanos()
         );
+    }
+}
+
+/// The prefill loop of `kernels::matmul` on one thread: each weight row (or group of four) stays
+/// in cache while every token's activation row passes over it. Single-row kernels against the
+/// four-row ones, in ns per token for the whole matrix, for each supported tier.
+fn prefill(only: &[String], budget: Duration, rng: &mut StdRng) {
+    const TOKENS: usize = 64;
+    println!();
+    println!("prefill, {TOKENS} tokens: ns per token (single-row / four-row kernels)");
+    print!("{:<5} {:>11}", "type", "shape");
+    for t in Tier::supported() {
+        print!(" {:>19}", format!("{t:?}"));
+    }
+    println!();
+    // Qwen2.5-1.5B's MLP: gate/up (8960 x 1536) and down (1536 x 8960).
+    let types = [
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+        GgmlDType::Q4_0,
+        GgmlDType::Q8_0,
+    ];
+    for dtype in types {
+        if !only.is_empty()
+            && !only
+                .iter()
+                .any(|o| o.eq_ignore_ascii_case(&format!("{dtype:?}")))
+        {
+            continue;
+        }
+        for (rows, cols) in [(8960, 1536), (1536, 8960)] {
+            let m = Matrix::new(dtype, rows, cols, rng);
+            let xd = vec_dot_dtype(dtype);
+            let xrb = row_bytes(xd, cols);
+            let mut xs = AlignedBytes::default();
+            xs.resize(xrb * TOKENS);
+            for x in xs.as_mut_slice().chunks_exact_mut(xrb) {
+                let xf: Vec<f32> = (0..cols).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+                quantize_row(xd, &xf, x);
+            }
+            let rb = row_bytes(dtype, cols);
+            let (w, xs) = (m.bytes.as_slice(), xs.as_slice());
+            let row = |r: usize| &w[r * rb..(r + 1) * rb];
+            let tok = |t: usize| &xs[t * xrb..(t + 1) * xrb];
+            let mut out = vec![0f32; rows * TOKENS];
+            let per_token = |d: Duration| d.as_nanos() as f64 / TOKENS as f64;
+            print!(
+                "{:<5} {:>11}",
+                format!("{dtype:?}"),
+                format!("{rows}x{cols}")
+            );
+            for tier in Tier::supported() {
+                let Some(dot) = simd::dot_fn_for(dtype, tier) else {
+                    print!(" {:>19}", "-");
+                    continue;
+                };
+                let t1 = time(budget, || {
+                    for r in 0..rows {
+                        for t in 0..TOKENS {
+                            out[t * rows + r] = dot(cols, row(r), tok(t));
+                        }
+                    }
+                    black_box(&mut out);
+                });
+                let t4 = simd::dot4_fn_for(dtype, tier).map(|dot4| {
+                    time(budget, || {
+                        for r in (0..rows).step_by(4) {
+                            let w4 = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+                            for t in 0..TOKENS {
+                                let v = dot4(cols, w4, tok(t));
+                                out[t * rows + r..t * rows + r + 4].copy_from_slice(&v);
+                            }
+                        }
+                        black_box(&mut out);
+                    })
+                });
+                let t4 = t4.map_or("-".to_string(), |t4| format!("{:.0}", per_token(t4)));
+                print!(" {:>19}", format!("{:.0} / {t4}", per_token(t1)));
+            }
+            println!();
+        }
     }
 }
 

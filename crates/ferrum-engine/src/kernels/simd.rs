@@ -9,9 +9,11 @@
 //! Weight types with kernels: Q4_0, Q4_1, Q5_0, Q8_0 (32-weight blocks) and Q4_K, Q6_K (256),
 //! each against its vec-dot activation format (Q8_0, Q8_1 or Q8_K). Two shapes: [`dot_fn`], one
 //! weight row against one activation row (`super::DotFn`), and [`dot4_fn`], four weight rows
-//! against one activation row ([`Dot4Fn`], for the 32-weight formats), which shares the
-//! activation's loads, scales and zero-point corrections between the rows and is 1.1 to 1.6 times
-//! faster per row (more when the weights come from cache, less when memory bandwidth binds).
+//! against one activation row ([`Dot4Fn`], for every one of these formats), which shares the
+//! activation's loads, scales and zero-point corrections (for the k-quants: its block sums, which
+//! meet Q4_K's mins and Q6_K's offset of 32) between the rows and is 1.1 to 1.6 times faster per
+//! row (more when the weights come from cache, less when memory bandwidth binds). Its main use is
+//! prefill, where four weight rows stay in L1 while every token's activations pass over them.
 //!
 //! The kernels come in three instruction-set tiers, picked once per process by [`Tier::best`]:
 //! plain AVX2 + FMA + F16C (Haswell and later, Zen), AVX-VNNI (Alder Lake and later client cores,
@@ -19,7 +21,8 @@
 //! kernels work on 256-bit vectors in every tier: the VNNI tiers replace the two-instruction
 //! `maddubs` + `madd` sequence by one `vpdpbusd` (and `vpdpwssd` for the k-quants' scales), and
 //! the AVX-512 tier also uses mask registers to add Q5_0's fifth bits. The AVX-512 tier's
-//! four-row kernels use 512-bit vectors, two weight rows per register. On other architectures
+//! four-row kernels use 512-bit vectors, two weight rows per register (all but Q6_K's, which
+//! uses the 256-bit one). On other architectures
 //! every function here returns `None`, and candle's portable code is used instead.
 //!
 //! The environment variable `FERRUM_SIMD` overrides the choice: `off` disables these kernels,

@@ -15,7 +15,10 @@ use std::arch::x86_64::*;
 
 use candle_core::quantized::GgmlDType;
 
-use super::x86::{blocks4, f16_table, h, hs, rd_u32, Q4_0, Q4_1, Q5_0, Q8_0, Q8_1};
+use super::x86::{
+    blocks4, f16_table, h, hs, k4_scales_mins, rd_f32, rd_u32, K4_SCALE, Q4K, Q4_0, Q4_1, Q5_0,
+    Q8K, Q8_0, Q8_1,
+};
 use super::Dot4Fn;
 
 /// Two 16-byte nibble fields, of rows `a` and `b`, as `[a | a | b | b]` 128-bit lanes.
@@ -258,6 +261,68 @@ pub(super) unsafe fn q8_0_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32
     finish(acc, _mm512_set1_ps(1.0))
 }
 
+/// Q4_K × Q8_K for four rows. Per activation block, the four rows share its quants (broadcast
+/// to both halves), its scale and its 32-element sums, which meet the mins; each row's mins are
+/// applied on 128-bit vectors as in the single-row kernel.
+///
+/// # Safety
+/// As [`q4_0_x4`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn q4k_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32; 4] {
+    let t = f16_table();
+    let m4 = _mm512_set1_epi8(0x0F);
+    // SAFETY: the table holds eight 32-byte masks.
+    let masks: [__m512i; 8] = std::array::from_fn(|j| unsafe {
+        _mm512_broadcast_i64x4(_mm256_loadu_si256(K4_SCALE.as_ptr().add(j).cast()))
+    });
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut acc_m = [_mm_setzero_ps(); 4];
+    for i in 0..nb {
+        // SAFETY: block `i` is in bounds of every row.
+        unsafe {
+            let xb = x.add(i * Q8K);
+            let yd = rd_f32(xb);
+            let bsums = _mm256_loadu_si256(xb.add(260).cast());
+            let bs = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bsums),
+                _mm256_extracti128_si256::<1>(bsums),
+            );
+            for (pair, acc) in acc.iter_mut().enumerate() {
+                let (a, b) = (w[2 * pair].add(i * Q4K), w[2 * pair + 1].add(i * Q4K));
+                let (sm_a, sm_b) = (k4_scales_mins(a.add(4)), k4_scales_mins(b.add(4)));
+                for (r, (wb, sm)) in [(a, sm_a), (b, sm_b)].into_iter().enumerate() {
+                    let pm = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), bs);
+                    let dmin = _mm_set1_ps(yd * h(t, wb.add(2)));
+                    let m = &mut acc_m[2 * pair + r];
+                    *m = _mm_fmadd_ps(dmin, _mm_cvtepi32_ps(pm), *m);
+                }
+                // The scales of both rows as 128-bit lanes [a | a | b | b].
+                let sab = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(sm_a), sm_b);
+                let sc = _mm512_shuffle_i64x2::<0b10_10_00_00>(sab, sab);
+                let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for j in 0..4 {
+                    let q = pair256(a.add(16 + 32 * j), b.add(16 + 32 * j));
+                    let lo = _mm512_and_si512(q, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+                    let pl = _mm512_maddubs_epi16(lo, xx(xb.add(4 + 64 * j)));
+                    let ph = _mm512_maddubs_epi16(hi, xx(xb.add(36 + 64 * j)));
+                    s0 = _mm512_dpwssd_epi32(s0, _mm512_shuffle_epi8(sc, masks[2 * j]), pl);
+                    s1 = _mm512_dpwssd_epi32(s1, _mm512_shuffle_epi8(sc, masks[2 * j + 1]), ph);
+                }
+                let sumi = _mm512_add_epi32(s0, s1);
+                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(yd));
+                *acc = _mm512_fmadd_ps(f, scales(t, a, b), *acc);
+            }
+        }
+    }
+    let s = finish(acc, _mm512_set1_ps(1.0));
+    let m = acc_m.map(|v| {
+        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
+    });
+    [0, 1, 2, 3].map(|r| s[r] - m[r])
+}
+
 // The safe entry points. Only `dot4_fn` hands them out, after the caller checked that the CPU
 // supports the AVX-512 tier; the lengths are checked here.
 
@@ -285,6 +350,12 @@ fn q8_0(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
     unsafe { q8_0_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
 }
 
+fn q4k(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+    let nb = blocks4(n, 256, &w, Q4K, x, Q8K);
+    // SAFETY: as in `q4_0`.
+    unsafe { q4k_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+}
+
 /// The 512-bit four-row kernel for weight type `w`, if there is one; the caller has checked that
 /// the CPU supports the AVX-512 tier.
 pub(super) fn dot4_fn(w: GgmlDType) -> Option<Dot4Fn> {
@@ -293,6 +364,7 @@ pub(super) fn dot4_fn(w: GgmlDType) -> Option<Dot4Fn> {
         GgmlDType::Q4_1 => q4_1,
         GgmlDType::Q5_0 => q5_0,
         GgmlDType::Q8_0 => q8_0,
+        GgmlDType::Q4K => q4k,
         _ => return None,
     })
 }

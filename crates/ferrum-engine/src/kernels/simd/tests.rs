@@ -311,3 +311,52 @@ fn quantizers_round_trip_through_kernels() {
         );
     }
 }
+
+#[test]
+fn kquant_dot4_products_match_candle() {
+    // The k-quant four-row kernels against four calls of candle's dot product, with random rows
+    // of different magnitudes and rows at the ends of the weight and activation ranges.
+    let mut rng = StdRng::seed_from_u64(13);
+    for tier in Tier::supported() {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let f4 = dot4_fn_for(dtype, tier).expect("four-row kernel exists");
+            for n in [256, 512, 1536, 4864, 8960] {
+                for trial in 0..3 {
+                    let mut rows: Vec<Vec<u8>> = (0..4)
+                        .map(|r| {
+                            let scale = 0.02 * (r + 1) as f32 * (trial + 1) as f32;
+                            quantize(dtype, &random_vec(&mut rng, n, scale))
+                        })
+                        .collect();
+                    // Extreme weights: a large magnitude with alternating signs (all quants at
+                    // the ends of their range), and a row of one sign (the mins at their ends).
+                    let extreme: Vec<f32> = (0..n)
+                        .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 } * (1.0 + (i % 5) as f32))
+                        .collect();
+                    rows[1] = quantize(dtype, &extreme);
+                    let positive: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32).collect();
+                    rows[3] = quantize(dtype, &positive);
+                    let xf = if trial == 2 {
+                        // Activations of ±127 after quantization.
+                        (0..n)
+                            .map(|_| if rng.gen_bool(0.5) { 5.0 } else { -5.0 })
+                            .collect()
+                    } else {
+                        random_vec(&mut rng, n, 2.0)
+                    };
+                    let x = quantize(vec_dot_dtype(dtype), &xf);
+                    let got = f4(n, [&rows[0], &rows[1], &rows[2], &rows[3]], &x);
+                    for r in 0..4 {
+                        let want = references(dtype, n, &rows[r], &x)[0];
+                        assert_close(
+                            &format!("{dtype:?} {tier:?} n={n} trial {trial} row {r}"),
+                            got[r],
+                            want,
+                            magnitude(dtype, n, &rows[r], &x),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

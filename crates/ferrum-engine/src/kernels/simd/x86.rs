@@ -29,9 +29,9 @@ pub(super) const Q4_1: usize = 20;
 pub(super) const Q5_0: usize = 22;
 pub(super) const Q8_0: usize = 34;
 pub(super) const Q8_1: usize = 36;
-const Q4K: usize = 144;
+pub(super) const Q4K: usize = 144;
 const Q6K: usize = 210;
-const Q8K: usize = 292;
+pub(super) const Q8K: usize = 292;
 
 /// `f16` bit pattern to `f32`, for all 65536 patterns.
 static F16_TABLE: LazyLock<Box<[f32]>> = LazyLock::new(|| {
@@ -89,7 +89,7 @@ pub(super) unsafe fn rd_u32(p: *const u8) -> u32 {
 /// # Safety
 /// `p` must point to four readable bytes.
 #[inline(always)]
-unsafe fn rd_f32(p: *const u8) -> f32 {
+pub(super) unsafe fn rd_f32(p: *const u8) -> f32 {
     unsafe { p.cast::<f32>().read_unaligned() }
 }
 
@@ -308,7 +308,7 @@ const fn word_bcast(lo: u8, hi: u8) -> [u8; 32] {
 }
 
 /// For Q4_K: mask `j` fills the whole vector with word `j` of a lane holding 8 scales.
-static K4_SCALE: [[u8; 32]; 8] = [
+pub(super) static K4_SCALE: [[u8; 32]; 8] = [
     word_bcast(0, 0),
     word_bcast(1, 1),
     word_bcast(2, 2),
@@ -345,27 +345,36 @@ unsafe fn k6_scale(i: usize) -> __m256i {
 }
 
 /// Unpacks Q4_K's 12 packed bytes of 6-bit scales and mins (ggml's `get_scale_min_k4`) into
-/// sixteen 16-bit words: the eight scales, then the eight mins.
+/// sixteen 16-bit words: the eight scales, then the eight mins. Byte `j` of the scales and mins
+/// for `j < 4` is the low six bits of packed byte `j` (scales) or `j + 4` (mins); for `j >= 4`,
+/// a nibble of packed byte `j + 4` (low for scales, high for mins) with the top two bits of
+/// packed byte `j - 4` (scales) or `j` (mins) above it. Two byte shuffles gather the sources,
+/// which keeps this off the scalar ports and costs two shuffles rather than four inserts.
 ///
 /// # Safety
-/// `p` must point to 12 readable bytes.
+/// `p` must point to 16 readable bytes (the 12 packed bytes and 4 more, which are ignored).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn k4_scales_mins(p: *const u8) -> __m256i {
-    const KMASK1: u32 = 0x3f3f_3f3f;
-    const KMASK2: u32 = 0x0f0f_0f0f;
-    const KMASK3: u32 = 0x0303_0303;
-    let (u0, u1, u2) = unsafe { (rd_u32(p), rd_u32(p.add(4)), rd_u32(p.add(8))) };
-    let scales_lo = u0 & KMASK1;
-    let scales_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
-    let mins_lo = u1 & KMASK1;
-    let mins_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
-    _mm256_cvtepu8_epi16(_mm_set_epi32(
-        mins_hi as i32,
-        mins_lo as i32,
-        scales_hi as i32,
-        scales_lo as i32,
-    ))
+pub(super) unsafe fn k4_scales_mins(p: *const u8) -> __m256i {
+    let v = unsafe { _mm_loadu_si128(p.cast()) };
+    // The low bits: bytes 0..4, 8..12 (low nibbles), 4..8, 8..12 (high nibbles).
+    let lo_src = _mm_shuffle_epi8(
+        v,
+        _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11),
+    );
+    let lo_mask = _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0);
+    let hi_nib_mask = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15);
+    let low = _mm_or_si128(
+        _mm_and_si128(lo_src, lo_mask),
+        _mm_and_si128(_mm_srli_epi16::<4>(lo_src), hi_nib_mask),
+    );
+    // The top two bits of bytes 0..4 (scales 4..8) and 4..8 (mins 4..8), moved to bits 4 and 5.
+    let top_src = _mm_shuffle_epi8(
+        v,
+        _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7),
+    );
+    let top = _mm_and_si128(_mm_srli_epi16::<2>(top_src), _mm_set1_epi8(0x30));
+    _mm256_cvtepu8_epi16(_mm_or_si128(low, top))
 }
 
 /// Checks a dot product's arguments and returns the number of blocks.
@@ -838,6 +847,124 @@ macro_rules! tier_kernels {
                 hsum4(acc)
             }
 
+            /// Q4_K · Q8_K for four rows: the activation block's quants, its scale and its
+            /// 32-element sums (which meet the mins) are loaded once for all four.
+            ///
+            /// # Safety
+            /// As [`q4_0_x4`].
+            #[target_feature(enable = $feat)]
+            unsafe fn q4k_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32; 4] {
+                let t = f16_table();
+                let m4 = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut acc_m = [_mm_setzero_ps(); 4];
+                for i in 0..nb {
+                    // SAFETY: block `i` is in bounds of every row; the scale masks are indexed
+                    // below 8.
+                    unsafe {
+                        let xb = x.add(i * Q8K);
+                        let yd = _mm256_set1_ps(rd_f32(xb));
+                        let bsums = ld(xb.add(260));
+                        let bs = _mm_hadd_epi16(
+                            _mm256_castsi256_si128(bsums),
+                            _mm256_extracti128_si256::<1>(bsums),
+                        );
+                        let xq = |k: usize| ld(xb.add(4 + 32 * k));
+                        for r in 0..4 {
+                            let wb = w[r].add(i * Q4K);
+                            let sm = k4_scales_mins(wb.add(4));
+                            let pm = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), bs);
+                            let dmin = _mm_mul_ps(hs(t, wb.add(2)), _mm256_castps256_ps128(yd));
+                            let dmin = _mm_broadcastss_ps(dmin);
+                            acc_m[r] = _mm_fmadd_ps(dmin, _mm_cvtepi32_ps(pm), acc_m[r]);
+
+                            let sc = _mm256_permute2x128_si256::<0>(sm, sm);
+                            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                            for j in 0..4 {
+                                let q = ld(wb.add(16 + 32 * j));
+                                let lo = _mm256_and_si256(q, m4);
+                                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                                let pl = _mm256_maddubs_epi16(lo, xq(2 * j));
+                                let ph = _mm256_maddubs_epi16(hi, xq(2 * j + 1));
+                                s0 = $dpw(s0, _mm256_shuffle_epi8(sc, k4_scale(2 * j)), pl);
+                                s1 = $dpw(s1, _mm256_shuffle_epi8(sc, k4_scale(2 * j + 1)), ph);
+                            }
+                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), yd);
+                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
+                        }
+                    }
+                }
+                let s = hsum4(acc);
+                [0, 1, 2, 3].map(|r| s[r] - hsum128(acc_m[r]))
+            }
+
+            /// Q6_K · Q8_K for four rows: the activation block's quants, its scale and its
+            /// 16-element sums (which take off the weights' offset of 32) are loaded once for
+            /// all four.
+            ///
+            /// # Safety
+            /// As [`q4_0_x4`].
+            #[target_feature(enable = $feat)]
+            unsafe fn q6k_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32; 4] {
+                let t = f16_table();
+                let m4 = _mm256_set1_epi8(0x0F);
+                let m30 = _mm256_set1_epi8(0x30);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for i in 0..nb {
+                    // SAFETY: block `i` is in bounds of every row; the scale masks are indexed
+                    // below 4.
+                    unsafe {
+                        let xb = x.add(i * Q8K);
+                        let yd = _mm256_set1_ps(rd_f32(xb));
+                        let bsums = ld(xb.add(260));
+                        let xq = |k: usize| ld(xb.add(4 + 32 * k));
+                        for r in 0..4 {
+                            let wb = w[r].add(i * Q6K);
+                            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(192).cast()));
+                            let corr = _mm256_madd_epi16(sc16, bsums);
+                            let mut sumi = [_mm256_setzero_si256(); 2];
+                            for half in 0..2 {
+                                let ql = wb.add(64 * half);
+                                let sc = _mm256_cvtepi8_epi16(_mm_loadl_epi64(
+                                    wb.add(192 + 8 * half).cast(),
+                                ));
+                                let sc = _mm256_permute2x128_si256::<0>(sc, sc);
+                                let (l0, l1) = (ld(ql), ld(ql.add(32)));
+                                let qh = ld(wb.add(128 + 32 * half));
+                                let q = [
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(l0, m4),
+                                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m30),
+                                    ),
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(l1, m4),
+                                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m30),
+                                    ),
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+                                        _mm256_and_si256(qh, m30),
+                                    ),
+                                    _mm256_or_si256(
+                                        _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m30),
+                                    ),
+                                ];
+                                for (k, q) in q.into_iter().enumerate() {
+                                    let p = _mm256_maddubs_epi16(q, xq(4 * half + k));
+                                    let sk = _mm256_shuffle_epi8(sc, k6_scale(k));
+                                    sumi[k & 1] = $dpw(sumi[k & 1], sk, p);
+                                }
+                            }
+                            let sumi = _mm256_add_epi32(sumi[0], sumi[1]);
+                            let sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32::<5>(corr));
+                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), yd);
+                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb.add(208)), acc[r]);
+                        }
+                    }
+                }
+                hsum4(acc)
+            }
+
             // The safe entry points. Only `dot_fn` hands them out, after checking that the CPU
             // supports the tier; the lengths are checked here.
 
@@ -901,12 +1028,26 @@ macro_rules! tier_kernels {
                 unsafe { q8_0_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
             }
 
+            pub(in super::super) fn q4kx4(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+                let nb = blocks4(n, 256, &w, Q4K, x, Q8K);
+                // SAFETY: as in `q4_0x4`.
+                unsafe { q4k_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q6kx4(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+                let nb = blocks4(n, 256, &w, Q6K, x, Q8K);
+                // SAFETY: as in `q4_0x4`.
+                unsafe { q6k_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+            }
+
             pub(in super::super) fn dot4_fn(w: GgmlDType) -> Option<Dot4Fn> {
                 Some(match w {
                     GgmlDType::Q4_0 => q4_0x4,
                     GgmlDType::Q4_1 => q4_1x4,
                     GgmlDType::Q5_0 => q5_0x4,
                     GgmlDType::Q8_0 => q8_0x4,
+                    GgmlDType::Q4K => q4kx4,
+                    GgmlDType::Q6K => q6kx4,
                     _ => return None,
                 })
             }
