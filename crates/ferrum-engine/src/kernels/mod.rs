@@ -318,6 +318,9 @@ impl AlignedBytes {
 #[derive(Default)]
 pub struct MatmulScratch {
     quantized: Vec<(GgmlDType, AlignedBytes)>,
+    /// The chunk table of the current call: (job, first row, end row); kept to avoid a
+    /// per-call allocation on the decode path.
+    chunks: Vec<(usize, usize, usize)>,
 }
 
 impl MatmulScratch {
@@ -377,14 +380,29 @@ pub fn matmul(
 ) {
     let cols = jobs[0].w.cols;
     assert_eq!(x.len(), n_tokens * cols);
-    let mut quant_idx = Vec::with_capacity(jobs.len());
+    let mut quant_idx: Vec<(GgmlDType, usize)> = Vec::with_capacity(jobs.len());
     for job in jobs.iter() {
         assert_eq!(job.w.cols, cols, "fused matmuls must share the input width");
         assert_eq!(job.out.len(), n_tokens * job.w.rows);
-        quant_idx.push(scratch.quantize(vec_dot_dtype(job.w.dtype()), x, n_tokens, cols));
+        // Fused jobs often share an activation format (Q/K/V, gate/up): quantize it once.
+        let dtype = vec_dot_dtype(job.w.dtype());
+        if !quant_idx.iter().any(|&(d, _)| d == dtype) {
+            quant_idx.push((dtype, scratch.quantize(dtype, x, n_tokens, cols)));
+        }
     }
-    // Chunk table: (job, first row, end row).
-    let mut chunks = Vec::new();
+    let quant_idx: Vec<usize> = jobs
+        .iter()
+        .map(|job| {
+            let dtype = vec_dot_dtype(job.w.dtype());
+            quant_idx
+                .iter()
+                .find(|&&(d, _)| d == dtype)
+                .map(|&(_, i)| i)
+                .unwrap()
+        })
+        .collect();
+    let mut chunks = std::mem::take(&mut scratch.chunks);
+    chunks.clear();
     for (j, job) in jobs.iter().enumerate() {
         let rpc = rows_per_chunk(job.w.rows, pool.n_threads());
         let mut r = 0;
@@ -399,11 +417,11 @@ pub fn matmul(
         .map(|j| SendPtr(j.out.as_mut_ptr()))
         .collect();
     let ws: Vec<&QMatrix> = jobs.iter().map(|j| j.w).collect();
-    let scratch = &*scratch;
+    let quantized = &scratch.quantized;
     pool.run(chunks.len(), &|c| {
         let (j, r0, r1) = chunks[c];
         let w = ws[j];
-        let (dtype, buf) = &scratch.quantized[quant_idx[j]];
+        let (dtype, buf) = &quantized[quant_idx[j]];
         let xrb = row_bytes(*dtype, cols);
         let xq = buf.as_slice();
         let out = outs[j];
@@ -432,4 +450,5 @@ pub fn matmul(
             }
         }
     });
+    scratch.chunks = chunks;
 }
