@@ -1,0 +1,556 @@
+//! `POST /v1/chat/completions`: the request, validated into [`ChatRequest`].
+
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+use crate::reader::{invalid_type, invalid_value, missing, parse_object, Fields, Result};
+
+/// The platform's limit on generated tokens per choice (GPT-4.1's).
+pub const MAX_OUTPUT_TOKENS: u32 = 32_768;
+/// Most stop sequences a request may give.
+pub const MAX_STOP: usize = 4;
+/// Most log-probabilities per position.
+pub const MAX_TOP_LOGPROBS: u8 = 20;
+
+/// Every member of the spec's `CreateChatCompletionRequest`. Anything else is rejected, as
+/// OpenAI does (`Unrecognized request argument supplied`).
+const KNOWN: &[&str] = &[
+    "audio",
+    "frequency_penalty",
+    "function_call",
+    "functions",
+    "logit_bias",
+    "logprobs",
+    "max_completion_tokens",
+    "max_tokens",
+    "messages",
+    "metadata",
+    "modalities",
+    "model",
+    "moderation",
+    "n",
+    "parallel_tool_calls",
+    "prediction",
+    "presence_penalty",
+    "prompt_cache_key",
+    "prompt_cache_options",
+    "prompt_cache_retention",
+    "reasoning_effort",
+    "response_format",
+    "safety_identifier",
+    "seed",
+    "service_tier",
+    "stop",
+    "store",
+    "stream",
+    "stream_options",
+    "temperature",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "top_p",
+    "user",
+    "verbosity",
+    "web_search_options",
+];
+
+const ROLES: &[&str] = &[
+    "system",
+    "assistant",
+    "user",
+    "function",
+    "tool",
+    "developer",
+];
+
+/// Who wrote a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    /// The role as chat templates know it: `developer` instructions are system instructions
+    /// (OpenAI's own mapping for models before the o-series).
+    pub fn template_role(self) -> &'static str {
+        match self {
+            Role::System | Role::Developer => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
+/// One validated input message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    pub role: Role,
+    /// The text content (text parts joined by newlines).
+    pub content: String,
+    pub name: Option<String>,
+    /// For `tool` messages: the call this message answers.
+    pub tool_call_id: Option<String>,
+    /// For `assistant` messages: the tool calls it made, as sent.
+    pub tool_calls: Option<Value>,
+}
+
+impl Message {
+    /// The message as the chat template sees it.
+    pub fn to_template(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("role".into(), self.role.template_role().into());
+        m.insert("content".into(), self.content.clone().into());
+        if let Some(n) = &self.name {
+            m.insert("name".into(), n.clone().into());
+        }
+        if let Some(id) = &self.tool_call_id {
+            m.insert("tool_call_id".into(), id.clone().into());
+        }
+        if let Some(calls) = &self.tool_calls {
+            m.insert("tool_calls".into(), calls.clone());
+        }
+        Value::Object(m)
+    }
+}
+
+/// A validated chat completion request. Internal: not serializable on purpose; the wire types
+/// stop at this crate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    /// `max_completion_tokens`, else `max_tokens`; `None` = up to the context window (and
+    /// [`MAX_OUTPUT_TOKENS`]).
+    pub max_tokens: Option<u32>,
+    /// Which field set `max_tokens`, for error messages.
+    pub max_tokens_param: &'static str,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub n: u32,
+    pub stop: Vec<String>,
+    pub seed: Option<i64>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Token id (as sent, not yet checked against a vocabulary) and bias.
+    pub logit_bias: Vec<(i64, f32)>,
+    pub logprobs: bool,
+    pub top_logprobs: u8,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub user: Option<String>,
+    pub metadata: Option<Map<String, Value>>,
+    pub store: bool,
+}
+
+/// Parses and validates a request body.
+pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest> {
+    let map = parse_object(body)?;
+    ChatRequest::from_json(&map)
+}
+
+impl ChatRequest {
+    pub fn from_json(map: &Map<String, Value>) -> Result<ChatRequest> {
+        let f = Fields::new(map, "");
+        f.deny_unknown(KNOWN)?;
+        let model = f.required_str("model")?.to_string();
+        let messages = parse_messages(&f)?;
+
+        let (max_tokens, max_tokens_param) = max_tokens(&f)?;
+        let temperature = f.decimal("temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32;
+        let top_p = f.decimal("top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
+        let n = f.integer("n", 1, 128)?.unwrap_or(1) as u32;
+        let presence_penalty = f.decimal("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32;
+        let frequency_penalty = f.decimal("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32;
+        let seed = f.integer("seed", i64::MIN, i64::MAX)?;
+        let logprobs = f.bool("logprobs")?.unwrap_or(false);
+        let top_logprobs = f.integer("top_logprobs", 0, MAX_TOP_LOGPROBS as i64)?;
+        if top_logprobs.is_some_and(|k| k > 0) && !logprobs {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                "invalid_value",
+                "Invalid value for 'top_logprobs': 'logprobs' must be set to true when \
+                 'top_logprobs' is used.",
+            ));
+        }
+        let stream = f.bool("stream")?.unwrap_or(false);
+        let include_usage = match f.object("stream_options")? {
+            None => false,
+            Some(_) if !stream => {
+                return Err(ApiError::invalid_param(
+                    "stream_options",
+                    "invalid_value",
+                    "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                ))
+            }
+            Some(o) => {
+                o.bool("include_obfuscation")?;
+                o.bool("include_usage")?.unwrap_or(false)
+            }
+        };
+        let metadata = parse_metadata(&f)?;
+        let req = ChatRequest {
+            model,
+            messages,
+            max_tokens,
+            max_tokens_param,
+            temperature,
+            top_p,
+            n,
+            stop: parse_stop(&f)?,
+            seed,
+            presence_penalty,
+            frequency_penalty,
+            logit_bias: parse_logit_bias(&f)?,
+            logprobs,
+            top_logprobs: top_logprobs.unwrap_or(0) as u8,
+            stream,
+            include_usage,
+            user: f.str("user")?.map(str::to_string),
+            metadata,
+            store: f.bool("store")?.unwrap_or(false),
+        };
+        check_accepted_fields(&f)?;
+        Ok(req)
+    }
+}
+
+fn max_tokens(f: &Fields) -> Result<(Option<u32>, &'static str)> {
+    for param in ["max_completion_tokens", "max_tokens"] {
+        if let Some(v) = f.integer(param, 1, i64::MAX)? {
+            if v > MAX_OUTPUT_TOKENS as i64 {
+                return Err(ApiError::invalid_param(
+                    param,
+                    "invalid_value",
+                    format!(
+                        "{param} is too large: {v}. This model supports at most \
+                         {MAX_OUTPUT_TOKENS} completion tokens, whereas you provided {v}."
+                    ),
+                ));
+            }
+            return Ok((Some(v as u32), param));
+        }
+    }
+    Ok((None, "max_completion_tokens"))
+}
+
+fn parse_messages(f: &Fields) -> Result<Vec<Message>> {
+    let list = f.array("messages")?.ok_or_else(|| missing("messages"))?;
+    if list.is_empty() {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "empty_array",
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got \
+             an empty array instead.",
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, v)| parse_message(&format!("messages[{i}]"), v))
+        .collect()
+}
+
+fn parse_message(path: &str, v: &Value) -> Result<Message> {
+    let Value::Object(map) = v else {
+        return Err(invalid_type(path, "an object", v));
+    };
+    let m = Fields::new(map, path);
+    let role = match m.required_str("role")? {
+        "system" => Role::System,
+        "developer" => Role::Developer,
+        "user" => Role::User,
+        "assistant" => Role::Assistant,
+        "tool" => Role::Tool,
+        "function" => {
+            return Err(ApiError::invalid_param(
+                m.path_of("role"),
+                "invalid_value",
+                "The 'function' role is deprecated and not supported; use 'tool' messages.",
+            ))
+        }
+        other => return Err(invalid_value(&m.path_of("role"), other, ROLES)),
+    };
+    let tool_calls = match m.get("tool_calls") {
+        None => None,
+        Some(Value::Array(a)) if role == Role::Assistant => Some(Value::Array(a.clone())),
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid_param(
+                m.path_of("tool_calls"),
+                "invalid_value",
+                "Only 'assistant' messages may have 'tool_calls'.",
+            ))
+        }
+        Some(other) => return Err(invalid_type(&m.path_of("tool_calls"), "an array", other)),
+    };
+    let content = match m.get("content") {
+        // An assistant message may carry only tool calls (or a refusal).
+        None if role == Role::Assistant => String::new(),
+        None => return Err(missing(&m.path_of("content"))),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parse_parts(&m.path_of("content"), parts, role)?,
+        Some(other) => {
+            return Err(invalid_type(
+                &m.path_of("content"),
+                "a string or an array of content parts",
+                other,
+            ))
+        }
+    };
+    let tool_call_id = m.str("tool_call_id")?.map(str::to_string);
+    if role == Role::Tool && tool_call_id.is_none() {
+        return Err(ApiError::invalid_param(
+            m.path_of("tool_call_id"),
+            "missing_required_parameter",
+            format!(
+                "Missing required parameter: '{}'. Messages with role 'tool' must answer a tool \
+                 call.",
+                m.path_of("tool_call_id")
+            ),
+        ));
+    }
+    Ok(Message {
+        role,
+        content,
+        name: m.str("name")?.map(str::to_string),
+        tool_call_id,
+        tool_calls,
+    })
+}
+
+/// Content parts: text is supported; images and audio belong to later work and say so.
+fn parse_parts(path: &str, parts: &[Value], role: Role) -> Result<String> {
+    let mut texts = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let p_path = format!("{path}[{i}]");
+        let Value::Object(map) = part else {
+            return Err(invalid_type(&p_path, "an object", part));
+        };
+        let p = Fields::new(map, p_path.as_str());
+        let supported: &[&str] = match role {
+            Role::User => &["text", "image_url", "input_audio", "file"],
+            Role::Assistant => &["text", "refusal"],
+            _ => &["text"],
+        };
+        match p.required_str("type")? {
+            "text" => texts.push(p.required_str("text")?.to_string()),
+            "refusal" if role == Role::Assistant => {
+                p.required_str("refusal")?;
+            }
+            t @ ("image_url" | "input_audio" | "file") if role == Role::User => {
+                return Err(ApiError::invalid_param(
+                    p.path_of("type"),
+                    "unsupported_value",
+                    format!("Content parts of type '{t}' are not supported by this model."),
+                ))
+            }
+            other => return Err(invalid_value(&p.path_of("type"), other, supported)),
+        }
+    }
+    Ok(texts.join("\n"))
+}
+
+fn parse_stop(f: &Fields) -> Result<Vec<String>> {
+    let stops = match f.get("stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(list)) => {
+            if list.len() > MAX_STOP {
+                return Err(ApiError::invalid_param(
+                    "stop",
+                    "array_above_max_length",
+                    format!(
+                        "Invalid 'stop': array too long. Expected an array with maximum length \
+                         {MAX_STOP}, but got an array with length {} instead.",
+                        list.len()
+                    ),
+                ));
+            }
+            list.iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(invalid_type(&format!("stop[{i}]"), "a string", other)),
+                })
+                .collect::<Result<_>>()?
+        }
+        Some(other) => return Err(invalid_type("stop", "a string or an array", other)),
+    };
+    // An empty stop string would match everywhere; OpenAI ignores it.
+    Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+fn parse_logit_bias(f: &Fields) -> Result<Vec<(i64, f32)>> {
+    let Some(bias) = f.object("logit_bias")? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(bias.map.len());
+    for (key, value) in bias.map {
+        let id: i64 = key.trim().parse().map_err(|_| {
+            ApiError::invalid_param(
+                "logit_bias",
+                "invalid_value",
+                format!(
+                    "Invalid key in 'logit_bias': {key:?} is not a token id (keys must be \
+                     integer token ids as strings)."
+                ),
+            )
+        })?;
+        let b = match value.as_f64() {
+            Some(b) => b,
+            None => {
+                return Err(invalid_type(
+                    &format!("logit_bias.{key}"),
+                    "a number",
+                    value,
+                ))
+            }
+        };
+        if !(-100.0..=100.0).contains(&b) {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                "invalid_value",
+                format!(
+                    "Invalid 'logit_bias' for token {key}: {b}. Bias values must be between \
+                     -100 and 100."
+                ),
+            ));
+        }
+        out.push((id, b as f32));
+    }
+    Ok(out)
+}
+
+fn parse_metadata(f: &Fields) -> Result<Option<Map<String, Value>>> {
+    let Some(m) = f.object("metadata")? else {
+        return Ok(None);
+    };
+    if m.map.len() > 16 {
+        return Err(ApiError::invalid_param(
+            "metadata",
+            "object_above_max_properties",
+            format!(
+                "Invalid 'metadata': too many properties. Expected an object with at most 16 \
+                 properties, but got an object with {} properties instead.",
+                m.map.len()
+            ),
+        ));
+    }
+    for (k, v) in m.map {
+        if k.chars().count() > 64 {
+            return Err(ApiError::invalid_param(
+                "metadata",
+                "invalid_value",
+                format!("Invalid 'metadata': key {k:?} is longer than 64 characters."),
+            ));
+        }
+        match v {
+            Value::String(s) if s.chars().count() <= 512 => {}
+            Value::String(_) => {
+                return Err(ApiError::invalid_param(
+                    format!("metadata.{k}"),
+                    "string_above_max_length",
+                    format!("Invalid 'metadata.{k}': string longer than 512 characters."),
+                ))
+            }
+            other => return Err(invalid_type(&format!("metadata.{k}"), "a string", other)),
+        }
+    }
+    Ok(Some(m.map.clone()))
+}
+
+/// Fields of the spec that are read for their type only, or refused because this platform does
+/// not do what they ask (yet); the message says which, so nothing is silently ignored that would
+/// change the output.
+fn check_accepted_fields(f: &Fields) -> Result<()> {
+    f.choice(
+        "service_tier",
+        &["auto", "default", "flex", "scale", "priority", "fast"],
+    )?;
+    f.choice("verbosity", &["low", "medium", "high"])?;
+    f.bool("parallel_tool_calls")?;
+    f.str("prompt_cache_key")?;
+    f.str("safety_identifier")?;
+    f.choice("prompt_cache_retention", &["in_memory", "in-memory", "24h"])?;
+    if let Some(p) = f.object("prediction")? {
+        // Predicted outputs only change speed, never the output, so a prediction is accepted.
+        p.choice("type", &["content"])?;
+    }
+    if let Some(modalities) = f.array("modalities")? {
+        for (i, m) in modalities.iter().enumerate() {
+            match m.as_str() {
+                Some("text") => {}
+                Some(other) => {
+                    return Err(ApiError::invalid_param(
+                        format!("modalities[{i}]"),
+                        "unsupported_value",
+                        format!("This model does not support the '{other}' output modality."),
+                    ))
+                }
+                None => return Err(invalid_type(&format!("modalities[{i}]"), "a string", m)),
+            }
+        }
+    }
+    if let Some(rf) = f.object("response_format")? {
+        match rf.required_str("type")? {
+            "text" => {}
+            t @ ("json_object" | "json_schema") => {
+                return Err(unsupported(
+                    "response_format",
+                    &format!("response_format of type '{t}' is not supported yet."),
+                ))
+            }
+            other => {
+                return Err(invalid_value(
+                    &rf.path_of("type"),
+                    other,
+                    &["text", "json_object", "json_schema"],
+                ))
+            }
+        }
+    }
+    // Tools the model may not call (`"none"`) change nothing a client can observe; tools it
+    // may call need constrained decoding, which is not built yet.
+    for (param, choice_param, what) in [
+        ("tools", "tool_choice", "Function calling ('tools')"),
+        (
+            "functions",
+            "function_call",
+            "Function calling ('functions')",
+        ),
+    ] {
+        let calls_allowed = f.get(choice_param).and_then(Value::as_str) != Some("none");
+        if f.get(param).is_some_and(|v| !is_empty_list(v)) && calls_allowed {
+            return Err(unsupported(param, &format!("{what} is not supported yet.")));
+        }
+    }
+    for (param, what) in [
+        ("audio", "Audio output"),
+        ("web_search_options", "Web search"),
+    ] {
+        if f.get(param).is_some() {
+            return Err(unsupported(
+                param,
+                &format!("{what} is not supported by this model."),
+            ));
+        }
+    }
+    if f.get("reasoning_effort").is_some() {
+        return Err(unsupported(
+            "reasoning_effort",
+            "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
+        ));
+    }
+    Ok(())
+}
+
+fn is_empty_list(v: &Value) -> bool {
+    v.as_array().is_some_and(|a| a.is_empty())
+}
+
+fn unsupported(param: &str, message: &str) -> ApiError {
+    ApiError::invalid_param(param, "unsupported_parameter", message)
+}
