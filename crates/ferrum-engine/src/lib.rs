@@ -13,5 +13,6 @@ pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod sampler;
+pub mod service;
 #[doc(hidden)]
 pub mod testing;
