@@ -1,15 +1,33 @@
 #!/usr/bin/env bash
-# The project's test command: fetch (or verify the cache of) the default weights, then run every
-# test of the workspace. Fails on the first failing step.
+# The project's test command: fetch (or verify the cache of) the default weights, run every test
+# of the workspace (the store's tests also against a throwaway Postgres when its binaries are
+# installed), then the end-to-end tests of `ferrum serve` with the official OpenAI Python SDK.
+# Fails on the first failing step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The dev profile builds dependencies and the engine optimised (see Cargo.toml), and the tests
 # reuse the same build, so nothing is compiled twice.
 cargo run -p ferrum -- pull
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+cleanup() {
+    rm -f "$log"
+    if [[ -n ${FERRUM_TEST_POSTGRES_DIR:-} ]]; then
+        scripts/postgres.sh stop "$FERRUM_TEST_POSTGRES_DIR" || true
+    fi
+}
+trap cleanup EXIT
+# scripts/postgres.sh exits 2 when no Postgres server binaries are installed: the store's tests
+# then run on SQLite only and say so.
+pg_status=0
+pg_env=$(scripts/postgres.sh) || pg_status=$?
+case $pg_status in
+    0) eval "$pg_env" ;;
+    2) echo "note: no Postgres server binaries; the store's tests run on SQLite only" ;;
+    *) echo "scripts/postgres.sh failed ($pg_status)"; exit 1 ;;
+esac
 cargo test --workspace --all-targets 2>&1 | tee "$log"
-# One closing line for the whole run (cargo prints one per test binary, the last of which may be
-# an example with no tests).
+scripts/e2e.sh 2>&1 | tee -a "$log"
+# One closing line for the whole run: cargo prints one line per test binary, pytest one summary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     /^=* *[0-9]+ (passed|failed)/ && !/^test result/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

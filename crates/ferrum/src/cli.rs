@@ -39,6 +39,10 @@ pub enum Command {
     Chat(ChatArgs),
     /// Measure prefill and decode speed.
     Bench(crate::bench::BenchArgs),
+    /// Serve the OpenAI API over HTTP.
+    Serve(crate::serve::ServeArgs),
+    /// Token and cost totals per model from the usage ledger.
+    Usage(crate::serve::UsageArgs),
 }
 
 #[derive(Args, Clone)]
@@ -132,6 +136,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run(&registry, args),
         Command::Chat(args) => chat(&registry, args),
         Command::Bench(args) => crate::bench::bench(&registry, args),
+        Command::Serve(args) => crate::serve::serve(registry, args),
+        Command::Usage(args) => crate::serve::usage(args),
     }
 }
 

@@ -1,0 +1,263 @@
+//! `POST /v1/chat/completions`: one response, or a stream of `chat.completion.chunk` events.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ferrum_engine::generate::Completion;
+use ferrum_engine::service::{Event, Request, SubmitError};
+use ferrum_protocol::response::{
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, TokenLogprob,
+};
+use ferrum_protocol::{parse_chat_request, ApiError, ChatRequest};
+use futures_util::stream::{self, Stream, StreamExt};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::frontend::{self, engine_error, finish_reason, logprobs_of, token_logprob};
+use crate::models::Loaded;
+use crate::{now, random_id, App, HttpError};
+
+pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, HttpError> {
+    let req = parse_chat_request(&body)?;
+    let loaded = app.models.get(&req.model).await?;
+    let (prompt_req, req) = {
+        let loaded = loaded.clone();
+        tokio::task::spawn_blocking(move || {
+            let p = frontend::prepare(loaded.handle.model(), &req);
+            (p, req)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the prompt panicked: {e}")))?
+    };
+    let prepared = prompt_req?;
+    let (tx, rx) = unbounded_channel();
+    let request = Request {
+        prompt: prepared.prompt,
+        params: prepared.params,
+        choices: req.n,
+        // A closed receiver means the client went away: the engine stops this request.
+        sink: Box::new(move |ev| match tx.send(ev) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }),
+    };
+    loaded.handle.submit(request).map_err(|e| match e {
+        SubmitError::QueueFull(n) => ApiError::queue_full(&loaded.tier.id, n),
+        SubmitError::Stopped => {
+            ApiError::unavailable(format!("The model `{}` is shutting down.", loaded.tier.id))
+        }
+    })?;
+    let meta = Meta {
+        id: random_id("chatcmpl-"),
+        created: now(),
+        app,
+        loaded,
+        req,
+    };
+    if meta.req.stream {
+        Ok(stream_response(meta, rx).into_response())
+    } else {
+        Ok(Json(collect(meta, rx).await?).into_response())
+    }
+}
+
+/// What every part of one response shares.
+struct Meta {
+    id: String,
+    created: i64,
+    app: Arc<App>,
+    loaded: Loaded,
+    req: ChatRequest,
+}
+
+impl Meta {
+    fn logprob(&self, ev: &ferrum_engine::generate::TokenEvent) -> Option<TokenLogprob> {
+        if !self.req.logprobs {
+            return None;
+        }
+        token_logprob(&self.loaded.handle.model().tokenizer, ev)
+    }
+
+    async fn record_usage(&self, completions: &[Completion]) -> ferrum_protocol::response::Usage {
+        let usage = frontend::usage_of(completions);
+        self.app
+            .record_usage(&self.id, &self.loaded.tier, &usage, self.created)
+            .await;
+        usage
+    }
+}
+
+async fn collect(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<ChatCompletion, ApiError> {
+    let n = meta.req.n as usize;
+    let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
+    let mut done: Vec<Completion> = Vec::with_capacity(n);
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Started => {}
+            Event::Token { choice, token } => {
+                if let Some(lp) = meta.logprob(&token) {
+                    logprobs[choice as usize].push(lp);
+                }
+            }
+            Event::ChoiceDone { completion, .. } => done.push(completion),
+            Event::Error(e) => return Err(engine_error(e)),
+        }
+    }
+    if done.len() != n {
+        return Err(ApiError::internal(
+            "the engine stopped before the response was complete",
+        ));
+    }
+    let usage = meta.record_usage(&done).await;
+    let choices = done
+        .into_iter()
+        .zip(logprobs)
+        .enumerate()
+        .map(|(i, (c, lp))| Choice {
+            index: i as u32,
+            message: AssistantMessage {
+                role: "assistant",
+                content: Some(c.text),
+                refusal: None,
+                annotations: Vec::new(),
+            },
+            logprobs: meta.req.logprobs.then(|| logprobs_of(lp)),
+            finish_reason: finish_reason(c.finish_reason),
+        })
+        .collect();
+    Ok(ChatCompletion {
+        id: meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: meta.loaded.tier.id.clone(),
+        choices,
+        usage,
+        service_tier: "default",
+        system_fingerprint: meta.loaded.fingerprint.clone(),
+    })
+}
+
+/// The state of a stream between engine events.
+struct StreamState {
+    meta: Meta,
+    rx: UnboundedReceiver<Event>,
+    done: Vec<Completion>,
+    finished: bool,
+}
+
+fn stream_response(
+    meta: Meta,
+    rx: UnboundedReceiver<Event>,
+) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let state = StreamState {
+        meta,
+        rx,
+        done: Vec::new(),
+        finished: false,
+    };
+    let events = stream::unfold(state, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let batch = st.next_events().await;
+        Some((stream::iter(batch.into_iter().map(Ok)), st))
+    })
+    .flatten();
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+impl StreamState {
+    fn chunk(&self, choices: Vec<ChunkChoice>) -> ChatCompletionChunk {
+        let m = &self.meta;
+        ChatCompletionChunk {
+            id: m.id.clone(),
+            object: "chat.completion.chunk",
+            created: m.created,
+            model: m.loaded.tier.id.clone(),
+            system_fingerprint: m.loaded.fingerprint.clone(),
+            service_tier: "default",
+            choices,
+            usage: m.req.include_usage.then_some(None),
+        }
+    }
+
+    fn data(chunk: &impl serde::Serialize) -> SseEvent {
+        SseEvent::default().data(serde_json::to_string(chunk).expect("chunks serialize"))
+    }
+
+    /// The SSE events that the next engine event turns into (none for some).
+    async fn next_events(&mut self) -> Vec<SseEvent> {
+        let Some(ev) = self.rx.recv().await else {
+            self.finished = true;
+            return self.end().await;
+        };
+        match ev {
+            // Each choice opens with the assistant role, as OpenAI's streams do.
+            Event::Started => (0..self.meta.req.n)
+                .map(|index| {
+                    Self::data(&self.chunk(vec![ChunkChoice {
+                        index,
+                        delta: Delta {
+                            role: Some("assistant"),
+                            content: Some(String::new()),
+                            refusal: None,
+                        },
+                        logprobs: None,
+                        finish_reason: None,
+                    }]))
+                })
+                .collect(),
+            Event::Token { choice, token } => {
+                let lp = self.meta.logprob(&token);
+                if token.text.is_empty() && lp.is_none() {
+                    return Vec::new();
+                }
+                vec![Self::data(&self.chunk(vec![ChunkChoice {
+                    index: choice,
+                    delta: Delta {
+                        role: None,
+                        content: Some(token.text),
+                        refusal: None,
+                    },
+                    logprobs: lp.map(|lp| logprobs_of(vec![lp])),
+                    finish_reason: None,
+                }]))]
+            }
+            Event::ChoiceDone { choice, completion } => {
+                let reason = finish_reason(completion.finish_reason);
+                self.done.push(completion);
+                vec![Self::data(&self.chunk(vec![ChunkChoice {
+                    index: choice,
+                    delta: Delta::default(),
+                    logprobs: None,
+                    finish_reason: Some(reason),
+                }]))]
+            }
+            Event::Error(e) => {
+                self.finished = true;
+                vec![Self::data(&engine_error(e).body())]
+            }
+        }
+    }
+
+    /// After the last engine event: the usage chunk (when asked for) and `[DONE]`.
+    async fn end(&mut self) -> Vec<SseEvent> {
+        if self.done.len() != self.meta.req.n as usize {
+            let err = ApiError::internal("the engine stopped before the response was complete");
+            return vec![Self::data(&err.body())];
+        }
+        let usage = self.meta.record_usage(&self.done).await;
+        let mut out = Vec::new();
+        if self.meta.req.include_usage {
+            let mut chunk = self.chunk(Vec::new());
+            chunk.usage = Some(Some(usage));
+            out.push(Self::data(&chunk));
+        }
+        out.push(SseEvent::default().data("[DONE]"));
+        out
+    }
+}

@@ -1,0 +1,186 @@
+//! The frontend: turns a validated chat request into an engine request (chat template, tokens,
+//! context check, sampling parameters) and engine events back into OpenAI responses. The HTTP
+//! routes use it, and the batch runner will take the same path.
+
+use ferrum_engine::chat_template::ChatTemplate;
+use ferrum_engine::engine::LoadedModel;
+use ferrum_engine::generate::{Completion, FinishReason, GenerateParams, TokenEvent};
+use ferrum_engine::sampler::SamplingParams;
+use ferrum_engine::tokenizer::Tokenizer;
+use ferrum_engine::EngineError;
+use ferrum_protocol::chat::MAX_OUTPUT_TOKENS;
+use ferrum_protocol::response::{ChoiceLogprobs, TokenLogprob, TopLogprob, Usage};
+use ferrum_protocol::{ApiError, ChatRequest};
+
+/// A chat request ready for the engine.
+pub struct Prepared {
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+}
+
+/// Renders the conversation with the model's chat template and tokenizes it, checks the
+/// context window and builds the generation parameters. CPU work: run it off the async threads.
+pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ApiError> {
+    let messages: Vec<serde_json::Value> = req.messages.iter().map(|m| m.to_template()).collect();
+    let fallback;
+    let template = match &model.template {
+        Some(t) => t,
+        None => {
+            fallback = ChatTemplate::chatml(&model.tokenizer);
+            &fallback
+        }
+    };
+    let text = template
+        .render(&messages, None, true)
+        .map_err(|e| ApiError::invalid_param("messages", "invalid_value", e.to_string()))?;
+    let prompt = model
+        .tokenizer
+        .encode(&text, false, true)
+        .map_err(|e| ApiError::internal(format!("tokenizing the prompt failed: {e}")))?;
+    let context = model.context_length;
+    if prompt.len() >= context {
+        return Err(ApiError::context_length_exceeded(
+            context,
+            prompt.len(),
+            None,
+        ));
+    }
+    let room = context - prompt.len();
+    let max_tokens = match req.max_tokens {
+        Some(m) if m as usize > room => {
+            return Err(ApiError::context_length_exceeded(
+                context,
+                prompt.len(),
+                Some(m as usize),
+            ))
+        }
+        Some(m) => m as usize,
+        None => room.min(MAX_OUTPUT_TOKENS as usize),
+    };
+    let vocab = model.tokenizer.vocab_size();
+    let logit_bias = req
+        .logit_bias
+        .iter()
+        .map(|&(id, bias)| match u32::try_from(id) {
+            Ok(id) if (id as usize) < vocab => Ok((id, bias)),
+            _ => Err(ApiError::invalid_param(
+                "logit_bias",
+                "invalid_value",
+                format!(
+                    "Invalid key in 'logit_bias': token id {id} is outside this model's \
+                     vocabulary (0..{vocab})."
+                ),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Without a seed, sampling is random; with one it is reproducible, as OpenAI's best effort.
+    let seed = req
+        .seed
+        .map(|s| s as u64)
+        .or_else(|| (req.temperature > 0.0).then(rand::random::<u64>));
+    Ok(Prepared {
+        prompt,
+        params: GenerateParams {
+            max_tokens,
+            stop: req.stop.clone(),
+            sampling: SamplingParams {
+                temperature: req.temperature,
+                top_p: req.top_p,
+                seed,
+                presence_penalty: req.presence_penalty,
+                frequency_penalty: req.frequency_penalty,
+                logit_bias,
+                logprobs: req.logprobs,
+                top_logprobs: req.top_logprobs as usize,
+            },
+            ignore_eos: false,
+        },
+    })
+}
+
+/// The log-probability entry of one generated token, or `None` for events that carry no token
+/// of the output (the end-of-generation token, the flush of held-back text).
+pub fn token_logprob(tokenizer: &Tokenizer, ev: &TokenEvent) -> Option<TokenLogprob> {
+    let logprob = ev.logprob?;
+    if tokenizer.is_eog(ev.id) {
+        return None;
+    }
+    let entry = |id: u32| (tokenizer.token_str(id), tokenizer.token_bytes(id).to_vec());
+    let (token, bytes) = entry(ev.id);
+    Some(TokenLogprob {
+        token,
+        logprob,
+        bytes,
+        top_logprobs: ev
+            .top
+            .iter()
+            .map(|&(id, lp)| {
+                let (token, bytes) = entry(id);
+                TopLogprob {
+                    token,
+                    logprob: lp,
+                    bytes,
+                }
+            })
+            .collect(),
+    })
+}
+
+pub fn logprobs_of(entries: Vec<TokenLogprob>) -> ChoiceLogprobs {
+    ChoiceLogprobs {
+        content: entries,
+        refusal: None,
+    }
+}
+
+pub fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Cancelled => "length",
+    }
+}
+
+/// Usage of a whole request: the prompt counted once (as OpenAI does for `n` > 1), the cached
+/// part as the first choice saw it, and every choice's generated tokens.
+pub fn usage_of<'a>(completions: impl IntoIterator<Item = &'a Completion>) -> Usage {
+    let mut prompt = 0;
+    let mut cached = 0;
+    let mut generated = 0;
+    for (i, c) in completions.into_iter().enumerate() {
+        if i == 0 {
+            prompt = c.prompt_tokens as u64;
+            cached = c.cached_tokens as u64;
+        }
+        generated += c.tokens.len() as u64;
+    }
+    Usage::new(prompt, cached, generated)
+}
+
+/// The one place engine errors become API errors.
+pub fn engine_error(e: EngineError) -> ApiError {
+    match e {
+        EngineError::ContextLengthExceeded { requested, max } => {
+            ApiError::context_length_exceeded(max, requested, None)
+        }
+        EngineError::EmptyPrompt => {
+            ApiError::invalid_param("messages", "invalid_value", "The prompt is empty.")
+        }
+        EngineError::TokenOutOfRange { id, vocab } => ApiError::invalid_param(
+            "messages",
+            "invalid_value",
+            format!("Token id {id} is outside the vocabulary (size {vocab})."),
+        ),
+        EngineError::Template(e) => {
+            ApiError::invalid_param("messages", "invalid_value", e.to_string())
+        }
+        EngineError::Tokenizer(e) => ApiError::invalid_request(e.to_string()),
+        e @ (EngineError::Io { .. }
+        | EngineError::CorruptGguf { .. }
+        | EngineError::MissingMetadata { .. }
+        | EngineError::MissingTensor { .. }
+        | EngineError::BadTensorShape { .. }
+        | EngineError::UnsupportedArchitecture(_)
+        | EngineError::UnsupportedQuantization { .. }
+        | EngineError::Internal(_)) => ApiError::internal(e.to_string()),
+    }
+}

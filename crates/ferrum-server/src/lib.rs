@@ -1,0 +1,279 @@
+//! The OpenAI HTTP API (axum): routes per resource, SSE streaming, API-key auth, the usage
+//! ledger, and the admin endpoints that load and unload tiers. It turns protocol requests into
+//! engine requests (through `frontend`) and never touches tensors.
+
+mod admin;
+mod chat;
+mod frontend;
+mod models;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferrum_protocol::response::{List, Usage};
+use ferrum_protocol::ApiError;
+use ferrum_registry::{Registry, Tier};
+use ferrum_store::{Store, UsageRecord};
+use tokio::net::TcpListener;
+
+pub use models::{EngineConfig, Models};
+
+/// Largest request body: long-context prompts are big, but not unbounded.
+const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// How to run the server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub engine: EngineConfig,
+    /// Requests must carry `Authorization: Bearer <key>` when set.
+    pub api_key: Option<String>,
+}
+
+/// What every handler shares.
+pub struct App {
+    pub models: Models,
+    pub store: Store,
+    pub api_key: Option<String>,
+}
+
+impl App {
+    /// Prices a response's usage with its tier's price table and records it in the ledger. A
+    /// failing database is logged, never turned into a failed response the client paid for.
+    async fn record_usage(&self, id: &str, tier: &Tier, usage: &Usage, created: i64) {
+        let cached = usage.prompt_tokens_details.cached_tokens;
+        let record = UsageRecord {
+            id: id.to_string(),
+            created,
+            model: tier.id.clone(),
+            endpoint: "chat.completions".into(),
+            prompt_tokens: usage.prompt_tokens,
+            cached_tokens: cached,
+            completion_tokens: usage.completion_tokens,
+            cost_usd: tier
+                .price
+                .cost_usd(usage.prompt_tokens, cached, usage.completion_tokens),
+            batch: false,
+        };
+        if let Err(e) = self.store.record_usage(&record).await {
+            tracing::error!(error = %e, id, "could not record usage");
+        }
+        tracing::info!(
+            id,
+            model = %tier.id,
+            prompt_tokens = usage.prompt_tokens,
+            cached_tokens = cached,
+            completion_tokens = usage.completion_tokens,
+            cost_usd = record.cost_usd,
+            "request done"
+        );
+    }
+}
+
+/// An [`ApiError`] as an HTTP response: the status and the OpenAI error body.
+pub struct HttpError(pub ApiError);
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        HttpError(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0.body())).into_response()
+    }
+}
+
+/// The router over a shared [`App`].
+pub fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/usage", get(usage_totals))
+        .merge(admin::routes())
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&app), auth));
+    api.route("/health", get(|| async { "ok" }))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(app)
+}
+
+/// Loads the startup tiers, then serves until `shutdown` resolves; requests in flight (streams
+/// included) finish before this returns.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    store: Store,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let app = Arc::new(App {
+        models: Models::new(registry, config.engine),
+        store,
+        api_key: config.api_key,
+    });
+    app.models
+        .load_startup_tiers()
+        .await
+        .map_err(|e| ServeError::Load(e.message))?;
+    let addr = listener.local_addr().map_err(ServeError::Io)?;
+    // The one line scripts wait for: the server takes requests from now on.
+    println!("ferrum listening on http://{addr}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, "listening");
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServeError::Io)?;
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("loading a startup tier failed: {0}")]
+    Load(String),
+    #[error(transparent)]
+    Io(std::io::Error),
+}
+
+async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let Some(key) = &app.api_key else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        None | Some("") => HttpError(ApiError::missing_api_key()).into_response(),
+        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => next.run(req).await,
+        Some(g) => HttpError(ApiError::invalid_api_key(&redact(g))).into_response(),
+    }
+}
+
+/// Compares without an early exit, so response times do not reveal how much of a key matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `sk-ab****wxyz`, as OpenAI shows a wrong key.
+fn redact(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() <= 8 {
+        return "*".repeat(chars.len());
+    }
+    let head: String = chars[..4].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}{}{tail}", "*".repeat(chars.len() - 8))
+}
+
+async fn not_found(method: Method, uri: Uri) -> HttpError {
+    HttpError(ApiError::not_found(format!(
+        "Invalid URL ({method} {})",
+        uri.path()
+    )))
+}
+
+fn model_object(id: &str, tier: &Tier) -> ferrum_protocol::response::Model {
+    let _ = tier;
+    ferrum_protocol::response::Model {
+        id: id.to_string(),
+        object: "model",
+        // GPT-4.1's release (2025-04-14), the snapshot these tiers stand in for.
+        created: 1_744_588_800,
+        owned_by: "ferrum".into(),
+    }
+}
+
+async fn list_models(State(app): State<Arc<App>>) -> Json<List<ferrum_protocol::response::Model>> {
+    let mut data = Vec::new();
+    for tier in app.models.tiers() {
+        data.push(model_object(&tier.id, &tier));
+        for alias in &tier.aliases {
+            data.push(model_object(alias, &tier));
+        }
+    }
+    Json(List::new(data))
+}
+
+async fn get_model(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<ferrum_protocol::response::Model>, HttpError> {
+    let tier = app.models.resolve(&id)?;
+    Ok(Json(model_object(&id, &tier)))
+}
+
+#[derive(serde::Serialize)]
+struct UsageTotalOut {
+    object: &'static str,
+    model: String,
+    requests: u64,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    completion_tokens: u64,
+    cost_usd: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct UsageQuery {
+    since: Option<i64>,
+}
+
+/// `GET /v1/usage[?since=UNIX]`: token and cost totals per tier from the ledger.
+async fn usage_totals(
+    State(app): State<Arc<App>>,
+    axum::extract::Query(q): axum::extract::Query<UsageQuery>,
+) -> Result<Json<List<UsageTotalOut>>, HttpError> {
+    let totals = app
+        .store
+        .usage_totals(q.since)
+        .await
+        .map_err(|e| ApiError::internal(format!("reading the usage ledger failed: {e}")))?;
+    Ok(Json(List::new(
+        totals
+            .into_iter()
+            .map(|t| UsageTotalOut {
+                object: "usage.total",
+                model: t.model,
+                requests: t.requests,
+                prompt_tokens: t.prompt_tokens,
+                cached_tokens: t.cached_tokens,
+                completion_tokens: t.completion_tokens,
+                cost_usd: t.cost_usd,
+            })
+            .collect(),
+    )))
+}
+
+pub(crate) fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `prefix` + 24 random letters and digits.
+pub(crate) fn random_id(prefix: &str) -> String {
+    use rand::distributions::Alphanumeric;
+    use rand::Rng;
+    let tail: String = rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
+    format!("{prefix}{tail}")
+}

@@ -1,0 +1,289 @@
+//! The tiers this server runs: which are loaded, loading them (at start, on first use for lazy
+//! tiers, or by the operator), unloading them and pointing them at new weights without a
+//! restart. Loading runs on a blocking thread; concurrent requests for a tier that is loading
+//! wait for that one load.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use ferrum_engine::engine::{LoadOptions, LoadedModel};
+use ferrum_engine::gguf::WeightsMemory;
+use ferrum_engine::service::ModelHandle;
+use ferrum_protocol::ApiError;
+use ferrum_registry::{LoadPolicy, Registry, Tier, WeightsSource};
+use tokio::sync::Mutex;
+
+/// How models are loaded and queued.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Kernel threads per model (default: all cores).
+    pub threads: Option<usize>,
+    /// Waiting requests per model before new ones get 429.
+    pub queue_size: usize,
+}
+
+/// A tier that is ready to serve.
+#[derive(Clone)]
+pub struct Loaded {
+    pub tier: Tier,
+    pub handle: ModelHandle,
+    /// `system_fingerprint`: names the weights file and the ferrum build that serve it.
+    pub fingerprint: String,
+}
+
+struct Slot {
+    tier: Tier,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    loaded: Option<Loaded>,
+    /// Weights an operator pointed this tier at, replacing the config's.
+    weights_override: Option<WeightsSource>,
+    /// Unloaded by an operator: a startup tier stays unloaded until loaded again.
+    held_unloaded: bool,
+    path: Option<PathBuf>,
+}
+
+/// What `GET /admin/models` reports per tier.
+#[derive(serde::Serialize)]
+pub struct ModelStatus {
+    pub id: String,
+    pub aliases: Vec<String>,
+    pub loaded: bool,
+    pub load: &'static str,
+    pub weights: String,
+    pub path: Option<String>,
+}
+
+/// The tiers of a registry and their loaded models.
+pub struct Models {
+    registry: RwLock<Registry>,
+    slots: RwLock<HashMap<String, Arc<Slot>>>,
+    config: EngineConfig,
+}
+
+impl Models {
+    pub fn new(registry: Registry, config: EngineConfig) -> Models {
+        let slots = slots_of(&registry);
+        Models {
+            registry: RwLock::new(registry),
+            slots: RwLock::new(slots),
+            config,
+        }
+    }
+
+    /// The tiers, in config order.
+    pub fn tiers(&self) -> Vec<Tier> {
+        self.registry.read().unwrap().tiers().to_vec()
+    }
+
+    /// The config file the tiers came from (`None` for the embedded default).
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.registry
+            .read()
+            .unwrap()
+            .path()
+            .map(|p| p.to_path_buf())
+    }
+
+    /// The tier a model id or alias names.
+    pub fn resolve(&self, model: &str) -> Result<Tier, ApiError> {
+        self.registry
+            .read()
+            .unwrap()
+            .resolve(model)
+            .cloned()
+            .ok_or_else(|| ApiError::model_not_found(model))
+    }
+
+    fn slot(&self, tier_id: &str) -> Result<Arc<Slot>, ApiError> {
+        self.slots
+            .read()
+            .unwrap()
+            .get(tier_id)
+            .cloned()
+            .ok_or_else(|| ApiError::model_not_found(tier_id))
+    }
+
+    /// Loads every `startup` tier that is not loaded yet (and was not unloaded by an operator),
+    /// one after another.
+    pub async fn load_startup_tiers(&self) -> Result<(), ApiError> {
+        for tier in self.tiers() {
+            if tier.load != LoadPolicy::Startup {
+                continue;
+            }
+            let slot = self.slot(&tier.id)?;
+            let mut state = slot.state.lock().await;
+            if state.loaded.is_none() && !state.held_unloaded {
+                self.load_into(&slot, &mut state).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The loaded model of a tier, loading it first if it is lazy (or was never loaded).
+    pub async fn get(&self, model: &str) -> Result<Loaded, ApiError> {
+        let tier = self.resolve(model)?;
+        let slot = self.slot(&tier.id)?;
+        let mut state = slot.state.lock().await;
+        if let Some(loaded) = &state.loaded {
+            return Ok(loaded.clone());
+        }
+        if state.held_unloaded && slot.tier.load == LoadPolicy::Startup {
+            return Err(ApiError::unavailable(format!(
+                "The model `{}` is unloaded; an operator must load it again \
+                 (POST /admin/models/{}/load).",
+                tier.id, tier.id
+            )));
+        }
+        self.load_into(&slot, &mut state).await
+    }
+
+    /// Loads (or reloads) a tier, optionally from new weights.
+    pub async fn load(
+        &self,
+        tier_id: &str,
+        weights: Option<WeightsSource>,
+    ) -> Result<Loaded, ApiError> {
+        let slot = self.slot(&self.resolve(tier_id)?.id)?;
+        let mut state = slot.state.lock().await;
+        if weights.is_some() {
+            state.weights_override = weights;
+        }
+        // Requests already queued on the old model finish there; new ones go to the new model.
+        state.loaded = None;
+        state.held_unloaded = false;
+        self.load_into(&slot, &mut state).await
+    }
+
+    /// Unloads a tier; its memory is freed once its queued requests are done.
+    pub async fn unload(&self, tier_id: &str) -> Result<bool, ApiError> {
+        let slot = self.slot(&self.resolve(tier_id)?.id)?;
+        let mut state = slot.state.lock().await;
+        state.held_unloaded = true;
+        let was = state.loaded.take().is_some();
+        tracing::info!(tier = %slot.tier.id, was_loaded = was, "model unloaded");
+        Ok(was)
+    }
+
+    pub async fn status(&self) -> Vec<ModelStatus> {
+        let slots: Vec<Arc<Slot>> = self
+            .tiers()
+            .iter()
+            .filter_map(|t| self.slots.read().unwrap().get(&t.id).cloned())
+            .collect();
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let state = slot.state.lock().await;
+            let weights = state
+                .weights_override
+                .as_ref()
+                .unwrap_or(&slot.tier.weights);
+            out.push(ModelStatus {
+                id: slot.tier.id.clone(),
+                aliases: slot.tier.aliases.clone(),
+                loaded: state.loaded.is_some(),
+                load: match slot.tier.load {
+                    LoadPolicy::Startup => "startup",
+                    LoadPolicy::Lazy => "lazy",
+                },
+                weights: weights.describe(),
+                path: state.path.as_ref().map(|p| p.display().to_string()),
+            });
+        }
+        out
+    }
+
+    /// Replaces the registry (a config reload): new tiers appear, removed ones are unloaded,
+    /// tiers whose definition changed are unloaded so that their next use loads the new one.
+    pub fn replace_registry(&self, registry: Registry) {
+        let mut slots = self.slots.write().unwrap();
+        let mut next = slots_of(&registry);
+        for (id, slot) in next.iter_mut() {
+            if let Some(old) = slots.get(id) {
+                if old.tier == slot.tier {
+                    *slot = Arc::clone(old);
+                }
+            }
+        }
+        *slots = next;
+        *self.registry.write().unwrap() = registry;
+    }
+
+    async fn load_into(&self, slot: &Slot, state: &mut SlotState) -> Result<Loaded, ApiError> {
+        let tier = slot.tier.clone();
+        let weights = state
+            .weights_override
+            .clone()
+            .unwrap_or_else(|| tier.weights.clone());
+        let opts = LoadOptions {
+            threads: self.config.threads,
+            context_length: tier.context_length,
+            prefill_chunk: None,
+            weights_memory: WeightsMemory::from_env(),
+        };
+        let queue = self.config.queue_size;
+        let id = tier.id.clone();
+        let (handle, path) =
+            tokio::task::spawn_blocking(move || load_model(&weights, &opts, queue))
+                .await
+                .map_err(|e| ApiError::internal(format!("loading `{id}` panicked: {e}")))??;
+        let fingerprint = fingerprint(&path);
+        tracing::info!(tier = %tier.id, path = %path.display(), %fingerprint, "model ready");
+        let loaded = Loaded {
+            tier,
+            handle,
+            fingerprint,
+        };
+        state.loaded = Some(loaded.clone());
+        state.path = Some(path);
+        Ok(loaded)
+    }
+}
+
+fn slots_of(registry: &Registry) -> HashMap<String, Arc<Slot>> {
+    registry
+        .tiers()
+        .iter()
+        .map(|t| {
+            let slot = Slot {
+                tier: t.clone(),
+                state: Mutex::new(SlotState::default()),
+            };
+            (t.id.clone(), Arc::new(slot))
+        })
+        .collect()
+}
+
+fn load_model(
+    weights: &WeightsSource,
+    opts: &LoadOptions,
+    queue: usize,
+) -> Result<(ModelHandle, PathBuf), ApiError> {
+    let progress = ferrum_registry::default_progress();
+    let path = ferrum_registry::ensure_weights(weights, progress.as_ref()).map_err(|e| {
+        ApiError::unavailable(format!("The model's weights are not available: {e}"))
+    })?;
+    let model = LoadedModel::load(&path, opts)
+        .map_err(|e| ApiError::unavailable(format!("The model could not be loaded: {e}")))?;
+    let handle = ModelHandle::spawn(model, queue)
+        .map_err(|e| ApiError::internal(format!("could not start the engine thread: {e}")))?;
+    Ok((handle, path))
+}
+
+/// `fp_` + 10 hex digits of a hash of the weights file (name and size) and ferrum's version, so
+/// clients can tell when the backend changed, as OpenAI's fingerprint does.
+fn fingerprint(path: &std::path::Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.file_name().hash(&mut h);
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .unwrap_or(0)
+        .hash(&mut h);
+    env!("CARGO_PKG_VERSION").hash(&mut h);
+    format!("fp_{:010x}", h.finish() & 0xff_ffff_ffff)
+}

@@ -1,0 +1,118 @@
+//! `ferrum serve` (the OpenAI API over HTTP) and `ferrum usage` (the ledger's totals).
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Args;
+use ferrum_registry::Registry;
+use ferrum_server::{EngineConfig, ServerConfig};
+use ferrum_store::Store;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "FERRUM_ADDR")]
+    pub addr: SocketAddr,
+    /// Require `Authorization: Bearer <KEY>` on every API request.
+    #[arg(long, env = "FERRUM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests that may wait per model before new ones get 429.
+    #[arg(long, default_value_t = 64)]
+    pub queue_size: usize,
+    /// Database URL: sqlite:///path/ferrum.db or postgres://... (default: a SQLite file in
+    /// $FERRUM_HOME, else ~/.cache/ferrum).
+    #[arg(long, env = "FERRUM_DATABASE_URL")]
+    pub database: Option<String>,
+    /// Kernel threads per model (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct UsageArgs {
+    /// Database URL (as for `serve`).
+    #[arg(long, env = "FERRUM_DATABASE_URL")]
+    pub database: Option<String>,
+    /// Only requests since this Unix time.
+    #[arg(long)]
+    pub since: Option<i64>,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+pub fn serve(registry: Registry, args: ServeArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let url = args.database.unwrap_or_else(Store::default_url);
+        let store = Store::connect(&url)
+            .await
+            .with_context(|| format!("opening the database {url}"))?;
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("listening on {}", args.addr))?;
+        let config = ServerConfig {
+            engine: EngineConfig {
+                threads: args.threads,
+                queue_size: args.queue_size.max(1),
+            },
+            api_key: args.api_key.filter(|k| !k.is_empty()),
+        };
+        ferrum_server::serve(listener, registry, store, config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}
+
+pub fn usage(args: UsageArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let url = args.database.unwrap_or_else(Store::default_url);
+        let store = Store::connect(&url)
+            .await
+            .with_context(|| format!("opening the database {url}"))?;
+        let totals = store.usage_totals(args.since).await?;
+        println!(
+            "{:<24} {:>9} {:>14} {:>14} {:>14} {:>12}",
+            "model", "requests", "prompt", "cached", "completion", "cost (USD)"
+        );
+        let mut cost = 0.0;
+        for t in &totals {
+            cost += t.cost_usd;
+            println!(
+                "{:<24} {:>9} {:>14} {:>14} {:>14} {:>12.6}",
+                t.model,
+                t.requests,
+                t.prompt_tokens,
+                t.cached_tokens,
+                t.completion_tokens,
+                t.cost_usd
+            );
+        }
+        println!("{:<24} {:>68.6}", "total", cost);
+        Ok(())
+    })
+}
