@@ -90,19 +90,201 @@ impl Session {
         self.tokens.clear();
     }
 
-    /// Keeps the longest cached prefix of `prompt` (at least one prompt token must remain to be
-    /// run, to get logits) and returns its length.
-    fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
-        let common = self
-            .tokens
+    /// The tokens whose keys and values are in the cache.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// How many leading tokens of `prompt` this session could reuse (at least one prompt token
+    /// must remain to be run, to get logits).
+    pub fn common_prefix(&self, prompt: &[u32]) -> usize {
+        self.tokens
             .iter()
             .zip(prompt)
             .take_while(|(a, b)| a == b)
             .count()
-            .min(prompt.len().saturating_sub(1));
+            .min(prompt.len().saturating_sub(1))
+    }
+
+    /// Makes this session hold the first `n` cached tokens of `other`, leaving `other` as it is.
+    pub fn copy_prefix_from(&mut self, other: &Session, n: usize) {
+        let n = n.min(other.tokens.len());
+        self.kv.copy_prefix_from(&other.kv, n);
+        self.tokens.clear();
+        self.tokens.extend_from_slice(&other.tokens[..n]);
+    }
+
+    /// Keeps the longest cached prefix of `prompt` and returns its length.
+    fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {
+        let common = self.common_prefix(prompt);
         self.kv.truncate(common);
         self.tokens.truncate(common);
         common
+    }
+
+    /// Records that `tokens` were run into the cache.
+    fn extend(&mut self, tokens: &[u32]) {
+        self.tokens.extend_from_slice(tokens);
+    }
+}
+
+/// One sequence being generated, as a state machine a scheduler steps: feed it the tokens
+/// [`next_input`](Self::next_input) asks for, tell it they were run
+/// ([`fed`](Self::fed)), and when they produced logits let it [`sample`](Self::sample). Its
+/// keys and values live in a [`Session`] the caller keeps beside it.
+pub struct Sequence<'m> {
+    tokenizer: &'m Tokenizer,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+    cached: usize,
+    /// Prompt tokens whose keys and values are in the session.
+    prefilled: usize,
+    sampler: Sampler,
+    text: TextStream<'m>,
+    tokens: Vec<u32>,
+    /// The last sampled token, to be fed next.
+    pending: Option<u32>,
+    started: Instant,
+    prefill_time: Option<Duration>,
+    finish: Option<FinishReason>,
+}
+
+impl<'m> Sequence<'m> {
+    /// Starts a sequence on `session`, reusing the longest prefix of `prompt` it has cached.
+    pub fn start(
+        tokenizer: &'m Tokenizer,
+        session: &mut Session,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+    ) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let max = session.kv.capacity();
+        if prompt.len() + 1 > max {
+            return Err(EngineError::ContextLengthExceeded {
+                requested: prompt.len() + params.max_tokens,
+                max,
+            });
+        }
+        let cached = session.reuse_prefix(&prompt);
+        let stop = params.stop.clone();
+        Ok(Sequence {
+            tokenizer,
+            sampler: Sampler::new(params.sampling.clone()),
+            text: TextStream::new(tokenizer, stop),
+            prompt,
+            params,
+            cached,
+            prefilled: cached,
+            tokens: Vec::new(),
+            pending: None,
+            started: Instant::now(),
+            prefill_time: None,
+            finish: None,
+        })
+    }
+
+    /// The tokens to run next (at most `budget` prompt tokens, or the one sampled token), and
+    /// whether that pass must produce logits. Empty once the sequence is finished.
+    pub fn next_input(&self, budget: usize) -> (&[u32], Logits) {
+        if self.finish.is_some() {
+            return (&[], Logits::None);
+        }
+        if let Some(tok) = &self.pending {
+            return (std::slice::from_ref(tok), Logits::Last);
+        }
+        let end = (self.prefilled + budget.max(1)).min(self.prompt.len());
+        let mode = if end == self.prompt.len() {
+            Logits::Last
+        } else {
+            Logits::None
+        };
+        (&self.prompt[self.prefilled..end], mode)
+    }
+
+    /// Whether the prompt is still being read.
+    pub fn is_prefilling(&self) -> bool {
+        self.pending.is_none() && self.finish.is_none()
+    }
+
+    /// Prompt tokens not yet run.
+    pub fn prompt_left(&self) -> usize {
+        self.prompt.len() - self.prefilled
+    }
+
+    /// Records that the first `n` tokens of the last [`next_input`](Self::next_input) were
+    /// run into `session`.
+    pub fn fed(&mut self, session: &mut Session, n: usize) {
+        if let Some(tok) = self.pending.take() {
+            session.extend(&[tok]);
+        } else {
+            session.extend(&self.prompt[self.prefilled..self.prefilled + n]);
+            self.prefilled += n;
+        }
+    }
+
+    /// Picks the next token from the logits of the last input; returns the events to report
+    /// (the token, and the flush of held-back text when the sequence ends on a limit).
+    pub fn sample(&mut self, kv: &KvCache, logits: &mut [f32]) -> Vec<TokenEvent> {
+        if self.prefill_time.is_none() {
+            self.prefill_time = Some(self.started.elapsed());
+        }
+        let s = self.sampler.sample(logits);
+        self.tokens.push(s.id);
+        let eog = !self.params.ignore_eos && self.tokenizer.eog_ids().contains(&s.id);
+        let (delta, hit_stop) = if eog {
+            (self.text.finish(), false)
+        } else {
+            self.text.push(s.id)
+        };
+        let mut events = vec![TokenEvent {
+            id: s.id,
+            text: delta,
+            logprob: s.logprob,
+            top: s.top,
+        }];
+        if eog || hit_stop {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.tokens.len() >= self.params.max_tokens || kv.len() + 1 > kv.capacity() {
+            let rest = self.text.finish();
+            if !rest.is_empty() {
+                events.push(TokenEvent {
+                    id: s.id,
+                    text: rest,
+                    logprob: None,
+                    top: Vec::new(),
+                });
+            }
+            self.finish = Some(FinishReason::Length);
+        } else {
+            self.pending = Some(s.id);
+        }
+        events
+    }
+
+    /// Stops the sequence at once (its client went away).
+    pub fn cancel(&mut self) {
+        self.finish = Some(FinishReason::Cancelled);
+        self.pending = None;
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// The result; call once the sequence is finished.
+    pub fn into_completion(self) -> Completion {
+        let prefill_time = self.prefill_time.unwrap_or_else(|| self.started.elapsed());
+        Completion {
+            finish_reason: self.finish.unwrap_or(FinishReason::Cancelled),
+            prompt_tokens: self.prompt.len(),
+            cached_tokens: self.cached,
+            decode_time: self.started.elapsed().saturating_sub(prefill_time),
+            prefill_time,
+            tokens: self.tokens,
+            text: self.text.into_text(),
+        }
     }
 }
 
@@ -125,99 +307,25 @@ impl Generator<'_> {
         params: &GenerateParams,
         on_token: &mut dyn FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<Completion> {
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        let max = session.kv.capacity();
-        if prompt.len() + 1 > max {
-            return Err(EngineError::ContextLengthExceeded {
-                requested: prompt.len() + params.max_tokens,
-                max,
-            });
-        }
-        let t0 = Instant::now();
-        let cached = session.reuse_prefix(prompt);
-        self.prefill(session, &prompt[cached..])?;
-        let prefill_time = t0.elapsed();
-        let t1 = Instant::now();
-        let mut sampler = Sampler::new(params.sampling.clone());
-        let mut text = TextStream::new(self.tokenizer, &params.stop);
-        let mut tokens = Vec::new();
-        let finish = loop {
-            // Sampling works in place on the workspace's logits: no copy of the vocabulary.
-            let s = sampler.sample(session.ws.logits_mut());
-            tokens.push(s.id);
-            let eog = !params.ignore_eos && self.tokenizer.eog_ids().contains(&s.id);
-            let (delta, hit_stop) = if eog {
-                (text.finish(), false)
-            } else {
-                text.push(s.id)
-            };
-            let event = TokenEvent {
-                id: s.id,
-                text: delta,
-                logprob: s.logprob,
-                top: s.top,
-            };
-            if on_token(&event).is_break() {
-                break FinishReason::Cancelled;
-            }
-            if eog || hit_stop {
-                break FinishReason::Stop;
-            }
-            if tokens.len() >= params.max_tokens || session.kv.len() + 1 > max {
-                let rest = text.finish();
-                if !rest.is_empty() {
-                    let _ = on_token(&TokenEvent {
-                        id: s.id,
-                        text: rest,
-                        logprob: None,
-                        top: Vec::new(),
-                    });
-                }
-                break FinishReason::Length;
-            }
-            self.step(session, s.id)?;
-        };
-        Ok(Completion {
-            text: text.into_text(),
-            tokens,
-            finish_reason: finish,
-            prompt_tokens: prompt.len(),
-            cached_tokens: cached,
-            prefill_time,
-            decode_time: t1.elapsed(),
-        })
-    }
-
-    /// Runs the uncached part of a prompt in chunks; the last token's logits are left in the
-    /// session's workspace.
-    fn prefill(&self, session: &mut Session, tokens: &[u32]) -> Result<()> {
-        let chunk = self.prefill_chunk.max(1);
-        let n_chunks = tokens.len().div_ceil(chunk);
-        for (i, part) in tokens.chunks(chunk).enumerate() {
-            let mode = if i + 1 == n_chunks {
-                Logits::Last
-            } else {
-                Logits::None
-            };
+        let mut seq = Sequence::start(self.tokenizer, session, prompt.to_vec(), params.clone())?;
+        while seq.finish_reason().is_none() {
+            let (input, mode) = seq.next_input(self.prefill_chunk);
+            let n = input.len();
             self.model
-                .forward(self.pool, &mut session.ws, &mut session.kv, part, mode)?;
-            session.tokens.extend_from_slice(part);
+                .forward(self.pool, &mut session.ws, &mut session.kv, input, mode)?;
+            seq.fed(session, n);
+            if mode == Logits::None {
+                continue;
+            }
+            let events = seq.sample(&session.kv, session.ws.logits_mut());
+            for ev in &events {
+                if on_token(ev).is_break() {
+                    seq.cancel();
+                    break;
+                }
+            }
         }
-        Ok(())
-    }
-
-    fn step(&self, session: &mut Session, id: u32) -> Result<()> {
-        self.model.forward(
-            self.pool,
-            &mut session.ws,
-            &mut session.kv,
-            &[id],
-            Logits::Last,
-        )?;
-        session.tokens.push(id);
-        Ok(())
+        Ok(seq.into_completion())
     }
 }
 
@@ -225,14 +333,14 @@ impl Generator<'_> {
 /// sequence.
 struct TextStream<'a> {
     decoder: StreamDecoder<'a>,
-    stop: &'a [String],
+    stop: Vec<String>,
     text: String,
     emitted: usize,
     stopped: bool,
 }
 
 impl<'a> TextStream<'a> {
-    fn new(tokenizer: &'a Tokenizer, stop: &'a [String]) -> Self {
+    fn new(tokenizer: &'a Tokenizer, stop: Vec<String>) -> Self {
         TextStream {
             decoder: StreamDecoder::new(tokenizer),
             stop,
@@ -290,7 +398,7 @@ impl<'a> TextStream<'a> {
     fn longest_stop_prefix_suffix(&self) -> usize {
         let tail = &self.text[self.emitted..];
         let mut best = 0;
-        for s in self.stop {
+        for s in &self.stop {
             for len in (1..s.len().min(tail.len() + 1)).rev() {
                 if len > best
                     && tail.is_char_boundary(tail.len() - len)

@@ -93,6 +93,21 @@ impl KvCache {
         }
     }
 
+    /// Replaces this cache's contents by the first `n` positions of `other` (same model).
+    pub fn copy_prefix_from(&mut self, other: &KvCache, n: usize) {
+        assert_eq!((self.n_layers, self.kv_dim), (other.n_layers, other.kv_dim));
+        let n = n.min(other.len);
+        self.len = 0;
+        self.reserve_to(n);
+        let used = n * self.kv_dim;
+        for l in 0..self.n_layers {
+            let (src, dst) = (other.offset(l, 0), self.offset(l, 0));
+            self.k[dst..dst + used].copy_from_slice(&other.k[src..src + used]);
+            self.v[dst..dst + used].copy_from_slice(&other.v[src..src + used]);
+        }
+        self.len = n;
+    }
+
     /// Marks positions up to `end` as filled (after every layer wrote them).
     pub fn set_len(&mut self, end: usize) {
         self.len = end;
@@ -108,6 +123,11 @@ impl KvCache {
     pub fn values(&self, layer: usize, n: usize) -> &[f16] {
         let o = self.offset(layer, 0);
         &self.v[o..o + n * self.kv_dim]
+    }
+
+    /// Bytes of memory the cache holds now (it grows on demand).
+    pub fn memory_bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * std::mem::size_of::<f16>()
     }
 
     /// Bytes of cache memory per position (keys and values of all layers).

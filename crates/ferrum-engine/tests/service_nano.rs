@@ -9,17 +9,49 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 use ferrum_engine::engine::{LoadOptions, LoadedModel};
-use ferrum_engine::generate::GenerateParams;
+use ferrum_engine::generate::{Completion, GenerateParams};
 use ferrum_engine::sampler::SamplingParams;
-use ferrum_engine::service::{Event, ModelHandle, Request, SubmitError};
+use ferrum_engine::service::{EngineOptions, Event, ModelHandle, Request, SubmitError};
 
-fn handle(queue: usize) -> ModelHandle {
-    let opts = LoadOptions {
+fn handle_with(opts: EngineOptions) -> ModelHandle {
+    let load = LoadOptions {
         context_length: Some(1024),
         ..Default::default()
     };
-    let model = LoadedModel::load(&common::model_path("nano"), &opts).unwrap();
-    ModelHandle::spawn(model, queue).unwrap()
+    let model = LoadedModel::load(&common::model_path("nano"), &load).unwrap();
+    ModelHandle::spawn(model, opts).unwrap()
+}
+
+fn handle(queue: usize) -> ModelHandle {
+    handle_with(EngineOptions {
+        queue_capacity: queue,
+        ..Default::default()
+    })
+}
+
+/// Runs a request to the end; returns each choice's completion.
+fn complete(
+    h: &ModelHandle,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+    choices: u32,
+) -> Vec<Completion> {
+    let (req, rx) = request(prompt, params, choices, None);
+    h.submit(req).unwrap();
+    collect(rx)
+}
+
+fn collect(rx: Receiver<Event>) -> Vec<Completion> {
+    let mut done: Vec<(u32, Completion)> = rx
+        .iter()
+        .filter_map(|e| match e {
+            Event::ChoiceDone { choice, completion } => Some((choice, completion)),
+            Event::Error(e) => panic!("request failed: {e}"),
+            _ => None,
+        })
+        .collect();
+    done.sort_by_key(|d| d.0);
+    done.into_iter().map(|d| d.1).collect()
 }
 
 fn prompt(h: &ModelHandle, user: &str) -> Vec<u32> {
@@ -86,7 +118,7 @@ fn endless(h: &ModelHandle, max_tokens: usize) -> GenerateParams {
 }
 
 #[test]
-fn choices_arrive_in_order_with_their_own_seeds() {
+fn choices_run_side_by_side_with_their_own_seeds() {
     let h = handle(4);
     let sampling = SamplingParams {
         temperature: 1.0,
@@ -98,33 +130,142 @@ fn choices_arrive_in_order_with_their_own_seeds() {
     let events: Vec<Event> = rx.iter().collect();
     assert!(matches!(events[0], Event::Started));
     let mut texts = vec![String::new(); 3];
-    let mut done = Vec::new();
-    let mut current = 0;
+    let mut done = vec![None; 3];
     for ev in &events[1..] {
         match ev {
             Event::Token { choice, token } => {
-                assert_eq!(*choice, current, "choices run one after another");
+                assert!(
+                    done[*choice as usize].is_none(),
+                    "token after its choice ended"
+                );
                 texts[*choice as usize].push_str(&token.text);
             }
             Event::ChoiceDone { choice, completion } => {
-                assert_eq!(*choice, current);
-                assert_eq!(completion.text, texts[current as usize]);
-                done.push(completion.clone());
-                current += 1;
+                assert!(done[*choice as usize].is_none(), "choice ended twice");
+                assert_eq!(completion.text, texts[*choice as usize]);
+                done[*choice as usize] = Some(completion.clone());
             }
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert_eq!(done.len(), 3);
-    // Same prompt: later choices reuse all of it but the last token.
-    assert_eq!(done[1].cached_tokens, done[1].prompt_tokens - 1);
+    assert!(done.iter().all(Option::is_some));
     // Seeds 7, 8, 9: the choices are different samples (with overwhelming probability).
     assert!(texts[0] != texts[1] || texts[1] != texts[2], "{texts:?}");
+    // The same request again gives the same three choices (seeded), now from cached prompts.
+    let again = complete(
+        &h,
+        prompt(&h, "Name a color."),
+        params(
+            12,
+            SamplingParams {
+                temperature: 1.0,
+                seed: Some(7),
+                ..Default::default()
+            },
+        ),
+        3,
+    );
+    for (a, b) in again.iter().zip(&done) {
+        assert_eq!(a.text, b.as_ref().unwrap().text);
+        assert_eq!(a.cached_tokens, a.prompt_tokens - 1);
+    }
+}
+
+/// Greedy generation of prompts of different lengths, each alone and then all in one batch,
+/// gives exactly the same tokens: a sequence's result does not depend on its batch.
+#[test]
+fn a_batch_of_mixed_lengths_gives_each_request_its_tokens_alone() {
+    let users = [
+        "Hi",
+        "Write a haiku about the sea.",
+        "List three prime numbers and explain why each of them is prime, in detail.",
+        "What is the capital of France? Answer in one word, then tell me a fact about it.",
+        "Count from one to ten in French.",
+    ];
+    let alone: Vec<Vec<u32>> = {
+        // A fresh engine per prompt: no cached prefix, no batch.
+        users
+            .iter()
+            .map(|u| {
+                let h = handle_with(EngineOptions {
+                    max_running: 1,
+                    ..Default::default()
+                });
+                let p = prompt(&h, u);
+                complete(&h, p, endless(&h, 24), 1).remove(0).tokens
+            })
+            .collect()
+    };
+    // Small step budget: prompts are read in chunks interleaved with others' decoding.
+    let h = handle_with(EngineOptions {
+        step_tokens: 16,
+        ..Default::default()
+    });
+    let receivers: Vec<_> = users
+        .iter()
+        .map(|u| {
+            let (req, rx) = request(prompt(&h, u), endless(&h, 24), 1, None);
+            h.submit(req).unwrap();
+            rx
+        })
+        .collect();
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let batched = collect(rx).remove(0).tokens;
+        assert_eq!(batched, alone[i], "prompt {i} differs when batched");
+    }
+}
+
+/// A conversation's second turn reuses the first turn's cache, also while other requests ran
+/// in between.
+#[test]
+fn prefix_reuse_across_requests_and_turns() {
+    let h = handle(8);
+    let m = h.model();
+    let render = |msgs: &[serde_json::Value]| {
+        let text = m
+            .template
+            .as_ref()
+            .unwrap()
+            .render(msgs, None, true)
+            .unwrap();
+        m.tokenizer.encode(&text, false, true).unwrap()
+    };
+    let turn1 = vec![serde_json::json!({"role": "user", "content": "My name is Ada. Say hello."})];
+    let p1 = render(&turn1);
+    let first = complete(&h, p1.clone(), params(16, SamplingParams::greedy()), 1).remove(0);
+    assert_eq!(first.cached_tokens, 0);
+    // Another conversation in between.
+    complete(
+        &h,
+        prompt(&h, "Unrelated question?"),
+        params(8, SamplingParams::greedy()),
+        1,
+    );
+    let mut turn2 = turn1.clone();
+    turn2.push(serde_json::json!({"role": "assistant", "content": first.text}));
+    turn2.push(serde_json::json!({"role": "user", "content": "What is my name?"}));
+    let p2 = render(&turn2);
+    let second = complete(&h, p2.clone(), params(16, SamplingParams::greedy()), 1).remove(0);
+    assert!(
+        second.cached_tokens >= p1.len() - 1,
+        "cached {} of {} (first turn {})",
+        second.cached_tokens,
+        p2.len(),
+        p1.len()
+    );
+    // The same output as without any cache.
+    let fresh = handle(1);
+    let want = complete(&fresh, p2, params(16, SamplingParams::greedy()), 1).remove(0);
+    assert_eq!(second.tokens, want.tokens);
 }
 
 #[test]
 fn a_full_queue_refuses_and_a_cancelled_request_frees_the_thread() {
-    let h = handle(1);
+    let h = handle_with(EngineOptions {
+        queue_capacity: 1,
+        max_running: 1,
+        ..Default::default()
+    });
     let p = prompt(&h, "Tell me a long story.");
     // The first request runs (cancelled after 3 tokens), the second waits, the third is refused
     // unless the first already left the queue: fill until refused.

@@ -94,7 +94,8 @@ impl Meta {
 async fn collect(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<ChatCompletion, ApiError> {
     let n = meta.req.n as usize;
     let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
-    let mut done: Vec<Completion> = Vec::with_capacity(n);
+    // Choices run side by side: their completions arrive in any order.
+    let mut finished: Vec<Option<Completion>> = vec![None; n];
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Started => {}
@@ -103,15 +104,17 @@ async fn collect(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<ChatCom
                     logprobs[choice as usize].push(lp);
                 }
             }
-            Event::ChoiceDone { completion, .. } => done.push(completion),
+            Event::ChoiceDone { choice, completion } => {
+                finished[choice as usize] = Some(completion)
+            }
             Event::Error(e) => return Err(engine_error(e)),
         }
     }
-    if done.len() != n {
+    let Some(done) = finished.into_iter().collect::<Option<Vec<Completion>>>() else {
         return Err(ApiError::internal(
             "the engine stopped before the response was complete",
         ));
-    }
+    };
     let usage = meta.record_usage(&done).await;
     let choices = done
         .into_iter()
@@ -145,7 +148,8 @@ async fn collect(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<ChatCom
 struct StreamState {
     meta: Meta,
     rx: UnboundedReceiver<Event>,
-    done: Vec<Completion>,
+    /// Completions by choice index.
+    done: Vec<Option<Completion>>,
     finished: bool,
 }
 
@@ -154,9 +158,9 @@ fn stream_response(
     rx: UnboundedReceiver<Event>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let state = StreamState {
+        done: vec![None; meta.req.n as usize],
         meta,
         rx,
-        done: Vec::new(),
         finished: false,
     };
     let events = stream::unfold(state, |mut st| async move {
@@ -229,7 +233,7 @@ impl StreamState {
             }
             Event::ChoiceDone { choice, completion } => {
                 let reason = finish_reason(completion.finish_reason);
-                self.done.push(completion);
+                self.done[choice as usize] = Some(completion);
                 vec![Self::data(&self.chunk(vec![ChunkChoice {
                     index: choice,
                     delta: Delta::default(),
@@ -246,11 +250,16 @@ impl StreamState {
 
     /// After the last engine event: the usage chunk (when asked for) and `[DONE]`.
     async fn end(&mut self) -> Vec<SseEvent> {
-        if self.done.len() != self.meta.req.n as usize {
+        let Some(done) = self
+            .done
+            .iter()
+            .cloned()
+            .collect::<Option<Vec<Completion>>>()
+        else {
             let err = ApiError::internal("the engine stopped before the response was complete");
             return vec![Self::data(&err.body())];
-        }
-        let usage = self.meta.record_usage(&self.done).await;
+        };
+        let usage = self.meta.record_usage(&done).await;
         let mut out = Vec::new();
         if self.meta.req.include_usage {
             let mut chunk = self.chunk(Vec::new());

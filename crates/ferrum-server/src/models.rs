@@ -9,18 +9,18 @@ use std::sync::{Arc, RwLock};
 
 use ferrum_engine::engine::{LoadOptions, LoadedModel};
 use ferrum_engine::gguf::WeightsMemory;
-use ferrum_engine::service::ModelHandle;
+use ferrum_engine::service::{EngineOptions, ModelHandle};
 use ferrum_protocol::ApiError;
 use ferrum_registry::{LoadPolicy, Registry, Tier, WeightsSource};
 use tokio::sync::Mutex;
 
-/// How models are loaded and queued.
+/// How models are loaded and scheduled.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Kernel threads per model (default: all cores).
     pub threads: Option<usize>,
-    /// Waiting requests per model before new ones get 429.
-    pub queue_size: usize,
+    /// Per model: queue size, sequences batched together, tokens per step, KV memory.
+    pub scheduling: EngineOptions,
 }
 
 /// A tier that is ready to serve.
@@ -225,10 +225,10 @@ impl Models {
             prefill_chunk: None,
             weights_memory: WeightsMemory::from_env(),
         };
-        let queue = self.config.queue_size;
+        let scheduling = self.config.scheduling.clone();
         let id = tier.id.clone();
         let (handle, path) =
-            tokio::task::spawn_blocking(move || load_model(&weights, &opts, queue))
+            tokio::task::spawn_blocking(move || load_model(&weights, &opts, scheduling))
                 .await
                 .map_err(|e| ApiError::internal(format!("loading `{id}` panicked: {e}")))??;
         let fingerprint = fingerprint(&path);
@@ -261,7 +261,7 @@ fn slots_of(registry: &Registry) -> HashMap<String, Arc<Slot>> {
 fn load_model(
     weights: &WeightsSource,
     opts: &LoadOptions,
-    queue: usize,
+    scheduling: EngineOptions,
 ) -> Result<(ModelHandle, PathBuf), ApiError> {
     let progress = ferrum_registry::default_progress();
     let path = ferrum_registry::ensure_weights(weights, progress.as_ref()).map_err(|e| {
@@ -269,7 +269,7 @@ fn load_model(
     })?;
     let model = LoadedModel::load(&path, opts)
         .map_err(|e| ApiError::unavailable(format!("The model could not be loaded: {e}")))?;
-    let handle = ModelHandle::spawn(model, queue)
+    let handle = ModelHandle::spawn(model, scheduling)
         .map_err(|e| ApiError::internal(format!("could not start the engine thread: {e}")))?;
     Ok((handle, path))
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Args;
+use ferrum_engine::service::EngineOptions;
 use ferrum_registry::Registry;
 use ferrum_server::{EngineConfig, ServerConfig};
 use ferrum_store::Store;
@@ -26,6 +27,16 @@ pub struct ServeArgs {
     /// Kernel threads per model (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Sequences generated together per model (continuous batching).
+    #[arg(long, default_value_t = 16)]
+    pub max_running: usize,
+    /// Tokens per forward pass: decode tokens plus prompt chunks (bounds a step's latency).
+    #[arg(long, default_value_t = 256)]
+    pub step_tokens: usize,
+    /// Memory for KV caches per model, in MiB (finished sequences' caches are kept for prefix
+    /// reuse within it).
+    #[arg(long, default_value_t = 2048)]
+    pub kv_budget_mib: usize,
 }
 
 #[derive(Args)]
@@ -56,7 +67,13 @@ pub fn serve(registry: Registry, args: ServeArgs) -> anyhow::Result<()> {
         let config = ServerConfig {
             engine: EngineConfig {
                 threads: args.threads,
-                queue_size: args.queue_size.max(1),
+                scheduling: EngineOptions {
+                    queue_capacity: args.queue_size.max(1),
+                    max_running: args.max_running.max(1),
+                    step_tokens: args.step_tokens.max(1),
+                    kv_budget_bytes: args.kv_budget_mib << 20,
+                    ..EngineOptions::default()
+                },
             },
             api_key: args.api_key.filter(|k| !k.is_empty()),
         };

@@ -49,6 +49,14 @@ pub enum Logits {
     All,
 }
 
+/// One sequence's part of a batched forward pass: its cache, its new tokens (at positions
+/// `kv.len()..`), and which of them need logits.
+pub struct SeqInput<'a> {
+    pub kv: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub logits: Logits,
+}
+
 /// Scratch buffers of a forward pass, reused across calls so the hot loop never allocates.
 #[derive(Default)]
 pub struct Workspace {
@@ -64,6 +72,8 @@ pub struct Workspace {
     logits: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// (sequence, position) of each token of the batch.
+    tok: Vec<(u32, u32)>,
     scratch: MatmulScratch,
 }
 
@@ -195,41 +205,74 @@ impl Transformer {
         tokens: &[u32],
         logits: Logits,
     ) -> Result<&'w [f32]> {
+        self.forward_batch(pool, ws, &mut [SeqInput { kv, tokens, logits }])
+    }
+
+    /// One forward pass over several sequences at once (a ragged batch): all their new tokens
+    /// form one activation matrix, so every weight matrix is read once for the whole batch,
+    /// while attention runs per sequence over its own cache. Returns the requested logits, in
+    /// sequence order (`Last`: one row, `All`: one row per token, `None`: no rows).
+    ///
+    /// A token's result does not depend on what else is in the batch: matmul rows and
+    /// activation quantization are per token, and the kernel choice depends only on the weight
+    /// rows, so batched decoding gives exactly the tokens of decoding alone.
+    pub fn forward_batch<'w>(
+        &self,
+        pool: &ThreadPool,
+        ws: &'w mut Workspace,
+        seqs: &mut [SeqInput<'_>],
+    ) -> Result<&'w [f32]> {
         let cfg = &self.cfg;
-        let (t_len, d) = (tokens.len(), cfg.d_model);
-        if t_len == 0 {
-            return Err(EngineError::EmptyPrompt);
+        let d = cfg.d_model;
+        ws.tok.clear();
+        for (s, seq) in seqs.iter_mut().enumerate() {
+            if seq.tokens.is_empty() {
+                return Err(EngineError::EmptyPrompt);
+            }
+            let start = seq.kv.len();
+            let end = start + seq.tokens.len();
+            if end > seq.kv.capacity() {
+                return Err(EngineError::ContextLengthExceeded {
+                    requested: end,
+                    max: seq.kv.capacity(),
+                });
+            }
+            if let Some(&id) = seq.tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                return Err(EngineError::TokenOutOfRange {
+                    id,
+                    vocab: cfg.vocab_size,
+                });
+            }
+            seq.kv.reserve_to(end);
+            ws.tok
+                .extend((start..end).map(|pos| (s as u32, pos as u32)));
         }
-        let start = kv.len();
-        let end = start + t_len;
-        if end > kv.capacity() {
-            return Err(EngineError::ContextLengthExceeded {
-                requested: end,
-                max: kv.capacity(),
-            });
-        }
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            return Err(EngineError::TokenOutOfRange {
-                id,
-                vocab: cfg.vocab_size,
-            });
-        }
-        kv.reserve_to(end);
+        let t_len = ws.tok.len();
         self.prepare(ws, t_len);
-        for (t, &id) in tokens.iter().enumerate() {
+        let ids = seqs.iter().flat_map(|s| s.tokens.iter());
+        for (t, &id) in ids.enumerate() {
             self.embed
                 .dequantize_row(id as usize, &mut ws.x[t * d..(t + 1) * d]);
         }
         for (l, layer) in self.layers.iter().enumerate() {
-            self.attention_block(pool, ws, kv, l, layer, start);
+            self.attention_block(pool, ws, seqs, l, layer);
             self.ffn_block(pool, ws, layer, t_len);
         }
-        kv.set_len(end);
-        let rows: Vec<usize> = match logits {
-            Logits::None => return Ok(&ws.logits[..0]),
-            Logits::Last => vec![t_len - 1],
-            Logits::All => (0..t_len).collect(),
-        };
+        let mut rows = Vec::new();
+        let mut first = 0;
+        for seq in seqs.iter_mut() {
+            let n = seq.tokens.len();
+            seq.kv.set_len(seq.kv.len() + n);
+            match seq.logits {
+                Logits::None => {}
+                Logits::Last => rows.push(first + n - 1),
+                Logits::All => rows.extend(first..first + n),
+            }
+            first += n;
+        }
+        if rows.is_empty() {
+            return Ok(&ws.logits[..0]);
+        }
         for (i, &t) in rows.iter().enumerate() {
             let (x, h) = (&ws.x[t * d..(t + 1) * d], &mut ws.h[i * d..(i + 1) * d]);
             ops::rms_norm(x, &self.norm, cfg.rms_eps, h);
@@ -268,10 +311,9 @@ impl Transformer {
         &self,
         pool: &ThreadPool,
         ws: &mut Workspace,
-        kv: &mut KvCache,
+        seqs: &mut [SeqInput<'_>],
         l: usize,
         layer: &Layer,
-        start: usize,
     ) {
         let c = &self.cfg;
         let t_len = ws.x.len() / c.d_model;
@@ -298,6 +340,7 @@ impl Transformer {
             ],
         );
         for t in 0..t_len {
+            let (s, pos) = (ws.tok[t].0 as usize, ws.tok[t].1 as usize);
             let q = &mut ws.q[t * qd..(t + 1) * qd];
             let k = &mut ws.k[t * kvd..(t + 1) * kvd];
             let v = &mut ws.v[t * kvd..(t + 1) * kvd];
@@ -310,12 +353,12 @@ impl Transformer {
             if let Some(b) = &layer.bv {
                 ops::add_assign(v, b);
             }
-            self.rope.cos_sin(start + t, &mut ws.cos, &mut ws.sin);
+            self.rope.cos_sin(pos, &mut ws.cos, &mut ws.sin);
             self.rope.apply(q, hd, &ws.cos, &ws.sin);
             self.rope.apply(k, hd, &ws.cos, &ws.sin);
-            kv.write(l, start + t, k, v);
+            seqs[s].kv.write(l, pos, k, v);
         }
-        self.attend(pool, ws, kv, l, start, t_len);
+        self.attend(pool, ws, seqs, l);
         kernels::matmul(
             pool,
             &mut ws.scratch,
@@ -329,27 +372,28 @@ impl Transformer {
         ops::add_assign(&mut ws.x, &ws.proj);
     }
 
-    /// Causal attention of the `t_len` new queries over the cache, one chunk per (token, head).
-    fn attend(
-        &self,
-        pool: &ThreadPool,
-        ws: &mut Workspace,
-        kv: &KvCache,
-        l: usize,
-        start: usize,
-        t_len: usize,
-    ) {
+    /// Causal attention of every new query over its own sequence's cache, one chunk per
+    /// (token, head).
+    fn attend(&self, pool: &ThreadPool, ws: &mut Workspace, seqs: &[SeqInput<'_>], l: usize) {
         let c = &self.cfg;
         let (hd, nh, kvd) = (c.head_dim, c.n_heads, c.kv_dim());
         let group = nh / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let keys = kv.keys(l, start + t_len);
-        let values = kv.values(l, start + t_len);
-        let q = &ws.q;
+        // Each sequence's keys and values up to its last new token (written above).
+        let caches: Vec<_> = seqs
+            .iter()
+            .map(|s| {
+                let end = s.kv.len() + s.tokens.len();
+                (s.kv.keys(l, end), s.kv.values(l, end))
+            })
+            .collect();
+        let (q, tok) = (&ws.q, &ws.tok);
         let out = SendPtr(ws.attn.as_mut_ptr());
-        pool.run(t_len * nh, &|chunk| {
+        pool.run(tok.len() * nh, &|chunk| {
             let (t, h) = (chunk / nh, chunk % nh);
-            let n_ctx = start + t + 1;
+            let (s, pos) = (tok[t].0 as usize, tok[t].1 as usize);
+            let (keys, values) = caches[s];
+            let n_ctx = pos + 1;
             let kvh = h / group;
             let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
             ATTN_SCRATCH.with(|cell| {
