@@ -233,3 +233,32 @@ def test_load_with_missing_weights_file_fails(fresh_server, tmp_path):
         assert_error(response, response.status_code)
         assert is_loaded(http, NANO) is True
     assert chat(fresh_server.client(), NANO, logit_bias=BAN_EOS).choices[0].message.content
+
+
+def metric_values(http, name: str) -> dict[str, float]:
+    """The samples of one metric in GET /metrics, by their label text."""
+    response = http.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in response.text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            key, value = line.rsplit(" ", 1)
+            samples[key[len(name):]] = float(value)
+    return samples
+
+
+def test_metrics_count_tokens_cache_hits_and_latencies(fresh_server):
+    """/metrics (Prometheus text) counts generated and cached tokens and records TTFT/ITL."""
+    http = fresh_server.http()
+    client = fresh_server.client()
+    for _ in range(2):  # the second request reuses the first one's prompt
+        chat(client, NANO, max_tokens=6, logit_bias=BAN_EOS)
+    label = f'{{model="{NANO}"}}'
+    assert metric_values(http, "ferrum_generated_tokens_total")[label] >= 12
+    assert metric_values(http, "ferrum_cached_prompt_tokens_total")[label] > 0
+    assert 0 < metric_values(http, "ferrum_prefix_cache_hit_ratio")[label] < 1
+    assert metric_values(http, "ferrum_running_sequences")[label] == 0
+    assert metric_values(http, "ferrum_time_to_first_token_seconds_count")[""] == 2
+    assert metric_values(http, "ferrum_inter_token_latency_seconds_count")[""] >= 10
+    assert metric_values(http, "ferrum_requests_total")[""] == 2

@@ -76,8 +76,9 @@ def test_api_key_sdk(keyed_server):
 
 
 def test_full_queue_answers_429(server_factory):
-    """With --queue-size 1, a burst of 6 long requests gets 429s (error shape) and the rest succeed."""
-    server = server_factory("--queue-size", "1")
+    """With one running sequence and a queue of 1, a burst of 6 long requests gets 429s (error
+    shape, Retry-After) and the rest succeed."""
+    server = server_factory("--queue-size", "1", "--max-running", "1")
     client = server.client()
     barrier = threading.Barrier(6)
     outcomes: list = [None] * 6
@@ -110,6 +111,7 @@ def test_full_queue_answers_429(server_factory):
     for error in limited:
         assert error.status_code == 429
         assert_error_shape(error.response.json())
+        assert int(error.response.headers["retry-after"]) >= 1
     for completion in succeeded:
         assert completion.usage.completion_tokens == 120
         assert completion.choices[0].finish_reason == "length"

@@ -1,7 +1,9 @@
 //! `POST /v1/chat/completions`: one response, or a stream of `chat.completion.chunk` events.
 
 use std::ops::ControlFlow;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -9,7 +11,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ferrum_engine::generate::Completion;
-use ferrum_engine::service::{Event, Request, SubmitError};
+use ferrum_engine::service::{Event, Request, Sink, SubmitError};
 use ferrum_protocol::response::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, TokenLogprob,
 };
@@ -22,6 +24,7 @@ use crate::models::Loaded;
 use crate::{now, random_id, App, HttpError};
 
 pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, HttpError> {
+    let received = Instant::now();
     let req = parse_chat_request(&body)?;
     let loaded = app.models.get(&req.model).await?;
     let (prompt_req, req) = {
@@ -39,18 +42,20 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
         prompt: prepared.prompt,
         params: prepared.params,
         choices: req.n,
-        // A closed receiver means the client went away: the engine stops this request.
-        sink: Box::new(move |ev| match tx.send(ev) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
-        }),
+        sink: timed_sink(&app, received, req.n, move |ev| tx.send(ev).is_ok()),
     };
     loaded.handle.submit(request).map_err(|e| match e {
-        SubmitError::QueueFull(n) => ApiError::queue_full(&loaded.tier.id, n),
+        SubmitError::QueueFull(n) => {
+            app.metrics
+                .rejected_queue_full
+                .fetch_add(1, Ordering::Relaxed);
+            ApiError::queue_full(&loaded.tier.id, n)
+        }
         SubmitError::Stopped => {
             ApiError::unavailable(format!("The model `{}` is shutting down.", loaded.tier.id))
         }
     })?;
+    app.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let meta = Meta {
         id: random_id("chatcmpl-"),
         created: now(),
@@ -63,6 +68,39 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
     } else {
         Ok(Json(collect(meta, rx).await?).into_response())
     }
+}
+
+/// The engine's sink for one request: forwards events with `send` (false = the client went
+/// away, which cancels the request) and measures time to first token and inter-token latency.
+fn timed_sink(
+    app: &App,
+    received: Instant,
+    choices: u32,
+    mut send: impl FnMut(Event) -> bool + Send + 'static,
+) -> Sink {
+    let metrics = Arc::clone(&app.metrics);
+    let mut last: Vec<Option<Instant>> = vec![None; choices as usize];
+    Box::new(move |ev| {
+        if let Event::Token { choice, .. } = &ev {
+            let now = Instant::now();
+            match last.get_mut(*choice as usize) {
+                Some(slot @ None) => {
+                    metrics.ttft.observe(now - received);
+                    *slot = Some(now);
+                }
+                Some(Some(prev)) => {
+                    metrics.itl.observe(now - *prev);
+                    *prev = now;
+                }
+                None => {}
+            }
+        }
+        if send(ev) {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        }
+    })
 }
 
 /// What every part of one response shares.

@@ -5,6 +5,7 @@
 mod admin;
 mod chat;
 mod frontend;
+mod metrics;
 mod models;
 
 use std::future::Future;
@@ -40,6 +41,7 @@ pub struct App {
     pub models: Models,
     pub store: Store,
     pub api_key: Option<String>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl App {
@@ -88,7 +90,15 @@ impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.0.body())).into_response()
+        let mut response = (status, Json(self.0.body())).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // The queue drains as running sequences finish: a short wait is enough (the SDKs
+            // honour Retry-After in their retries).
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -102,6 +112,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(admin::routes())
         .route_layer(middleware::from_fn_with_state(Arc::clone(&app), auth));
     api.route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(render_metrics))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
@@ -120,6 +131,7 @@ pub async fn serve(
         models: Models::new(registry, config.engine),
         store,
         api_key: config.api_key,
+        metrics: Arc::default(),
     });
     app.models
         .load_startup_tiers()
@@ -178,6 +190,20 @@ fn redact(key: &str) -> String {
     let head: String = chars[..4].iter().collect();
     let tail: String = chars[chars.len() - 4..].iter().collect();
     format!("{head}{}{tail}", "*".repeat(chars.len() - 8))
+}
+
+/// `GET /metrics` (Prometheus text format; not behind the API key, like a health check).
+async fn render_metrics(State(app): State<Arc<App>>) -> Response {
+    let loaded = app.models.loaded().await;
+    let stats: Vec<(String, &ferrum_engine::service::EngineStats)> = loaded
+        .iter()
+        .map(|l| (l.tier.id.clone(), l.handle.stats()))
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(&stats),
+    )
+        .into_response()
 }
 
 async fn not_found(method: Method, uri: Uri) -> HttpError {

@@ -169,6 +169,19 @@ impl Models {
         Ok(was)
     }
 
+    /// The tiers that are loaded now.
+    pub async fn loaded(&self) -> Vec<Loaded> {
+        let slots: Vec<Arc<Slot>> = self.slots.read().unwrap().values().cloned().collect();
+        let mut out = Vec::new();
+        for slot in slots {
+            if let Some(l) = &slot.state.lock().await.loaded {
+                out.push(l.clone());
+            }
+        }
+        out.sort_by(|a, b| a.tier.id.cmp(&b.tier.id));
+        out
+    }
+
     pub async fn status(&self) -> Vec<ModelStatus> {
         let slots: Vec<Arc<Slot>> = self
             .tiers()

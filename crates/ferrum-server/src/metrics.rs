@@ -1,0 +1,177 @@
+//! `/metrics` in the Prometheus text format: per model the engine's queue, batch and cache
+//! counters, and server-wide latency histograms (time to first token, inter-token latency).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ferrum_engine::service::EngineStats;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// A cumulative histogram with fixed buckets, updated lock-free from any thread.
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    /// Sum in microseconds (atomics hold integers).
+    sum_us: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            if secs <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// One engine counter: name, Prometheus type, help text, and where to read it.
+type EngineMetric = (&'static str, &'static str, &'static str, fn(&EngineStats) -> &AtomicU64);
+
+/// Server-wide measurements.
+#[derive(Default)]
+pub struct Metrics {
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub requests: AtomicU64,
+    pub rejected_queue_full: AtomicU64,
+}
+
+impl Metrics {
+    /// The exposition text, with the engine counters of each loaded model.
+    pub fn render(&self, models: &[(String, &EngineStats)]) -> String {
+        let mut out = String::new();
+        let gauges: [EngineMetric; 7] = [
+            (
+                "ferrum_running_sequences",
+                "gauge",
+                "Sequences in the running batch.",
+                |s| &s.running,
+            ),
+            (
+                "ferrum_waiting_requests",
+                "gauge",
+                "Requests queued for admission.",
+                |s| &s.waiting,
+            ),
+            (
+                "ferrum_kv_cache_bytes",
+                "gauge",
+                "Memory held by KV caches (running and idle).",
+                |s| &s.kv_bytes,
+            ),
+            (
+                "ferrum_engine_steps_total",
+                "counter",
+                "Forward passes run.",
+                |s| &s.steps,
+            ),
+            (
+                "ferrum_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of admitted sequences.",
+                |s| &s.prompt_tokens,
+            ),
+            (
+                "ferrum_cached_prompt_tokens_total",
+                "counter",
+                "Prompt tokens served from the prefix cache.",
+                |s| &s.cached_tokens,
+            ),
+            (
+                "ferrum_generated_tokens_total",
+                "counter",
+                "Tokens generated.",
+                |s| &s.generated_tokens,
+            ),
+        ];
+        for (name, kind, help, get) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (model, stats) in models {
+                let v = get(stats).load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}{{model=\"{model}\"}} {v}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ferrum_prefix_cache_hit_ratio Cached share of prompt tokens since start.\n\
+             # TYPE ferrum_prefix_cache_hit_ratio gauge"
+        );
+        for (model, stats) in models {
+            let prompt = stats.prompt_tokens.load(Ordering::Relaxed);
+            let cached = stats.cached_tokens.load(Ordering::Relaxed);
+            let ratio = if prompt == 0 {
+                0.0
+            } else {
+                cached as f64 / prompt as f64
+            };
+            let _ = writeln!(
+                out,
+                "ferrum_prefix_cache_hit_ratio{{model=\"{model}\"}} {ratio}"
+            );
+        }
+        for (name, help, v) in [
+            (
+                "ferrum_requests_total",
+                "Chat completion requests accepted.",
+                &self.requests,
+            ),
+            (
+                "ferrum_rejected_queue_full_total",
+                "Requests refused with 429.",
+                &self.rejected_queue_full,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        self.ttft.render(
+            &mut out,
+            "ferrum_time_to_first_token_seconds",
+            "From request receipt to the first generated token.",
+        );
+        self.itl.render(
+            &mut out,
+            "ferrum_inter_token_latency_seconds",
+            "Between consecutive generated tokens of a choice.",
+        );
+        out
+    }
+}
