@@ -76,6 +76,11 @@ impl LoadedModel {
         Session::new(&self.model, self.context_length)
     }
 
+    /// KV cache bytes per position of this model (keys and values of every layer, f16).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        2 * self.model.cfg.n_layers * self.model.cfg.kv_dim() * 2
+    }
+
     pub fn generator(&self) -> Generator<'_> {
         Generator {
             model: &self.model,

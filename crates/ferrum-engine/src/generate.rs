@@ -134,11 +134,14 @@ impl Session {
 /// keys and values live in a [`Session`] the caller keeps beside it.
 pub struct Sequence<'m> {
     tokenizer: &'m Tokenizer,
-    prompt: Vec<u32>,
+    /// The tokens whose keys and values the session must hold: the prompt, then every
+    /// generated token that was fed back.
+    context: Vec<u32>,
+    prompt_len: usize,
     params: GenerateParams,
     cached: usize,
-    /// Prompt tokens whose keys and values are in the session.
-    prefilled: usize,
+    /// Leading tokens of `context` whose keys and values are in the session.
+    fed: usize,
     sampler: Sampler,
     text: TextStream<'m>,
     tokens: Vec<u32>,
@@ -173,10 +176,11 @@ impl<'m> Sequence<'m> {
             tokenizer,
             sampler: Sampler::new(params.sampling.clone()),
             text: TextStream::new(tokenizer, stop),
-            prompt,
+            prompt_len: prompt.len(),
+            context: prompt,
             params,
             cached,
-            prefilled: cached,
+            fed: cached,
             tokens: Vec::new(),
             pending: None,
             started: Instant::now(),
@@ -185,43 +189,62 @@ impl<'m> Sequence<'m> {
         })
     }
 
-    /// The tokens to run next (at most `budget` prompt tokens, or the one sampled token), and
+    /// The tokens to run next (at most `budget` context tokens, or the one sampled token), and
     /// whether that pass must produce logits. Empty once the sequence is finished.
     pub fn next_input(&self, budget: usize) -> (&[u32], Logits) {
         if self.finish.is_some() {
             return (&[], Logits::None);
         }
-        if let Some(tok) = &self.pending {
-            return (std::slice::from_ref(tok), Logits::Last);
+        if self.fed < self.context.len() {
+            let end = (self.fed + budget.max(1)).min(self.context.len());
+            // The end of the prompt needs logits to sample from; the end of a context being
+            // recomputed after preemption does not (its next token is already chosen).
+            let mode = if end == self.context.len() && self.pending.is_none() {
+                Logits::Last
+            } else {
+                Logits::None
+            };
+            return (&self.context[self.fed..end], mode);
         }
-        let end = (self.prefilled + budget.max(1)).min(self.prompt.len());
-        let mode = if end == self.prompt.len() {
-            Logits::Last
-        } else {
-            Logits::None
-        };
-        (&self.prompt[self.prefilled..end], mode)
+        match &self.pending {
+            Some(tok) => (std::slice::from_ref(tok), Logits::Last),
+            None => (&[], Logits::None),
+        }
     }
 
-    /// Whether the prompt is still being read.
+    /// Whether context (prompt, or tokens to recompute) is still being read.
     pub fn is_prefilling(&self) -> bool {
-        self.pending.is_none() && self.finish.is_none()
+        self.finish.is_none() && self.fed < self.context.len()
     }
 
-    /// Prompt tokens not yet run.
+    /// Context tokens not yet run.
     pub fn prompt_left(&self) -> usize {
-        self.prompt.len() - self.prefilled
+        self.context.len() - self.fed
+    }
+
+    /// The tokens the session must hold before decoding can go on.
+    pub fn context(&self) -> &[u32] {
+        &self.context
     }
 
     /// Records that the first `n` tokens of the last [`next_input`](Self::next_input) were
     /// run into `session`.
     pub fn fed(&mut self, session: &mut Session, n: usize) {
-        if let Some(tok) = self.pending.take() {
+        if self.fed < self.context.len() {
+            session.extend(&self.context[self.fed..self.fed + n]);
+            self.fed += n;
+        } else if let Some(tok) = self.pending.take() {
             session.extend(&[tok]);
-        } else {
-            session.extend(&self.prompt[self.prefilled..self.prefilled + n]);
-            self.prefilled += n;
+            self.context.push(tok);
+            self.fed += 1;
         }
+    }
+
+    /// Preemption: the session was taken away; the context will be recomputed on `session`
+    /// (which may hold a prefix of it) before decoding goes on. The output does not change:
+    /// recomputed keys and values are the same numbers, and the sampler keeps its state.
+    pub fn resume(&mut self, session: &mut Session) {
+        self.fed = session.reuse_prefix(&self.context);
     }
 
     /// Picks the next token from the logits of the last input; returns the events to report
@@ -278,7 +301,7 @@ impl<'m> Sequence<'m> {
         let prefill_time = self.prefill_time.unwrap_or_else(|| self.started.elapsed());
         Completion {
             finish_reason: self.finish.unwrap_or(FinishReason::Cancelled),
-            prompt_tokens: self.prompt.len(),
+            prompt_tokens: self.prompt_len,
             cached_tokens: self.cached,
             decode_time: self.started.elapsed().saturating_sub(prefill_time),
             prefill_time,

@@ -74,6 +74,17 @@ impl KvCache {
         self.v = v;
     }
 
+    /// The memory the cache will hold once positions up to `end` are reserved.
+    pub fn memory_bytes_after_reserve(&self, end: usize) -> usize {
+        let allocated = self.allocated();
+        let positions = if end <= allocated {
+            allocated
+        } else {
+            end.max(allocated * 2).max(64).min(self.capacity)
+        };
+        2 * self.n_layers * positions * self.kv_dim * std::mem::size_of::<f16>()
+    }
+
     fn allocated(&self) -> usize {
         self.k.len() / (self.n_layers * self.kv_dim).max(1)
     }

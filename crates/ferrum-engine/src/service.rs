@@ -103,6 +103,7 @@ pub struct EngineStats {
     pub cached_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub kv_bytes: AtomicU64,
+    pub preemptions: AtomicU64,
 }
 
 /// A loaded model and the queue of its engine thread. Cloning shares both; the thread stops
@@ -170,12 +171,22 @@ struct Running<'m> {
     session: Session,
 }
 
+/// A sequence whose cache was taken back to make room; it is recomputed when there is room.
+struct Preempted<'m> {
+    req: u64,
+    choice: u32,
+    seq: Sequence<'m>,
+}
+
 struct Engine<'m> {
     model: &'m LoadedModel,
     opts: EngineOptions,
     stats: Arc<EngineStats>,
     ws: Workspace,
+    /// In admission order: the last is the newest, the first to be preempted.
     running: Vec<Running<'m>>,
+    /// Waiting to be resumed, before any new request is admitted.
+    preempted: VecDeque<Preempted<'m>>,
     requests: HashMap<u64, Active>,
     /// Caches of finished sequences, oldest first.
     idle: VecDeque<Session>,
@@ -192,6 +203,7 @@ impl<'m> Engine<'m> {
             stats,
             ws: Workspace::default(),
             running: Vec::new(),
+            preempted: VecDeque::new(),
             requests: HashMap::new(),
             idle: VecDeque::new(),
             next: None,
@@ -220,6 +232,11 @@ impl<'m> Engine<'m> {
     /// Takes requests off the queue while there is room; blocks when there is nothing to do.
     /// Returns false once the queue is closed and all work is done.
     fn admit(&mut self, queue: &Receiver<Request>) -> bool {
+        self.resume_preempted();
+        if !self.preempted.is_empty() {
+            // Preempted sequences go first; new requests wait (in the queue) behind them.
+            return true;
+        }
         loop {
             let request = match self.next.take() {
                 Some(r) => r,
@@ -239,6 +256,38 @@ impl<'m> Engine<'m> {
             }
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             self.start(request);
+        }
+    }
+
+    /// Resumes preempted sequences, oldest first, while the batch and the memory budget have
+    /// room for their context.
+    fn resume_preempted(&mut self) {
+        while let Some(p) = self.preempted.front() {
+            if self.requests.get(&p.req).is_none_or(|a| a.cancelled) {
+                let p = self.preempted.pop_front().expect("front exists");
+                self.finish_choice(p.req);
+                continue;
+            }
+            let per_position = self.model.kv_bytes_per_position();
+            let need = p.seq.context().len() * per_position;
+            let running: usize = self
+                .running
+                .iter()
+                .map(|r| r.session.kv.memory_bytes())
+                .sum();
+            let fits = running + need <= self.opts.kv_budget_bytes;
+            if !self.running.is_empty() && (self.running.len() >= self.opts.max_running || !fits) {
+                return;
+            }
+            let mut p = self.preempted.pop_front().expect("front exists");
+            let mut session = self.take_session(p.seq.context());
+            p.seq.resume(&mut session);
+            self.running.push(Running {
+                req: p.req,
+                choice: p.choice,
+                seq: p.seq,
+                session,
+            });
         }
     }
 
@@ -359,6 +408,7 @@ impl<'m> Engine<'m> {
                 budget -= n;
             }
         }
+        self.make_room(&mut plan);
         let mut fed: Vec<(usize, usize, Logits)> = Vec::with_capacity(plan.len());
         let result = {
             let mut batch = Vec::with_capacity(plan.len());
@@ -416,6 +466,59 @@ impl<'m> Engine<'m> {
         self.retire();
     }
 
+    /// Keeps the KV memory of the coming step within the budget: drops idle caches (oldest
+    /// first), then preempts running sequences (newest first; they are recomputed later). A
+    /// single sequence is never preempted, whatever its size.
+    fn make_room(&mut self, plan: &mut Vec<Option<usize>>) {
+        loop {
+            let running: usize = self
+                .running
+                .iter()
+                .zip(plan.iter())
+                .map(|(r, p)| match p {
+                    Some(n) => r
+                        .session
+                        .kv
+                        .memory_bytes_after_reserve(r.session.kv.len() + n),
+                    None => r.session.kv.memory_bytes(),
+                })
+                .sum();
+            let idle: usize = self.idle.iter().map(|s| s.kv.memory_bytes()).sum();
+            if running + idle <= self.opts.kv_budget_bytes {
+                return;
+            }
+            if self.idle.pop_front().is_some() {
+                continue;
+            }
+            if self.running.len() <= 1 {
+                return;
+            }
+            let r = self.running.pop().expect("more than one running");
+            plan.pop();
+            self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                request = r.req,
+                choice = r.choice,
+                "preempted: KV budget full"
+            );
+            self.preempted.push_front(Preempted {
+                req: r.req,
+                choice: r.choice,
+                seq: r.seq,
+            });
+        }
+    }
+
+    /// One choice of a request is over; the request ends (its sink is dropped) with its last.
+    fn finish_choice(&mut self, req: u64) {
+        if let Some(active) = self.requests.get_mut(&req) {
+            active.live -= 1;
+            if active.live == 0 {
+                self.requests.remove(&req);
+            }
+        }
+    }
+
     /// Moves finished and cancelled sequences out: their completions are reported, their
     /// caches kept for prefix reuse.
     fn retire(&mut self) {
@@ -442,12 +545,20 @@ impl<'m> Engine<'m> {
                     active.cancelled = true;
                 }
             }
-            active.live -= 1;
-            if active.live == 0 {
-                // Dropping the sink ends the request's event stream.
-                self.requests.remove(&r.req);
-            }
+            // Dropping the sink with the last choice ends the request's event stream.
+            self.finish_choice(r.req);
             self.park(r.session);
+        }
+        // Preempted choices of cancelled requests end too.
+        let mut i = 0;
+        while i < self.preempted.len() {
+            let req = self.preempted[i].req;
+            if self.requests.get(&req).is_some_and(|a| a.cancelled) {
+                self.preempted.remove(i);
+                self.finish_choice(req);
+            } else {
+                i += 1;
+            }
         }
     }
 
@@ -465,6 +576,7 @@ impl<'m> Engine<'m> {
     /// caches, whose contents may be inconsistent.
     fn fail_all(&mut self, error: impl Fn() -> EngineError) {
         self.running.clear();
+        self.preempted.clear();
         for (_, mut active) in self.requests.drain() {
             let _ = (active.sink)(Event::Error(error()));
         }

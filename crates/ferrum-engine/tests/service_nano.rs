@@ -320,3 +320,74 @@ fn a_client_gone_before_its_turn_costs_nothing() {
     h.submit(req).unwrap();
     assert!(rx.iter().any(|e| matches!(e, Event::ChoiceDone { .. })));
 }
+
+/// Under a KV budget too small for all requests at once, sequences are preempted (their caches
+/// dropped) and recomputed later, and every request still gets exactly its tokens.
+#[test]
+fn preemption_under_a_tiny_kv_budget_keeps_every_output() {
+    let users = [
+        "Tell me about the moon.",
+        "Write a short poem about autumn leaves.",
+        "Why is the sky blue?",
+        "Explain recursion to a child.",
+        "What do cats eat?",
+    ];
+    let reference = handle(8);
+    let alone: Vec<Vec<u32>> = users
+        .iter()
+        .map(|u| {
+            let p = prompt(&reference, u);
+            complete(&reference, p, endless(&reference, 40), 1)
+                .remove(0)
+                .tokens
+        })
+        .collect();
+    // Room for about two of these sequences' caches (64 positions of nano = 1.4 MiB each).
+    let h = handle_with(EngineOptions {
+        kv_budget_bytes: 4 << 20,
+        step_tokens: 32,
+        ..Default::default()
+    });
+    let receivers: Vec<_> = users
+        .iter()
+        .map(|u| {
+            let (req, rx) = request(prompt(&h, u), endless(&h, 40), 1, None);
+            h.submit(req).unwrap();
+            rx
+        })
+        .collect();
+    for (i, rx) in receivers.into_iter().enumerate() {
+        assert_eq!(collect(rx).remove(0).tokens, alone[i], "prompt {i} differs");
+    }
+    let stats = h.stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    assert!(
+        stats.preemptions.load(Relaxed) > 0,
+        "the budget never forced a preemption"
+    );
+    assert!(stats.kv_bytes.load(Relaxed) <= 4 << 20);
+}
+
+/// A request cancelled while some of its choices were preempted ends cleanly, and the engine
+/// goes on serving.
+#[test]
+fn cancelling_a_request_with_preempted_choices_frees_everything() {
+    let h = handle_with(EngineOptions {
+        kv_budget_bytes: 3 << 20,
+        ..Default::default()
+    });
+    let p = prompt(&h, "Tell me a long story.");
+    let (req, rx) = request(p.clone(), endless(&h, 200), 4, Some(10));
+    h.submit(req).unwrap();
+    let events: Vec<Event> = rx.iter().collect();
+    assert!(!events.iter().any(|e| matches!(e, Event::ChoiceDone { .. })));
+    let done = complete(&h, p, params(4, SamplingParams::greedy()), 1);
+    assert_eq!(done[0].tokens.len(), 4);
+    // The stats are published after the step that finished the request.
+    use std::sync::atomic::Ordering::Relaxed;
+    let t0 = Instant::now();
+    while h.stats().running.load(Relaxed) != 0 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(h.stats().running.load(Relaxed), 0);
+}

@@ -60,7 +60,12 @@ impl Histogram {
 }
 
 /// One engine counter: name, Prometheus type, help text, and where to read it.
-type EngineMetric = (&'static str, &'static str, &'static str, fn(&EngineStats) -> &AtomicU64);
+type EngineMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&EngineStats) -> &AtomicU64,
+);
 
 /// Server-wide measurements.
 #[derive(Default)]
@@ -75,7 +80,7 @@ impl Metrics {
     /// The exposition text, with the engine counters of each loaded model.
     pub fn render(&self, models: &[(String, &EngineStats)]) -> String {
         let mut out = String::new();
-        let gauges: [EngineMetric; 7] = [
+        let gauges: [EngineMetric; 8] = [
             (
                 "ferrum_running_sequences",
                 "gauge",
@@ -117,6 +122,12 @@ impl Metrics {
                 "counter",
                 "Tokens generated.",
                 |s| &s.generated_tokens,
+            ),
+            (
+                "ferrum_preemptions_total",
+                "counter",
+                "Sequences preempted (cache dropped, recomputed later) to stay within the KV budget.",
+                |s| &s.preemptions,
             ),
         ];
         for (name, kind, help, get) in gauges {
