@@ -84,6 +84,16 @@ impl Session {
         }
     }
 
+    /// A session over a given cache that holds the keys and values of `tokens`.
+    pub fn with_cache(kv: KvCache, tokens: &[u32]) -> Self {
+        debug_assert_eq!(kv.len(), tokens.len());
+        Session {
+            kv,
+            tokens: tokens.to_vec(),
+            ws: Workspace::default(),
+        }
+    }
+
     /// Forgets everything cached.
     pub fn reset(&mut self) {
         self.kv.truncate(0);
@@ -104,14 +114,6 @@ impl Session {
             .take_while(|(a, b)| a == b)
             .count()
             .min(prompt.len().saturating_sub(1))
-    }
-
-    /// Makes this session hold the first `n` cached tokens of `other`, leaving `other` as it is.
-    pub fn copy_prefix_from(&mut self, other: &Session, n: usize) {
-        let n = n.min(other.tokens.len());
-        self.kv.copy_prefix_from(&other.kv, n);
-        self.tokens.clear();
-        self.tokens.extend_from_slice(&other.tokens[..n]);
     }
 
     /// Keeps the longest cached prefix of `prompt` and returns its length.

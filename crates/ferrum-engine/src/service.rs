@@ -9,11 +9,15 @@
 //! the whole batch, every weight matrix read once for all of it; then every sequence that got
 //! logits samples its next token and reports it.
 //!
-//! Prefix caching: a finished sequence's KV cache goes to a pool of idle sessions (LRU, bounded
-//! by count and by a memory budget). A new sequence takes the idle session sharing the longest
-//! prefix with its prompt, so a multi-turn conversation or a shared system prompt is read once;
-//! the reused tokens are reported as `cached_tokens`. (A paged, content-addressed block cache is
-//! the next step; the seam stays the same.)
+//! Memory: the KV cache is one pool of fixed-size blocks (`kv::KvStorage`) sized from a memory
+//! budget; each sequence holds a block table. Automatic prefix caching: every full block is
+//! registered under the hash of its tokens and of all tokens before it (`kv::blocks`), so a new
+//! sequence whose prompt starts with cached blocks takes references to them and prefills only
+//! the rest (reported as `cached_tokens`): a shared system prompt or the previous turns of a
+//! conversation are read once. Blocks nobody holds stay cached until a fresh block is needed
+//! (least recently released first). When no block is left, the newest running sequences are
+//! preempted: their blocks are released and their context is recomputed when there is room,
+//! which yields the same keys and values, so the same output.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
@@ -24,6 +28,8 @@ use std::sync::Arc;
 use crate::engine::LoadedModel;
 use crate::error::EngineError;
 use crate::generate::{Completion, GenerateParams, Sequence, Session, TokenEvent};
+use crate::kv::blocks::{block_hash, BlockAllocator};
+use crate::kv::{KvCache, KvStorage, BLOCK_SIZE};
 use crate::model::transformer::{Logits, SeqInput, Workspace};
 
 /// What a request reports: `Started` once, then per choice its tokens and a `ChoiceDone`
@@ -74,10 +80,7 @@ pub struct EngineOptions {
     pub max_running: usize,
     /// Tokens per forward pass (decode tokens plus prompt chunks).
     pub step_tokens: usize,
-    /// Finished sequences' caches kept for prefix reuse.
-    pub idle_sessions: usize,
-    /// Memory for all KV caches, running and idle; idle ones are evicted (oldest first) to stay
-    /// under it.
+    /// Memory of the KV block pool (running sequences and the prefix cache).
     pub kv_budget_bytes: usize,
 }
 
@@ -87,7 +90,6 @@ impl Default for EngineOptions {
             queue_capacity: 64,
             max_running: 16,
             step_tokens: 256,
-            idle_sessions: 16,
             kv_budget_bytes: 2 << 30,
         }
     }
@@ -102,7 +104,12 @@ pub struct EngineStats {
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Bytes of the blocks running sequences hold.
     pub kv_bytes: AtomicU64,
+    pub kv_blocks_total: AtomicU64,
+    pub kv_blocks_used: AtomicU64,
+    /// Unreferenced blocks kept for the prefix cache.
+    pub kv_blocks_cached: AtomicU64,
     pub preemptions: AtomicU64,
 }
 
@@ -169,9 +176,12 @@ struct Running<'m> {
     choice: u32,
     seq: Sequence<'m>,
     session: Session,
+    /// Leading blocks of the session registered in the prefix cache, and the hash of the last.
+    registered: usize,
+    parent_hash: u64,
 }
 
-/// A sequence whose cache was taken back to make room; it is recomputed when there is room.
+/// A sequence whose blocks were taken back to make room; it is recomputed when there is room.
 struct Preempted<'m> {
     req: u64,
     choice: u32,
@@ -183,13 +193,13 @@ struct Engine<'m> {
     opts: EngineOptions,
     stats: Arc<EngineStats>,
     ws: Workspace,
+    storage: Arc<KvStorage>,
+    blocks: BlockAllocator,
     /// In admission order: the last is the newest, the first to be preempted.
     running: Vec<Running<'m>>,
     /// Waiting to be resumed, before any new request is admitted.
     preempted: VecDeque<Preempted<'m>>,
     requests: HashMap<u64, Active>,
-    /// Caches of finished sequences, oldest first.
-    idle: VecDeque<Session>,
     /// A request taken off the queue that did not fit yet.
     next: Option<Request>,
     next_id: u64,
@@ -197,15 +207,28 @@ struct Engine<'m> {
 
 impl<'m> Engine<'m> {
     fn new(model: &'m LoadedModel, opts: EngineOptions, stats: Arc<EngineStats>) -> Self {
+        let cfg = &model.model.cfg;
+        let per_block = KvStorage::bytes_per_block(cfg.n_layers, cfg.kv_dim());
+        let n_blocks = (opts.kv_budget_bytes / per_block).max(1);
+        stats
+            .kv_blocks_total
+            .store(n_blocks as u64, Ordering::Relaxed);
+        tracing::info!(
+            blocks = n_blocks,
+            block_size = BLOCK_SIZE,
+            mib = (n_blocks * per_block) >> 20,
+            "KV block pool"
+        );
         Engine {
             model,
             opts,
             stats,
             ws: Workspace::default(),
+            storage: KvStorage::new(cfg.n_layers, cfg.kv_dim(), n_blocks),
+            blocks: BlockAllocator::new(n_blocks),
             running: Vec::new(),
             preempted: VecDeque::new(),
             requests: HashMap::new(),
-            idle: VecDeque::new(),
             next: None,
             next_id: 0,
         }
@@ -221,7 +244,7 @@ impl<'m> Engine<'m> {
             }
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
             if outcome.is_err() {
-                tracing::error!("an engine step panicked; its requests fail and caches are reset");
+                tracing::error!("an engine step panicked; its requests fail");
                 self.fail_all(|| EngineError::Internal("generation panicked".into()));
             }
             self.publish_stats();
@@ -259,8 +282,8 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Resumes preempted sequences, oldest first, while the batch and the memory budget have
-    /// room for their context.
+    /// Resumes preempted sequences, oldest first, while the batch has room and the pool has
+    /// blocks for their context (with a block of headroom per running sequence).
     fn resume_preempted(&mut self) {
         while let Some(p) = self.preempted.front() {
             if self.requests.get(&p.req).is_none_or(|a| a.cancelled) {
@@ -268,25 +291,22 @@ impl<'m> Engine<'m> {
                 self.finish_choice(p.req);
                 continue;
             }
-            let per_position = self.model.kv_bytes_per_position();
-            let need = p.seq.context().len() * per_position;
-            let running: usize = self
-                .running
-                .iter()
-                .map(|r| r.session.kv.memory_bytes())
-                .sum();
-            let fits = running + need <= self.opts.kv_budget_bytes;
-            if !self.running.is_empty() && (self.running.len() >= self.opts.max_running || !fits) {
+            let need = p.seq.context().len().div_ceil(BLOCK_SIZE) + 1 + self.running.len();
+            if !self.running.is_empty()
+                && (self.running.len() >= self.opts.max_running || need > self.blocks.available())
+            {
                 return;
             }
             let mut p = self.preempted.pop_front().expect("front exists");
-            let mut session = self.take_session(p.seq.context());
+            let (mut session, registered, parent_hash) = self.session_for(p.seq.context());
             p.seq.resume(&mut session);
             self.running.push(Running {
                 req: p.req,
                 choice: p.choice,
                 seq: p.seq,
                 session,
+                registered,
+                parent_hash,
             });
         }
     }
@@ -300,21 +320,21 @@ impl<'m> Engine<'m> {
         let id = self.next_id;
         self.next_id += 1;
         let choices = request.choices.max(1);
-        let mut started = Vec::with_capacity(choices as usize);
+        let mut started: Vec<Running<'m>> = Vec::with_capacity(choices as usize);
         for choice in 0..choices {
             let mut params = request.params.clone();
             params.sampling.seed = params
                 .sampling
                 .seed
                 .map(|s| s.wrapping_add(u64::from(choice)));
-            let mut session = self.take_session(&request.prompt);
+            let (mut session, registered, parent_hash) = self.session_for(&request.prompt);
             let tokenizer = &self.model.tokenizer;
             match Sequence::start(tokenizer, &mut session, request.prompt.clone(), params) {
                 Ok(seq) => {
+                    let cached = request.prompt.len() - seq.prompt_left();
                     self.stats
                         .prompt_tokens
                         .fetch_add(request.prompt.len() as u64, Ordering::Relaxed);
-                    let cached = request.prompt.len() - seq.prompt_left();
                     self.stats
                         .cached_tokens
                         .fetch_add(cached as u64, Ordering::Relaxed);
@@ -323,12 +343,14 @@ impl<'m> Engine<'m> {
                         choice,
                         seq,
                         session,
+                        registered,
+                        parent_hash,
                     });
                 }
                 Err(e) => {
-                    self.idle.push_back(session);
-                    for r in started {
-                        self.idle.push_back(r.session);
+                    self.release(&mut session);
+                    for mut r in started {
+                        self.release(&mut r.session);
                     }
                     let _ = (request.sink)(Event::Error(e));
                     return;
@@ -346,48 +368,34 @@ impl<'m> Engine<'m> {
         );
     }
 
-    /// A session for `prompt` holding the longest prefix of it that any idle session has.
-    /// An idle session whose whole content is that prefix (the previous turn of the same
-    /// conversation) is taken as it is; a shorter shared prefix (a common system prompt) is
-    /// copied, so the idle session keeps serving its own conversation.
-    fn take_session(&mut self, prompt: &[u32]) -> Session {
-        let best = self
-            .idle
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.common_prefix(prompt), i))
-            .max();
-        if let Some((common, i)) = best {
-            if common > 0 && common == self.idle[i].tokens().len() {
-                return self.idle.remove(i).expect("index in range");
-            }
+    /// A session over the pool holding the cached blocks that start `context` (whole blocks,
+    /// leaving at least one token to run), with the count and hash of those blocks.
+    fn session_for(&mut self, context: &[u32]) -> (Session, usize, u64) {
+        let mut kv = KvCache::pooled(Arc::clone(&self.storage), self.model.context_length);
+        let usable = context.len().saturating_sub(1) / BLOCK_SIZE;
+        let mut parent = 0;
+        let mut matched = 0;
+        while matched < usable {
+            let tokens = &context[matched * BLOCK_SIZE..(matched + 1) * BLOCK_SIZE];
+            let hash = block_hash(parent, tokens);
+            let Some(block) = self.blocks.lookup(hash, tokens) else {
+                break;
+            };
+            kv.push_block(block);
+            parent = hash;
+            matched += 1;
         }
-        let (common, mut src) = best.unwrap_or((0, 0));
-        let tight = self.kv_bytes() >= self.opts.kv_budget_bytes
-            || self.idle.len() >= self.opts.idle_sessions;
-        // Reuse the memory of the oldest idle session (not the one to copy from) when tight.
-        let victim = (0..self.idle.len()).find(|&i| common == 0 || i != src);
-        let mut fresh = match victim {
-            Some(v) if tight => {
-                if v < src {
-                    src -= 1;
-                }
-                let mut s = self.idle.remove(v).expect("index in range");
-                s.reset();
-                s
-            }
-            _ => self.model.new_session(),
-        };
-        if common > 0 {
-            fresh.copy_prefix_from(&self.idle[src], common);
-        }
-        fresh
+        let n = matched * BLOCK_SIZE;
+        kv.set_len(n);
+        (Session::with_cache(kv, &context[..n]), matched, parent)
     }
 
-    fn kv_bytes(&self) -> usize {
-        let running = self.running.iter().map(|r| r.session.kv.memory_bytes());
-        let idle = self.idle.iter().map(|s| s.kv.memory_bytes());
-        running.chain(idle).sum()
+    /// Returns a session's blocks to the pool (registered ones stay cached).
+    fn release(&mut self, session: &mut Session) {
+        for b in session.kv.take_blocks() {
+            self.blocks.release(b);
+        }
+        session.reset();
     }
 
     /// One forward pass over the batch, then sampling and events.
@@ -408,7 +416,10 @@ impl<'m> Engine<'m> {
                 budget -= n;
             }
         }
-        self.make_room(&mut plan);
+        self.reserve_blocks(&mut plan);
+        if self.running.is_empty() {
+            return;
+        }
         let mut fed: Vec<(usize, usize, Logits)> = Vec::with_capacity(plan.len());
         let result = {
             let mut batch = Vec::with_capacity(plan.len());
@@ -440,6 +451,7 @@ impl<'m> Engine<'m> {
         for &(i, n, mode) in &fed {
             let r = &mut self.running[i];
             r.seq.fed(&mut r.session, n);
+            register_full_blocks(&mut self.blocks, r);
             if mode == Logits::None {
                 continue;
             }
@@ -466,47 +478,75 @@ impl<'m> Engine<'m> {
         self.retire();
     }
 
-    /// Keeps the KV memory of the coming step within the budget: drops idle caches (oldest
-    /// first), then preempts running sequences (newest first; they are recomputed later). A
-    /// single sequence is never preempted, whatever its size.
-    fn make_room(&mut self, plan: &mut Vec<Option<usize>>) {
-        loop {
-            let running: usize = self
-                .running
-                .iter()
-                .zip(plan.iter())
-                .map(|(r, p)| match p {
-                    Some(n) => r
-                        .session
-                        .kv
-                        .memory_bytes_after_reserve(r.session.kv.len() + n),
-                    None => r.session.kv.memory_bytes(),
-                })
-                .sum();
-            let idle: usize = self.idle.iter().map(|s| s.kv.memory_bytes()).sum();
-            if running + idle <= self.opts.kv_budget_bytes {
-                return;
-            }
-            if self.idle.pop_front().is_some() {
+    /// Gives every planned sequence the blocks its new tokens need. When the pool is out of
+    /// blocks, the newest sequences are preempted; a sequence alone that still does not fit
+    /// fails with a clear error.
+    fn reserve_blocks(&mut self, plan: &mut Vec<Option<usize>>) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let Some(n) = plan[i] else {
+                i += 1;
                 continue;
+            };
+            let need = self.running[i].session.kv.len() + n;
+            while self
+                .running
+                .get(i)
+                .is_some_and(|r| r.session.kv.reserved() < need)
+            {
+                if let Some(b) = self.blocks.allocate() {
+                    self.running[i].session.kv.push_block(b);
+                    continue;
+                }
+                if self.running.len() == 1 {
+                    let mut r = self.running.pop().expect("one running");
+                    plan.pop();
+                    self.release(&mut r.session);
+                    self.fail_request(r.req, EngineError::Internal(format!(
+                        "the KV cache ({} blocks of {BLOCK_SIZE} tokens) is too small for this                          request; raise the KV memory budget",
+                        self.blocks.n_blocks()
+                    )));
+                    return;
+                }
+                self.preempt_newest(plan);
             }
-            if self.running.len() <= 1 {
-                return;
-            }
-            let r = self.running.pop().expect("more than one running");
-            plan.pop();
-            self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                request = r.req,
-                choice = r.choice,
-                "preempted: KV budget full"
-            );
-            self.preempted.push_front(Preempted {
-                req: r.req,
-                choice: r.choice,
-                seq: r.seq,
-            });
+            i += 1;
         }
+    }
+
+    /// Releases the newest running sequence's blocks; it is resumed later by recomputation.
+    fn preempt_newest(&mut self, plan: &mut Vec<Option<usize>>) {
+        let mut r = self.running.pop().expect("a running sequence");
+        plan.pop();
+        self.release(&mut r.session);
+        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            request = r.req,
+            choice = r.choice,
+            "preempted: KV blocks exhausted"
+        );
+        self.preempted.push_front(Preempted {
+            req: r.req,
+            choice: r.choice,
+            seq: r.seq,
+        });
+    }
+
+    /// Ends a whole request with an error; its other choices stop too.
+    fn fail_request(&mut self, req: u64, error: EngineError) {
+        if let Some(mut active) = self.requests.remove(&req) {
+            let _ = (active.sink)(Event::Error(error));
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].req == req {
+                let mut r = self.running.remove(i);
+                self.release(&mut r.session);
+            } else {
+                i += 1;
+            }
+        }
+        self.preempted.retain(|p| p.req != req);
     }
 
     /// One choice of a request is over; the request ends (its sink is dropped) with its last.
@@ -519,27 +559,24 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Moves finished and cancelled sequences out: their completions are reported, their
-    /// caches kept for prefix reuse.
+    /// Moves finished and cancelled sequences out: their completions are reported and their
+    /// blocks released (full blocks stay in the prefix cache).
     fn retire(&mut self) {
         let mut i = 0;
         while i < self.running.len() {
             let r = &self.running[i];
-            let cancelled = self.requests[&r.req].cancelled;
+            let cancelled = self.requests.get(&r.req).is_none_or(|a| a.cancelled);
             if r.seq.finish_reason().is_none() && !cancelled {
                 i += 1;
                 continue;
             }
-            let r = self.running.remove(i);
-            let active = self
-                .requests
-                .get_mut(&r.req)
-                .expect("a running request is active");
+            let mut r = self.running.remove(i);
+            self.release(&mut r.session);
             if !cancelled {
-                let completion = r.seq.into_completion();
+                let active = self.requests.get_mut(&r.req).expect("checked above");
                 let event = Event::ChoiceDone {
                     choice: r.choice,
-                    completion,
+                    completion: r.seq.into_completion(),
                 };
                 if (active.sink)(event).is_break() {
                     active.cancelled = true;
@@ -547,13 +584,12 @@ impl<'m> Engine<'m> {
             }
             // Dropping the sink with the last choice ends the request's event stream.
             self.finish_choice(r.req);
-            self.park(r.session);
         }
         // Preempted choices of cancelled requests end too.
         let mut i = 0;
         while i < self.preempted.len() {
             let req = self.preempted[i].req;
-            if self.requests.get(&req).is_some_and(|a| a.cancelled) {
+            if self.requests.get(&req).is_none_or(|a| a.cancelled) {
                 self.preempted.remove(i);
                 self.finish_choice(req);
             } else {
@@ -562,20 +598,12 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Keeps a finished sequence's cache for prefix reuse, within the count and memory bounds.
-    fn park(&mut self, session: Session) {
-        self.idle.push_back(session);
-        while self.idle.len() > self.opts.idle_sessions
-            || (self.kv_bytes() > self.opts.kv_budget_bytes && !self.idle.is_empty())
-        {
-            self.idle.pop_front();
-        }
-    }
-
-    /// Ends every running request with an error (a failed or panicked step) and drops their
-    /// caches, whose contents may be inconsistent.
+    /// Ends every running request with an error (a failed or panicked step).
     fn fail_all(&mut self, error: impl Fn() -> EngineError) {
-        self.running.clear();
+        let mut running = std::mem::take(&mut self.running);
+        for r in &mut running {
+            self.release(&mut r.session);
+        }
         self.preempted.clear();
         for (_, mut active) in self.requests.drain() {
             let _ = (active.sink)(Event::Error(error()));
@@ -584,8 +612,30 @@ impl<'m> Engine<'m> {
 
     fn publish_stats(&self) {
         let s = &self.stats;
+        let cfg = &self.model.model.cfg;
+        let per_block = KvStorage::bytes_per_block(cfg.n_layers, cfg.kv_dim());
         s.running
             .store(self.running.len() as u64, Ordering::Relaxed);
-        s.kv_bytes.store(self.kv_bytes() as u64, Ordering::Relaxed);
+        s.kv_bytes
+            .store((self.blocks.used() * per_block) as u64, Ordering::Relaxed);
+        s.kv_blocks_used
+            .store(self.blocks.used() as u64, Ordering::Relaxed);
+        s.kv_blocks_cached
+            .store(self.blocks.cached() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Registers the sequence's newly completed blocks in the prefix cache, so later sequences
+/// (the next turn of this conversation, or another request with the same start) reuse them.
+fn register_full_blocks(blocks: &mut BlockAllocator, r: &mut Running<'_>) {
+    let tokens = r.session.tokens();
+    let table = r.session.kv.blocks();
+    while (r.registered + 1) * BLOCK_SIZE <= tokens.len() {
+        let i = r.registered;
+        let chunk = &tokens[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+        let hash = block_hash(r.parent_hash, chunk);
+        blocks.register(table[i], hash, chunk);
+        r.parent_hash = hash;
+        r.registered += 1;
     }
 }

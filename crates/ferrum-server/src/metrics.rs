@@ -80,7 +80,7 @@ impl Metrics {
     /// The exposition text, with the engine counters of each loaded model.
     pub fn render(&self, models: &[(String, &EngineStats)]) -> String {
         let mut out = String::new();
-        let gauges: [EngineMetric; 8] = [
+        let gauges: [EngineMetric; 11] = [
             (
                 "ferrum_running_sequences",
                 "gauge",
@@ -96,8 +96,26 @@ impl Metrics {
             (
                 "ferrum_kv_cache_bytes",
                 "gauge",
-                "Memory held by KV caches (running and idle).",
+                "Bytes of the KV blocks running sequences hold.",
                 |s| &s.kv_bytes,
+            ),
+            (
+                "ferrum_kv_blocks_total",
+                "gauge",
+                "Blocks in the KV cache pool.",
+                |s| &s.kv_blocks_total,
+            ),
+            (
+                "ferrum_kv_blocks_used",
+                "gauge",
+                "KV blocks held by running sequences.",
+                |s| &s.kv_blocks_used,
+            ),
+            (
+                "ferrum_kv_blocks_cached",
+                "gauge",
+                "Unreferenced KV blocks kept for prefix reuse (evictable).",
+                |s| &s.kv_blocks_cached,
             ),
             (
                 "ferrum_engine_steps_total",

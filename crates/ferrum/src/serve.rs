@@ -33,8 +33,8 @@ pub struct ServeArgs {
     /// Tokens per forward pass: decode tokens plus prompt chunks (bounds a step's latency).
     #[arg(long, default_value_t = 256)]
     pub step_tokens: usize,
-    /// Memory for KV caches per model, in MiB (finished sequences' caches are kept for prefix
-    /// reuse within it).
+    /// Memory of each model's KV block pool, in MiB: running sequences' caches and the prefix
+    /// cache (blocks of finished sequences, reused by later requests that start the same way).
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mib: usize,
 }
@@ -72,7 +72,6 @@ pub fn serve(registry: Registry, args: ServeArgs) -> anyhow::Result<()> {
                     max_running: args.max_running.max(1),
                     step_tokens: args.step_tokens.max(1),
                     kv_budget_bytes: args.kv_budget_mib << 20,
-                    ..EngineOptions::default()
                 },
             },
             api_key: args.api_key.filter(|k| !k.is_empty()),

@@ -243,7 +243,11 @@ impl Transformer {
                     vocab: cfg.vocab_size,
                 });
             }
-            seq.kv.reserve_to(end);
+            if !seq.kv.reserve_to(end) {
+                return Err(EngineError::Internal(format!(
+                    "KV blocks for positions up to {end} were not reserved"
+                )));
+            }
             ws.tok
                 .extend((start..end).map(|pos| (s as u32, pos as u32)));
         }
@@ -376,23 +380,16 @@ impl Transformer {
     /// (token, head).
     fn attend(&self, pool: &ThreadPool, ws: &mut Workspace, seqs: &[SeqInput<'_>], l: usize) {
         let c = &self.cfg;
-        let (hd, nh, kvd) = (c.head_dim, c.n_heads, c.kv_dim());
+        let (hd, nh) = (c.head_dim, c.n_heads);
         let group = nh / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        // Each sequence's keys and values up to its last new token (written above).
-        let caches: Vec<_> = seqs
-            .iter()
-            .map(|s| {
-                let end = s.kv.len() + s.tokens.len();
-                (s.kv.keys(l, end), s.kv.values(l, end))
-            })
-            .collect();
+        let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.kv).collect();
         let (q, tok) = (&ws.q, &ws.tok);
         let out = SendPtr(ws.attn.as_mut_ptr());
         pool.run(tok.len() * nh, &|chunk| {
             let (t, h) = (chunk / nh, chunk % nh);
             let (s, pos) = (tok[t].0 as usize, tok[t].1 as usize);
-            let (keys, values) = caches[s];
+            let cache = caches[s];
             let n_ctx = pos + 1;
             let kvh = h / group;
             let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
@@ -403,12 +400,12 @@ impl Transformer {
                 acc.clear();
                 acc.resize(hd, 0.0);
                 for (p, s) in scores.iter_mut().enumerate() {
-                    let k = &keys[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+                    let k = &cache.key(l, p)[kvh * hd..(kvh + 1) * hd];
                     *s = ops::dot_f16(k, qh) * scale;
                 }
                 ops::softmax(scores);
                 for (p, &s) in scores.iter().enumerate() {
-                    let v = &values[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+                    let v = &cache.value(l, p)[kvh * hd..(kvh + 1) * hd];
                     ops::axpy_f16(s, v, acc);
                 }
                 // SAFETY: each (token, head) chunk owns its own `hd` outputs.
