@@ -262,3 +262,30 @@ def test_metrics_count_tokens_cache_hits_and_latencies(fresh_server):
     assert metric_values(http, "ferrum_time_to_first_token_seconds_count")[""] == 2
     assert metric_values(http, "ferrum_inter_token_latency_seconds_count")[""] >= 10
     assert metric_values(http, "ferrum_requests_total")[""] == 2
+
+
+def test_a_client_that_disconnects_is_billed_for_what_was_generated(fresh_server):
+    """A stream abandoned mid-way still records its prompt and the tokens generated so far."""
+    http = fresh_server.http()
+    body = {
+        "model": NANO,
+        "messages": SHORT_PROMPT,
+        "max_tokens": 4000,
+        "temperature": 0,
+        "logit_bias": BAN_EOS,
+        "stream": True,
+    }
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        chunks = 0
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                chunks += 1
+            if chunks >= 4:
+                break
+    totals = poll_usage(http, lambda t: totals_of(t, NANO)[0] == 1, timeout=30.0)
+    requests, prompt, cached, completion = totals_of(totals, NANO)
+    assert requests == 1 and prompt > 0 and cached == 0, totals
+    assert 3 <= completion < 4000, totals
+    expected = cost_usd(NANO, prompt, 0, completion)
+    assert abs(totals[NANO]["cost_usd"] - expected) < 1e-9, totals

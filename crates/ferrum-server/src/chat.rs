@@ -37,12 +37,31 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
         .map_err(|e| ApiError::internal(format!("preparing the prompt panicked: {e}")))?
     };
     let prepared = prompt_req?;
+    let (id, created) = (random_id("chatcmpl-"), now());
+    let prompt_len = prepared.prompt.len();
     let (tx, rx) = unbounded_channel();
     let request = Request {
         prompt: prepared.prompt,
         params: prepared.params,
         choices: req.n,
-        sink: timed_sink(&app, received, req.n, move |ev| tx.send(ev).is_ok()),
+        sink: timed_sink(
+            &app,
+            received,
+            req.n,
+            PartialBill {
+                app: Arc::clone(&app),
+                runtime: tokio::runtime::Handle::current(),
+                id: id.clone(),
+                created,
+                tier: loaded.tier.clone(),
+                prompt_tokens: prompt_len as u64,
+                generated: 0,
+                choices_delivered: 0,
+                choices: req.n,
+                failed: false,
+            },
+            move |ev| tx.send(ev).is_ok(),
+        ),
     };
     loaded.handle.submit(request).map_err(|e| match e {
         SubmitError::QueueFull(n) => {
@@ -57,8 +76,8 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
     })?;
     app.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let meta = Meta {
-        id: random_id("chatcmpl-"),
-        created: now(),
+        id,
+        created,
         app,
         loaded,
         req,
@@ -71,36 +90,87 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
 }
 
 /// The engine's sink for one request: forwards events with `send` (false = the client went
-/// away, which cancels the request) and measures time to first token and inter-token latency.
+/// away, which cancels the request), measures time to first token and inter-token latency, and
+/// bills what was generated if the client leaves before the response is delivered.
 fn timed_sink(
     app: &App,
     received: Instant,
     choices: u32,
+    mut bill: PartialBill,
     mut send: impl FnMut(Event) -> bool + Send + 'static,
 ) -> Sink {
     let metrics = Arc::clone(&app.metrics);
     let mut last: Vec<Option<Instant>> = vec![None; choices as usize];
     Box::new(move |ev| {
-        if let Event::Token { choice, .. } = &ev {
-            let now = Instant::now();
-            match last.get_mut(*choice as usize) {
-                Some(slot @ None) => {
-                    metrics.ttft.observe(now - received);
-                    *slot = Some(now);
+        // The whole bill moves into the closure (not copies of its fields): it is dropped, and
+        // so settled, with the sink.
+        let bill = &mut bill;
+        match &ev {
+            Event::Token { choice, .. } => {
+                bill.generated += 1;
+                let now = Instant::now();
+                match last.get_mut(*choice as usize) {
+                    Some(slot @ None) => {
+                        metrics.ttft.observe(now - received);
+                        *slot = Some(now);
+                    }
+                    Some(Some(prev)) => {
+                        metrics.itl.observe(now - *prev);
+                        *prev = now;
+                    }
+                    None => {}
                 }
-                Some(Some(prev)) => {
-                    metrics.itl.observe(now - *prev);
-                    *prev = now;
-                }
-                None => {}
             }
+            Event::Error(_) => bill.failed = true,
+            Event::Started | Event::ChoiceDone { .. } => {}
         }
+        let is_done = matches!(ev, Event::ChoiceDone { .. });
         if send(ev) {
+            if is_done {
+                bill.choices_delivered += 1;
+            }
             ControlFlow::Continue(())
         } else {
             ControlFlow::Break(())
         }
     })
+}
+
+/// Usage of a request whose client went away: the engine drops the sink when the request ends,
+/// and unless every choice reached the client (whose response then records the exact usage),
+/// the prompt and the tokens generated so far are billed. The prompt is billed at the full input
+/// price: which part of it was cached is known only to complete responses.
+struct PartialBill {
+    app: Arc<App>,
+    runtime: tokio::runtime::Handle,
+    id: String,
+    created: i64,
+    tier: ferrum_registry::Tier,
+    prompt_tokens: u64,
+    /// Token events the engine produced (a finished choice's final flush can add one).
+    generated: u64,
+    choices_delivered: u32,
+    choices: u32,
+    failed: bool,
+}
+
+impl Drop for PartialBill {
+    fn drop(&mut self) {
+        if self.failed || self.choices_delivered == self.choices {
+            return;
+        }
+        let usage = ferrum_protocol::response::Usage::new(self.prompt_tokens, 0, self.generated);
+        let (app, id, tier, created) = (
+            Arc::clone(&self.app),
+            std::mem::take(&mut self.id),
+            self.tier.clone(),
+            self.created,
+        );
+        // The sink is dropped on the engine thread; the ledger is written on the runtime.
+        self.runtime.spawn(async move {
+            app.record_usage(&id, &tier, &usage, created).await;
+        });
+    }
 }
 
 /// What every part of one response shares.
