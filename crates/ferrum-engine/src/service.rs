@@ -29,7 +29,7 @@ use crate::engine::LoadedModel;
 use crate::error::EngineError;
 use crate::generate::{Completion, GenerateParams, Sequence, Session, TokenEvent};
 use crate::kv::blocks::{block_hash, BlockAllocator};
-use crate::kv::{KvCache, KvStorage, BLOCK_SIZE};
+use crate::kv::{KvCache, KvStorage, DEFAULT_BLOCK_SIZE};
 use crate::model::transformer::{Logits, SeqInput, Workspace};
 
 /// What a request reports: `Started` once, then per choice its tokens and a `ChoiceDone`
@@ -82,6 +82,8 @@ pub struct EngineOptions {
     pub step_tokens: usize,
     /// Memory of the KV block pool (running sequences and the prefix cache).
     pub kv_budget_bytes: usize,
+    /// Positions per KV block: the granularity of prefix reuse and of allocation.
+    pub block_size: usize,
 }
 
 impl Default for EngineOptions {
@@ -91,6 +93,7 @@ impl Default for EngineOptions {
             max_running: 16,
             step_tokens: 256,
             kv_budget_bytes: 2 << 30,
+            block_size: DEFAULT_BLOCK_SIZE,
         }
     }
 }
@@ -208,14 +211,15 @@ struct Engine<'m> {
 impl<'m> Engine<'m> {
     fn new(model: &'m LoadedModel, opts: EngineOptions, stats: Arc<EngineStats>) -> Self {
         let cfg = &model.model.cfg;
-        let per_block = KvStorage::bytes_per_block(cfg.n_layers, cfg.kv_dim());
+        let block_size = opts.block_size.max(1);
+        let per_block = KvStorage::bytes_per_block(cfg.n_layers, cfg.kv_dim(), block_size);
         let n_blocks = (opts.kv_budget_bytes / per_block).max(1);
         stats
             .kv_blocks_total
             .store(n_blocks as u64, Ordering::Relaxed);
         tracing::info!(
             blocks = n_blocks,
-            block_size = BLOCK_SIZE,
+            block_size,
             mib = (n_blocks * per_block) >> 20,
             "KV block pool"
         );
@@ -224,7 +228,7 @@ impl<'m> Engine<'m> {
             opts,
             stats,
             ws: Workspace::default(),
-            storage: KvStorage::new(cfg.n_layers, cfg.kv_dim(), n_blocks),
+            storage: KvStorage::new(cfg.n_layers, cfg.kv_dim(), n_blocks, block_size),
             blocks: BlockAllocator::new(n_blocks),
             running: Vec::new(),
             preempted: VecDeque::new(),
@@ -291,7 +295,8 @@ impl<'m> Engine<'m> {
                 self.finish_choice(p.req);
                 continue;
             }
-            let need = p.seq.context().len().div_ceil(BLOCK_SIZE) + 1 + self.running.len();
+            let bs = self.storage.block_size();
+            let need = p.seq.context().len().div_ceil(bs) + 1 + self.running.len();
             if !self.running.is_empty()
                 && (self.running.len() >= self.opts.max_running || need > self.blocks.available())
             {
@@ -372,11 +377,12 @@ impl<'m> Engine<'m> {
     /// leaving at least one token to run), with the count and hash of those blocks.
     fn session_for(&mut self, context: &[u32]) -> (Session, usize, u64) {
         let mut kv = KvCache::pooled(Arc::clone(&self.storage), self.model.context_length);
-        let usable = context.len().saturating_sub(1) / BLOCK_SIZE;
+        let bs = self.storage.block_size();
+        let usable = context.len().saturating_sub(1) / bs;
         let mut parent = 0;
         let mut matched = 0;
         while matched < usable {
-            let tokens = &context[matched * BLOCK_SIZE..(matched + 1) * BLOCK_SIZE];
+            let tokens = &context[matched * bs..(matched + 1) * bs];
             let hash = block_hash(parent, tokens);
             let Some(block) = self.blocks.lookup(hash, tokens) else {
                 break;
@@ -385,7 +391,7 @@ impl<'m> Engine<'m> {
             parent = hash;
             matched += 1;
         }
-        let n = matched * BLOCK_SIZE;
+        let n = matched * bs;
         kv.set_len(n);
         (Session::with_cache(kv, &context[..n]), matched, parent)
     }
@@ -446,12 +452,13 @@ impl<'m> Engine<'m> {
             return;
         }
         let vocab = self.model.model.cfg.vocab_size;
+        let bs = self.storage.block_size();
         let logits = self.ws.logits_mut();
         let mut row = 0;
         for &(i, n, mode) in &fed {
             let r = &mut self.running[i];
             r.seq.fed(&mut r.session, n);
-            register_full_blocks(&mut self.blocks, r);
+            register_full_blocks(&mut self.blocks, r, bs);
             if mode == Logits::None {
                 continue;
             }
@@ -503,8 +510,10 @@ impl<'m> Engine<'m> {
                     plan.pop();
                     self.release(&mut r.session);
                     self.fail_request(r.req, EngineError::Internal(format!(
-                        "the KV cache ({} blocks of {BLOCK_SIZE} tokens) is too small for this                          request; raise the KV memory budget",
-                        self.blocks.n_blocks()
+                        "the KV cache ({} blocks of {} tokens) is too small for this request; raise the \
+                         KV memory budget",
+                        self.blocks.n_blocks(),
+                        self.storage.block_size()
                     )));
                     return;
                 }
@@ -613,7 +622,8 @@ impl<'m> Engine<'m> {
     fn publish_stats(&self) {
         let s = &self.stats;
         let cfg = &self.model.model.cfg;
-        let per_block = KvStorage::bytes_per_block(cfg.n_layers, cfg.kv_dim());
+        let per_block =
+            KvStorage::bytes_per_block(cfg.n_layers, cfg.kv_dim(), self.storage.block_size());
         s.running
             .store(self.running.len() as u64, Ordering::Relaxed);
         s.kv_bytes
@@ -627,12 +637,12 @@ impl<'m> Engine<'m> {
 
 /// Registers the sequence's newly completed blocks in the prefix cache, so later sequences
 /// (the next turn of this conversation, or another request with the same start) reuse them.
-fn register_full_blocks(blocks: &mut BlockAllocator, r: &mut Running<'_>) {
+fn register_full_blocks(blocks: &mut BlockAllocator, r: &mut Running<'_>, bs: usize) {
     let tokens = r.session.tokens();
     let table = r.session.kv.blocks();
-    while (r.registered + 1) * BLOCK_SIZE <= tokens.len() {
+    while (r.registered + 1) * bs <= tokens.len() {
         let i = r.registered;
-        let chunk = &tokens[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+        let chunk = &tokens[i * bs..(i + 1) * bs];
         let hash = block_hash(r.parent_hash, chunk);
         blocks.register(table[i], hash, chunk);
         r.parent_hash = hash;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferrum_engine::engine::{LoadOptions, LoadedModel};
 use ferrum_engine::generate::{Completion, GenerateParams};
-use ferrum_engine::kv::BLOCK_SIZE;
+use ferrum_engine::kv::DEFAULT_BLOCK_SIZE as BLOCK_SIZE;
 use ferrum_engine::sampler::SamplingParams;
 use ferrum_engine::service::{EngineOptions, Event, ModelHandle, Request, SubmitError};
 
@@ -398,4 +398,20 @@ fn cancelling_a_request_with_preempted_choices_frees_everything() {
     // Every block is back in the pool: free, or cached for a later prefix.
     assert_eq!(h.stats().kv_blocks_used.load(Relaxed), 0);
     assert!(h.stats().kv_blocks_cached.load(Relaxed) > 0);
+}
+
+/// The block size is configurable: prefix reuse follows its granularity and outputs do not
+/// change.
+#[test]
+fn an_odd_block_size_reuses_prefixes_at_its_granularity() {
+    let h = handle_with(EngineOptions {
+        block_size: 5,
+        ..Default::default()
+    });
+    let p = prompt(&h, "Describe a sunset over the ocean.");
+    let first = complete(&h, p.clone(), endless(&h, 12), 1).remove(0);
+    let second = complete(&h, p.clone(), endless(&h, 12), 1).remove(0);
+    assert_eq!(first.cached_tokens, 0);
+    assert_eq!(second.cached_tokens, (p.len() - 1) / 5 * 5);
+    assert_eq!(first.tokens, second.tokens);
 }

@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// cache (blocks of finished sequences, reused by later requests that start the same way).
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mib: usize,
+    /// Positions per KV block: the granularity of prefix reuse and of KV allocation.
+    #[arg(long, default_value_t = ferrum_engine::kv::DEFAULT_BLOCK_SIZE)]
+    pub kv_block_size: usize,
 }
 
 #[derive(Args)]
@@ -72,6 +75,7 @@ pub fn serve(registry: Registry, args: ServeArgs) -> anyhow::Result<()> {
                     max_running: args.max_running.max(1),
                     step_tokens: args.step_tokens.max(1),
                     kv_budget_bytes: args.kv_budget_mib << 20,
+                    block_size: args.kv_block_size.max(1),
                 },
             },
             api_key: args.api_key.filter(|k| !k.is_empty()),

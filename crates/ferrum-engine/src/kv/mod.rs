@@ -1,5 +1,5 @@
 //! The paged key/value cache: keys and values of every layer in fixed-size blocks of
-//! [`BLOCK_SIZE`] positions (f16, llama.cpp's default cache type), and per sequence a block table
+//! positions ([`DEFAULT_BLOCK_SIZE`] unless configured) (f16, llama.cpp's default cache type), and per sequence a block table
 //! mapping its positions to blocks (vLLM's PagedAttention layout).
 //!
 //! A [`KvStorage`] is one pool of blocks. A [`KvCache`] is one sequence's view of it: its block
@@ -18,14 +18,15 @@ use std::sync::Arc;
 
 use half::f16;
 
-/// Positions per block.
-pub const BLOCK_SIZE: usize = 16;
+/// Positions per block unless configured otherwise (vLLM's default).
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 /// A pool of KV blocks: `[layer][block][slot][kv_dim]` keys and values.
 pub struct KvStorage {
     n_layers: usize,
     kv_dim: usize,
     n_blocks: usize,
+    block_size: usize,
     k: UnsafeCell<Vec<u16>>,
     v: UnsafeCell<Vec<u16>>,
 }
@@ -37,14 +38,21 @@ unsafe impl Sync for KvStorage {}
 unsafe impl Send for KvStorage {}
 
 impl KvStorage {
-    /// A pool of `n_blocks` blocks. The memory is zeroed lazily by the OS (`calloc`), so an
-    /// unused pool costs address space, not RAM.
-    pub fn new(n_layers: usize, kv_dim: usize, n_blocks: usize) -> Arc<KvStorage> {
-        let n = n_layers * n_blocks * BLOCK_SIZE * kv_dim;
+    /// A pool of `n_blocks` blocks of `block_size` positions. The memory is zeroed lazily by
+    /// the OS (`calloc`), so an unused pool costs address space, not RAM.
+    pub fn new(
+        n_layers: usize,
+        kv_dim: usize,
+        n_blocks: usize,
+        block_size: usize,
+    ) -> Arc<KvStorage> {
+        let block_size = block_size.max(1);
+        let n = n_layers * n_blocks * block_size * kv_dim;
         Arc::new(KvStorage {
             n_layers,
             kv_dim,
             n_blocks,
+            block_size,
             k: UnsafeCell::new(vec![0u16; n]),
             v: UnsafeCell::new(vec![0u16; n]),
         })
@@ -54,13 +62,18 @@ impl KvStorage {
         self.n_blocks
     }
 
+    /// Positions per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
     /// Bytes of one block (keys and values of every layer).
-    pub fn bytes_per_block(n_layers: usize, kv_dim: usize) -> usize {
-        2 * n_layers * BLOCK_SIZE * kv_dim * std::mem::size_of::<f16>()
+    pub fn bytes_per_block(n_layers: usize, kv_dim: usize, block_size: usize) -> usize {
+        2 * n_layers * block_size * kv_dim * std::mem::size_of::<f16>()
     }
 
     fn offset(&self, layer: usize, block: u32, slot: usize) -> usize {
-        ((layer * self.n_blocks + block as usize) * BLOCK_SIZE + slot) * self.kv_dim
+        ((layer * self.n_blocks + block as usize) * self.block_size + slot) * self.kv_dim
     }
 
     fn row(&self, data: &UnsafeCell<Vec<u16>>, layer: usize, block: u32, slot: usize) -> &[f16] {
@@ -109,9 +122,9 @@ pub struct KvCache {
 impl KvCache {
     /// A standalone cache for up to `capacity` positions, with its own storage.
     pub fn new(n_layers: usize, kv_dim: usize, capacity: usize) -> Self {
-        let n_blocks = capacity.div_ceil(BLOCK_SIZE).max(1);
+        let n_blocks = capacity.div_ceil(DEFAULT_BLOCK_SIZE).max(1);
         KvCache {
-            storage: KvStorage::new(n_layers, kv_dim, n_blocks),
+            storage: KvStorage::new(n_layers, kv_dim, n_blocks, DEFAULT_BLOCK_SIZE),
             table: Vec::new(),
             len: 0,
             capacity,
@@ -155,7 +168,7 @@ impl KvCache {
 
     /// Positions the block table covers.
     pub fn reserved(&self) -> usize {
-        self.table.len() * BLOCK_SIZE
+        self.table.len() * self.storage.block_size
     }
 
     /// Appends a block to the table (pooled caches).
@@ -192,7 +205,8 @@ impl KvCache {
     }
 
     fn locate(&self, pos: usize) -> (u32, usize) {
-        (self.table[pos / BLOCK_SIZE], pos % BLOCK_SIZE)
+        let bs = self.storage.block_size;
+        (self.table[pos / bs], pos % bs)
     }
 
     /// Stores the key and value rows of `layer` at `pos` (a reserved position).
@@ -229,7 +243,8 @@ impl KvCache {
 
     /// Bytes of the blocks this cache holds.
     pub fn memory_bytes(&self) -> usize {
-        self.table.len() * KvStorage::bytes_per_block(self.storage.n_layers, self.storage.kv_dim)
+        let st = &self.storage;
+        self.table.len() * KvStorage::bytes_per_block(st.n_layers, st.kv_dim, st.block_size)
     }
 
     /// Bytes of cache memory per position (keys and values of all layers).
@@ -254,7 +269,7 @@ mod tests {
             }
             kv.set_len(pos + 1);
         }
-        assert_eq!(kv.blocks().len(), 200usize.div_ceil(BLOCK_SIZE));
+        assert_eq!(kv.blocks().len(), 200usize.div_ceil(DEFAULT_BLOCK_SIZE));
         for l in 0..3 {
             for pos in 0..200 {
                 let want = (l * 1000 + pos) as f32;
@@ -265,9 +280,11 @@ mod tests {
         assert!(!kv.reserve_to(1001));
     }
 
+    const BLOCK_SIZE: usize = 8;
+
     #[test]
     fn pooled_caches_share_blocks_of_one_storage() {
-        let storage = KvStorage::new(2, 4, 8);
+        let storage = KvStorage::new(2, 4, 8, BLOCK_SIZE);
         let mut a = KvCache::pooled(Arc::clone(&storage), 256);
         assert!(!a.reserve_to(1), "a pooled cache needs blocks given");
         a.push_block(5);
