@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::OnceLock;
+
 use crate::chat_template::ChatTemplate;
+use crate::constraint::{ConstraintError, ConstraintFactory};
 use crate::error::Result;
 use crate::generate::{Generator, Session};
 use crate::gguf::{GgufFile, WeightsMemory};
@@ -33,6 +36,8 @@ pub struct LoadedModel {
     pub pool: ThreadPool,
     pub context_length: usize,
     pub prefill_chunk: usize,
+    /// Built on first use (indexing the vocabulary takes a moment).
+    constraints: OnceLock<Result<ConstraintFactory, String>>,
 }
 
 impl LoadedModel {
@@ -68,6 +73,7 @@ impl LoadedModel {
             pool,
             context_length,
             prefill_chunk: opts.prefill_chunk.unwrap_or(512),
+            constraints: OnceLock::new(),
         })
     }
 
@@ -79,6 +85,14 @@ impl LoadedModel {
     /// KV cache bytes per position of this model (keys and values of every layer, f16).
     pub fn kv_bytes_per_position(&self) -> usize {
         2 * self.model.cfg.n_layers * self.model.cfg.kv_dim() * 2
+    }
+
+    /// The factory of grammar constraints over this model's vocabulary.
+    pub fn constraints(&self) -> Result<&ConstraintFactory, ConstraintError> {
+        self.constraints
+            .get_or_init(|| ConstraintFactory::new(&self.tokenizer).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| ConstraintError::Vocabulary(e.clone()))
     }
 
     pub fn generator(&self) -> Generator<'_> {

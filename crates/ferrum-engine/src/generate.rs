@@ -5,6 +5,7 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
+use crate::constraint::Constraint;
 use crate::error::{EngineError, Result};
 use crate::kernels::ThreadPool;
 use crate::kv::KvCache;
@@ -20,6 +21,8 @@ pub struct GenerateParams {
     pub sampling: SamplingParams,
     /// Keep going past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// A grammar the output must match (JSON mode, JSON Schema).
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerateParams {
@@ -29,6 +32,7 @@ impl Default for GenerateParams {
             stop: Vec::new(),
             sampling: SamplingParams::default(),
             ignore_eos: false,
+            constraint: None,
         }
     }
 }
@@ -255,8 +259,29 @@ impl<'m> Sequence<'m> {
         if self.prefill_time.is_none() {
             self.prefill_time = Some(self.started.elapsed());
         }
+        if let Some(c) = &mut self.params.constraint {
+            if let Err(e) = c.mask(logits) {
+                tracing::error!(error = %e, "constraint failed; the sequence ends");
+                self.finish = Some(FinishReason::Stop);
+                return vec![TokenEvent {
+                    id: self.tokenizer.eos_id().unwrap_or(0),
+                    text: self.text.finish(),
+                    logprob: None,
+                    top: Vec::new(),
+                }];
+            }
+        }
         let s = self.sampler.sample(logits);
         self.tokens.push(s.id);
+        let grammar_done = match &mut self.params.constraint {
+            Some(c) => {
+                if let Err(e) = c.commit(s.id) {
+                    tracing::error!(error = %e, "constraint rejected a sampled token");
+                }
+                c.is_stopped()
+            }
+            None => false,
+        };
         let eog = !self.params.ignore_eos && self.tokenizer.eog_ids().contains(&s.id);
         let (delta, hit_stop) = if eog {
             (self.text.finish(), false)
@@ -269,7 +294,18 @@ impl<'m> Sequence<'m> {
             logprob: s.logprob,
             top: s.top,
         }];
-        if eog || hit_stop {
+        if eog || hit_stop || grammar_done {
+            if grammar_done && !eog {
+                let rest = self.text.finish();
+                if !rest.is_empty() {
+                    events.push(TokenEvent {
+                        id: s.id,
+                        text: rest,
+                        logprob: None,
+                        top: Vec::new(),
+                    });
+                }
+            }
             self.finish = Some(FinishReason::Stop);
         } else if self.tokens.len() >= self.params.max_tokens || kv.len() + 1 > kv.capacity() {
             let rest = self.text.finish();

@@ -2,6 +2,7 @@
 //! architectures, kernels and the generation loop. It knows nothing of HTTP or databases.
 
 pub mod chat_template;
+pub mod constraint;
 pub mod error;
 pub mod gguf;
 pub mod kernels;

@@ -118,6 +118,20 @@ impl Message {
     }
 }
 
+/// What the output must look like (`response_format`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ResponseFormat {
+    Text,
+    /// Any JSON object (JSON mode).
+    JsonObject,
+    /// JSON valid against a schema (Structured Outputs).
+    JsonSchema {
+        name: String,
+        schema: Value,
+        strict: bool,
+    },
+}
+
 /// A validated chat completion request. Internal: not serializable on purpose; the wire types
 /// stop at this crate.
 #[derive(Clone, Debug, PartialEq)]
@@ -145,6 +159,7 @@ pub struct ChatRequest {
     pub user: Option<String>,
     pub metadata: Option<Map<String, Value>>,
     pub store: bool,
+    pub response_format: ResponseFormat,
 }
 
 /// Parses and validates a request body.
@@ -213,6 +228,7 @@ impl ChatRequest {
             user: f.str("user")?.map(str::to_string),
             metadata,
             store: f.bool("store")?.unwrap_or(false),
+            response_format: parse_response_format(&f)?,
         };
         check_accepted_fields(&f)?;
         Ok(req)
@@ -424,6 +440,54 @@ fn parse_logit_bias(f: &Fields) -> Result<Vec<(i64, f32)>> {
     Ok(out)
 }
 
+fn parse_response_format(f: &Fields) -> Result<ResponseFormat> {
+    let Some(rf) = f.object("response_format")? else {
+        return Ok(ResponseFormat::Text);
+    };
+    match rf.required_str("type")? {
+        "text" => Ok(ResponseFormat::Text),
+        "json_object" => Ok(ResponseFormat::JsonObject),
+        "json_schema" => {
+            let js = rf
+                .object("json_schema")?
+                .ok_or_else(|| missing(&rf.path_of("json_schema")))?;
+            let name = js.required_str("name")?;
+            let name_ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !name_ok {
+                return Err(ApiError::invalid_param(
+                    js.path_of("name"),
+                    "invalid_value",
+                    format!(
+                        "Invalid '{}': {name:?}. Names contain only a-z, A-Z, 0-9, underscores \
+                         and dashes, at most 64 characters.",
+                        js.path_of("name")
+                    ),
+                ));
+            }
+            js.str("description")?;
+            let schema = match js.object("schema")? {
+                Some(o) => Value::Object(o.map.clone()),
+                // OpenAI's default: an empty schema (any JSON).
+                None => Value::Object(Map::new()),
+            };
+            Ok(ResponseFormat::JsonSchema {
+                name: name.to_string(),
+                schema,
+                strict: js.bool("strict")?.unwrap_or(false),
+            })
+        }
+        other => Err(invalid_value(
+            &rf.path_of("type"),
+            other,
+            &["text", "json_object", "json_schema"],
+        )),
+    }
+}
+
 fn parse_metadata(f: &Fields) -> Result<Option<Map<String, Value>>> {
     let Some(m) = f.object("metadata")? else {
         return Ok(None);
@@ -491,24 +555,6 @@ fn check_accepted_fields(f: &Fields) -> Result<()> {
                     ))
                 }
                 None => return Err(invalid_type(&format!("modalities[{i}]"), "a string", m)),
-            }
-        }
-    }
-    if let Some(rf) = f.object("response_format")? {
-        match rf.required_str("type")? {
-            "text" => {}
-            t @ ("json_object" | "json_schema") => {
-                return Err(unsupported(
-                    "response_format",
-                    &format!("response_format of type '{t}' is not supported yet."),
-                ))
-            }
-            other => {
-                return Err(invalid_value(
-                    &rf.path_of("type"),
-                    other,
-                    &["text", "json_object", "json_schema"],
-                ))
             }
         }
     }

@@ -13,5 +13,5 @@ pub mod error;
 pub mod reader;
 pub mod response;
 
-pub use chat::{parse_chat_request, ChatRequest, Message, Role};
+pub use chat::{parse_chat_request, ChatRequest, Message, ResponseFormat, Role};
 pub use error::{ApiError, ErrorType};

@@ -297,10 +297,6 @@ fn stop_logit_bias_stream_options_metadata() {
 fn features_not_supported_yet_say_so() {
     for (patch, param) in [
         (
-            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
-            "response_format",
-        ),
-        (
             json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
             "tools",
         ),
@@ -320,6 +316,41 @@ fn features_not_supported_yet_say_so() {
     check_rejected(
         &with(json!({"service_tier": "gold"})),
         Some("service_tier"),
+        Some("invalid_value"),
+    );
+}
+
+#[test]
+fn response_formats() {
+    use ferrum_protocol::ResponseFormat;
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": false});
+    let req = parse_chat_request(&with(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "thing_1", "schema": schema, "strict": true}}}))).unwrap();
+    assert_eq!(
+        req.response_format,
+        ResponseFormat::JsonSchema {
+            name: "thing_1".into(),
+            schema: schema.clone(),
+            strict: true
+        }
+    );
+    let req =
+        parse_chat_request(&with(json!({"response_format": {"type": "json_object"}}))).unwrap();
+    assert_eq!(req.response_format, ResponseFormat::JsonObject);
+    check_rejected(
+        &with(json!({"response_format": {"type": "json_schema"}})),
+        Some("response_format.json_schema"),
+        Some("missing_required_parameter"),
+    );
+    check_rejected(
+        &with(
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": schema}}}),
+        ),
+        Some("response_format.json_schema.name"),
+        Some("invalid_value"),
+    );
+    check_rejected(
+        &with(json!({"response_format": {"type": "yaml"}})),
+        Some("response_format.type"),
         Some("invalid_value"),
     );
 }

@@ -3,6 +3,7 @@
 //! routes use it, and the batch runner will take the same path.
 
 use ferrum_engine::chat_template::ChatTemplate;
+use ferrum_engine::constraint::Constraint;
 use ferrum_engine::engine::LoadedModel;
 use ferrum_engine::generate::{Completion, FinishReason, GenerateParams, TokenEvent};
 use ferrum_engine::sampler::SamplingParams;
@@ -10,7 +11,7 @@ use ferrum_engine::tokenizer::Tokenizer;
 use ferrum_engine::EngineError;
 use ferrum_protocol::chat::MAX_OUTPUT_TOKENS;
 use ferrum_protocol::response::{ChoiceLogprobs, TokenLogprob, TopLogprob, Usage};
-use ferrum_protocol::{ApiError, ChatRequest};
+use ferrum_protocol::{ApiError, ChatRequest, ResponseFormat};
 
 /// A chat request ready for the engine.
 pub struct Prepared {
@@ -94,8 +95,50 @@ pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ApiEr
                 top_logprobs: req.top_logprobs as usize,
             },
             ignore_eos: false,
+            constraint: constraint(model, req)?,
         },
     })
+}
+
+/// The grammar `response_format` asks for, compiled for this model (here, off the engine
+/// thread, so a schema's compile time never stalls the batch).
+fn constraint(model: &LoadedModel, req: &ChatRequest) -> Result<Option<Constraint>, ApiError> {
+    let factory = || {
+        model
+            .constraints()
+            .map_err(|e| ApiError::internal(e.to_string()))
+    };
+    match &req.response_format {
+        ResponseFormat::Text => Ok(None),
+        ResponseFormat::JsonObject => {
+            let mentions_json = req
+                .messages
+                .iter()
+                .any(|m| m.content.to_ascii_lowercase().contains("json"));
+            if !mentions_json {
+                return Err(ApiError::invalid_param(
+                    "messages",
+                    "invalid_value",
+                    "'messages' must contain the word 'json' in some form, to use \
+                     'response_format' of type 'json_object'.",
+                ));
+            }
+            let c = factory()?
+                .json_object()
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok(Some(c))
+        }
+        ResponseFormat::JsonSchema { name, schema, .. } => {
+            let c = factory()?.json_schema(schema).map_err(|e| {
+                ApiError::invalid_param(
+                    "response_format.json_schema.schema",
+                    "invalid_json_schema",
+                    format!("Invalid schema for response_format '{name}': {e}"),
+                )
+            })?;
+            Ok(Some(c))
+        }
+    }
 }
 
 /// The log-probability entry of one generated token, or `None` for events that carry no token

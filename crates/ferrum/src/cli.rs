@@ -86,6 +86,7 @@ impl SamplingArgs {
                 ..Default::default()
             },
             ignore_eos: false,
+            constraint: None,
         }
     }
 }

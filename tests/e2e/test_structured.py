@@ -1,0 +1,280 @@
+"""Structured Outputs and JSON mode: `response_format` enforced by constrained decoding, so the
+output always parses (and validates against the schema) whenever the model finishes."""
+
+import json
+from typing import Literal
+
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+
+from helpers import NANO, assert_error
+
+# Bounded schemas (enums, small integers, short strings, few items), so even a 135M model ends
+# its JSON well within max_tokens: the test checks validity, not the model's knowledge.
+SCHEMAS = {
+    "flat_enum_and_bool": {
+        "type": "object",
+        "properties": {
+            "color": {"type": "string", "enum": ["red", "green", "blue"]},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["color", "ok"],
+        "additionalProperties": False,
+    },
+    "nested_object": {
+        "type": "object",
+        "properties": {
+            "user": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 12},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                },
+                "required": ["name", "age"],
+                "additionalProperties": False,
+            }
+        },
+        "required": ["user"],
+        "additionalProperties": False,
+    },
+    "array_of_enums": {
+        "type": "object",
+        "properties": {
+            "tags": {
+                "type": "array",
+                "items": {"type": "string", "enum": ["a", "b", "c"]},
+                "minItems": 1,
+                "maxItems": 3,
+            }
+        },
+        "required": ["tags"],
+        "additionalProperties": False,
+    },
+    "any_of": {
+        "type": "object",
+        "properties": {
+            "value": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 0, "maximum": 9},
+                    {"type": "string", "enum": ["none"]},
+                ]
+            }
+        },
+        "required": ["value"],
+        "additionalProperties": False,
+    },
+    "nullable_and_const": {
+        "type": "object",
+        "properties": {
+            "kind": {"const": "point"},
+            "label": {"type": ["string", "null"], "maxLength": 8},
+        },
+        "required": ["kind", "label"],
+        "additionalProperties": False,
+    },
+    "array_of_objects": {
+        "type": "object",
+        "properties": {
+            "points": {
+                "type": "array",
+                "maxItems": 2,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "x": {"type": "integer", "minimum": -9, "maximum": 9},
+                        "y": {"type": "integer", "minimum": -9, "maximum": 9},
+                    },
+                    "required": ["x", "y"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["points"],
+        "additionalProperties": False,
+    },
+    "number_range": {
+        "type": "object",
+        "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}},
+        "required": ["score"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.mark.parametrize("name", SCHEMAS.keys())
+def test_json_schema_output_parses_and_validates(client, name):
+    """A strict json_schema response_format gives JSON that validates against the schema."""
+    schema = SCHEMAS[name]
+    completion = client.chat.completions.create(
+        model=NANO,
+        messages=[{"role": "user", "content": f"Fill in the {name.replace('_', ' ')} object."}],
+        max_tokens=200,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": True},
+        },
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice
+    assert choice.message.refusal is None
+    jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+RECURSIVE = {
+    "$defs": {
+        "node": {
+            "type": "object",
+            "properties": {
+                "v": {"type": "integer", "minimum": 0, "maximum": 9},
+                "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 1},
+            },
+            "required": ["v", "kids"],
+            "additionalProperties": False,
+        }
+    },
+    "type": "object",
+    "properties": {"root": {"$ref": "#/$defs/node"}},
+    "required": ["root"],
+    "additionalProperties": False,
+}
+
+
+def test_recursive_ref_schema_is_followed(client):
+    """A recursive $ref schema compiles and the output follows it (nano may recurse until
+    max_tokens, so a finished answer is validated and a cut one checked for its shape)."""
+    completion = client.chat.completions.create(
+        model=NANO,
+        messages=[{"role": "user", "content": "A small tree."}],
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "tree", "schema": RECURSIVE}},
+    )
+    choice = completion.choices[0]
+    content = choice.message.content
+    if choice.finish_reason == "stop":
+        jsonschema.validate(json.loads(content), RECURSIVE)
+    else:
+        assert content.startswith('{"root": {"v": '), content
+        assert set(content) <= set('{}[]":, rootvkids0123456789'), content
+
+
+def test_json_schema_streaming_equals_non_streaming(client):
+    """Streamed deltas of a constrained answer join to the non-streamed content."""
+    kwargs = dict(
+        model=NANO,
+        messages=[{"role": "user", "content": "Pick a color."}],
+        max_tokens=100,
+        temperature=0,
+        seed=3,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "c", "schema": SCHEMAS["flat_enum_and_bool"], "strict": True},
+        },
+    )
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    parts = [
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(stream=True, **kwargs)
+        if chunk.choices
+    ]
+    assert "".join(parts) == whole
+    jsonschema.validate(json.loads(whole), SCHEMAS["flat_enum_and_bool"])
+
+
+def test_json_schema_at_temperature_one_still_validates(client):
+    """Sampling at temperature 1 (several seeds) never leaves the schema."""
+    schema = SCHEMAS["array_of_objects"]
+    for seed in range(3):
+        completion = client.chat.completions.create(
+            model=NANO,
+            messages=[{"role": "user", "content": "Some points."}],
+            max_tokens=200,
+            temperature=1,
+            seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+        )
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+class Verdict(BaseModel):
+    answer: Literal["yes", "no"]
+    confidence: Literal["low", "medium", "high"]
+
+
+def test_sdk_parse_with_a_pydantic_model(client):
+    """`client.chat.completions.parse` with a pydantic model returns a parsed object."""
+    completion = client.chat.completions.parse(
+        model=NANO,
+        messages=[{"role": "user", "content": "Is the sky blue?"}],
+        max_tokens=100,
+        temperature=0,
+        response_format=Verdict,
+    )
+    message = completion.choices[0].message
+    assert isinstance(message.parsed, Verdict), message
+    assert message.refusal is None
+
+
+def test_json_mode_gives_a_json_object(client):
+    """response_format json_object: the content is a JSON object (or cut at max_tokens)."""
+    completion = client.chat.completions.create(
+        model=NANO,
+        messages=[{"role": "user", "content": "Reply in JSON with a greeting."}],
+        max_tokens=120,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    choice = completion.choices[0]
+    content = choice.message.content
+    assert content.startswith("{"), content
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+
+
+def test_json_mode_needs_the_word_json(http):
+    """As with OpenAI, JSON mode requires the messages to mention JSON."""
+    response = http.post(
+        "/v1/chat/completions",
+        json={
+            "model": NANO,
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "response_format": {"type": "json_object"},
+        },
+    )
+    assert_error(response, 400, param="messages", code="invalid_value")
+
+
+def test_an_invalid_schema_is_a_clear_400(http):
+    """A schema that does not compile (a dangling $ref) is refused naming the schema."""
+    response = http.post(
+        "/v1/chat/completions",
+        json={
+            "model": NANO,
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "bad",
+                    "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}},
+                },
+            },
+        },
+    )
+    error = assert_error(response, 400, param="response_format.json_schema.schema", code="invalid_json_schema")
+    assert "nope" in error["message"]
+
+
+def test_a_bad_schema_name_is_refused(client):
+    """json_schema.name must be [a-zA-Z0-9_-]{1,64}."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=NANO,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "no spaces", "schema": {}}},
+        )
+    assert caught.value.body["param"] == "response_format.json_schema.name"
