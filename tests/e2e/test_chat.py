@@ -487,15 +487,11 @@ SPEC_FIELDS = {
 
 
 # Spec fields that ask for what these tiers do not do: refused with `unsupported_parameter`
-# (as OpenAI refuses them for gpt-4.1) instead of being silently ignored. Function calling with
-# tool_choice "auto"/"required" belongs here until constrained decoding lands (issue #5).
+# (as OpenAI refuses them for gpt-4.1) instead of being silently ignored. (Function calling is
+# tested in test_tools.py.)
 REFUSED_FIELDS = {
     "reasoning_effort": {"reasoning_effort": "medium"},
     "web_search_options": {"web_search_options": {"search_context_size": "low"}},
-    "tools+tool_choice=auto": {
-        "tools": [{"type": "function", "function": FUNCTION}],
-        "tool_choice": "auto",
-    },
     "audio": {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "mp3"}},
 }
 

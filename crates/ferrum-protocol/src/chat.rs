@@ -118,6 +118,38 @@ impl Message {
     }
 }
 
+/// A function the model may call (`tools[i].function`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tool {
+    pub name: String,
+    pub description: Option<String>,
+    /// JSON Schema of the arguments (an empty object schema when absent).
+    pub parameters: Value,
+    pub strict: bool,
+}
+
+impl Tool {
+    /// The tool as chat templates and the OpenAI wire format show it.
+    pub fn to_json(&self) -> Value {
+        let mut function = Map::new();
+        function.insert("name".into(), self.name.clone().into());
+        if let Some(d) = &self.description {
+            function.insert("description".into(), d.clone().into());
+        }
+        function.insert("parameters".into(), self.parameters.clone());
+        serde_json::json!({"type": "function", "function": function})
+    }
+}
+
+/// Whether and which tools the model must call (`tool_choice`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Function(String),
+}
+
 /// What the output must look like (`response_format`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum ResponseFormat {
@@ -160,6 +192,10 @@ pub struct ChatRequest {
     pub metadata: Option<Map<String, Value>>,
     pub store: bool,
     pub response_format: ResponseFormat,
+    pub tools: Vec<Tool>,
+    /// `none` when there are no tools; else as given (default `auto`).
+    pub tool_choice: ToolChoice,
+    pub parallel_tool_calls: bool,
 }
 
 /// Parses and validates a request body.
@@ -229,7 +265,12 @@ impl ChatRequest {
             metadata,
             store: f.bool("store")?.unwrap_or(false),
             response_format: parse_response_format(&f)?,
+            tools: parse_tools(&f)?,
+            tool_choice: ToolChoice::None,
+            parallel_tool_calls: f.bool("parallel_tool_calls")?.unwrap_or(true),
         };
+        let mut req = req;
+        req.tool_choice = parse_tool_choice(&f, &req.tools)?;
         check_accepted_fields(&f)?;
         Ok(req)
     }
@@ -440,6 +481,126 @@ fn parse_logit_bias(f: &Fields) -> Result<Vec<(i64, f32)>> {
     Ok(out)
 }
 
+/// `[a-zA-Z0-9_-]{1,64}`, the rule for function and schema names.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn parse_tools(f: &Fields) -> Result<Vec<Tool>> {
+    let Some(list) = f.array("tools")? else {
+        return Ok(Vec::new());
+    };
+    if list.len() > 128 {
+        return Err(ApiError::invalid_param(
+            "tools",
+            "array_above_max_length",
+            format!(
+                "Invalid 'tools': array too long. Expected an array with maximum length 128, but \
+                 got an array with length {} instead.",
+                list.len()
+            ),
+        ));
+    }
+    let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let path = format!("tools[{i}]");
+        let Value::Object(map) = v else {
+            return Err(invalid_type(&path, "an object", v));
+        };
+        let t = Fields::new(map, path.as_str());
+        match t.required_str("type")? {
+            "function" => {}
+            other => return Err(invalid_value(&t.path_of("type"), other, &["function"])),
+        }
+        let func = t
+            .object("function")?
+            .ok_or_else(|| missing(&t.path_of("function")))?;
+        let name = func.required_str("name")?;
+        if !valid_name(name) {
+            return Err(ApiError::invalid_param(
+                func.path_of("name"),
+                "invalid_value",
+                format!(
+                    "Invalid '{}': {name:?}. Function names contain only a-z, A-Z, 0-9, \
+                     underscores and dashes, at most 64 characters.",
+                    func.path_of("name")
+                ),
+            ));
+        }
+        if tools.iter().any(|other| other.name == name) {
+            return Err(ApiError::invalid_param(
+                func.path_of("name"),
+                "invalid_value",
+                format!("Duplicate function name {name:?} in 'tools'."),
+            ));
+        }
+        let parameters = match func.object("parameters")? {
+            Some(p) => Value::Object(p.map.clone()),
+            None => serde_json::json!({"type": "object", "properties": {}}),
+        };
+        tools.push(Tool {
+            name: name.to_string(),
+            description: func.str("description")?.map(str::to_string),
+            parameters,
+            strict: func.bool("strict")?.unwrap_or(false),
+        });
+    }
+    Ok(tools)
+}
+
+fn parse_tool_choice(f: &Fields, tools: &[Tool]) -> Result<ToolChoice> {
+    let choice = match f.get("tool_choice") {
+        None if tools.is_empty() => ToolChoice::None,
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(invalid_value(
+                    "tool_choice",
+                    other,
+                    &["none", "auto", "required"],
+                ))
+            }
+        },
+        Some(Value::Object(map)) => {
+            let c = Fields::new(map, "tool_choice");
+            match c.required_str("type")? {
+                "function" => {}
+                other => return Err(invalid_value(&c.path_of("type"), other, &["function"])),
+            }
+            let func = c
+                .object("function")?
+                .ok_or_else(|| missing(&c.path_of("function")))?;
+            ToolChoice::Function(func.required_str("name")?.to_string())
+        }
+        Some(other) => return Err(invalid_type("tool_choice", "a string or an object", other)),
+    };
+    match &choice {
+        ToolChoice::Required | ToolChoice::Function(_) if tools.is_empty() => {
+            Err(ApiError::invalid_param(
+                "tool_choice",
+                "invalid_value",
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are \
+                 specified.",
+            ))
+        }
+        ToolChoice::Function(name) if !tools.iter().any(|t| &t.name == name) => {
+            Err(ApiError::invalid_param(
+                "tool_choice",
+                "invalid_value",
+                format!("Invalid 'tool_choice': no function named {name:?} in 'tools'."),
+            ))
+        }
+        _ => Ok(choice),
+    }
+}
+
 fn parse_response_format(f: &Fields) -> Result<ResponseFormat> {
     let Some(rf) = f.object("response_format")? else {
         return Ok(ResponseFormat::Text);
@@ -452,12 +613,7 @@ fn parse_response_format(f: &Fields) -> Result<ResponseFormat> {
                 .object("json_schema")?
                 .ok_or_else(|| missing(&rf.path_of("json_schema")))?;
             let name = js.required_str("name")?;
-            let name_ok = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            if !name_ok {
+            if !valid_name(name) {
                 return Err(ApiError::invalid_param(
                     js.path_of("name"),
                     "invalid_value",
@@ -558,20 +714,13 @@ fn check_accepted_fields(f: &Fields) -> Result<()> {
             }
         }
     }
-    // Tools the model may not call (`"none"`) change nothing a client can observe; tools it
-    // may call need constrained decoding, which is not built yet.
-    for (param, choice_param, what) in [
-        ("tools", "tool_choice", "Function calling ('tools')"),
-        (
+    // The deprecated `functions` API: tools replaced it; only "none" (nothing to call) passes.
+    let calls_allowed = f.get("function_call").and_then(Value::as_str) != Some("none");
+    if f.get("functions").is_some_and(|v| !is_empty_list(v)) && calls_allowed {
+        return Err(unsupported(
             "functions",
-            "function_call",
-            "Function calling ('functions')",
-        ),
-    ] {
-        let calls_allowed = f.get(choice_param).and_then(Value::as_str) != Some("none");
-        if f.get(param).is_some_and(|v| !is_empty_list(v)) && calls_allowed {
-            return Err(unsupported(param, &format!("{what} is not supported yet.")));
-        }
+            "The deprecated 'functions' parameter is not supported; use 'tools'.",
+        ));
     }
     for (param, what) in [
         ("audio", "Audio output"),

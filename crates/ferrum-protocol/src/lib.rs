@@ -13,5 +13,5 @@ pub mod error;
 pub mod reader;
 pub mod response;
 
-pub use chat::{parse_chat_request, ChatRequest, Message, ResponseFormat, Role};
+pub use chat::{parse_chat_request, ChatRequest, Message, ResponseFormat, Role, Tool, ToolChoice};
 pub use error::{ApiError, ErrorType};

@@ -296,10 +296,7 @@ fn stop_logit_bias_stream_options_metadata() {
 #[test]
 fn features_not_supported_yet_say_so() {
     for (patch, param) in [
-        (
-            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-            "tools",
-        ),
+        (json!({"functions": [{"name": "f"}]}), "functions"),
         (json!({"reasoning_effort": "low"}), "reasoning_effort"),
         (
             json!({"audio": {"voice": "alloy", "format": "mp3"}}),
@@ -317,6 +314,72 @@ fn features_not_supported_yet_say_so() {
         &with(json!({"service_tier": "gold"})),
         Some("service_tier"),
         Some("invalid_value"),
+    );
+}
+
+#[test]
+fn tools_and_tool_choice() {
+    use ferrum_protocol::ToolChoice;
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "d",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}, "strict": true}},
+        {"type": "function", "function": {"name": "get_time"}},
+    ]);
+    let req = parse_chat_request(&with(json!({"tools": tools}))).unwrap();
+    assert_eq!(req.tools.len(), 2);
+    assert_eq!(
+        req.tool_choice,
+        ToolChoice::Auto,
+        "auto is the default with tools"
+    );
+    assert!(req.parallel_tool_calls);
+    assert!(req.tools[0].strict);
+    assert_eq!(req.tools[1].parameters["type"], "object");
+    let req = parse_chat_request(&with(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "parallel_tool_calls": false}))).unwrap();
+    assert_eq!(req.tool_choice, ToolChoice::Function("get_time".into()));
+    assert!(!req.parallel_tool_calls);
+    assert_eq!(
+        parse_chat_request(&with(json!({}))).unwrap().tool_choice,
+        ToolChoice::None
+    );
+    check_rejected(
+        &with(
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+        ),
+        Some("tool_choice"),
+        Some("invalid_value"),
+    );
+    check_rejected(
+        &with(json!({"tool_choice": "required"})),
+        Some("tool_choice"),
+        Some("invalid_value"),
+    );
+    check_rejected(
+        &with(json!({"tools": tools, "tool_choice": "sometimes"})),
+        Some("tool_choice"),
+        Some("invalid_value"),
+    );
+    check_rejected(
+        &with(json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]})),
+        Some("tools[0].function.name"),
+        Some("invalid_value"),
+    );
+    check_rejected(
+        &with(
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]}),
+        ),
+        Some("tools[1].function.name"),
+        Some("invalid_value"),
+    );
+    check_rejected(
+        &with(json!({"tools": [{"type": "retrieval"}]})),
+        Some("tools[0].type"),
+        Some("invalid_value"),
+    );
+    check_rejected(
+        &with(json!({"tools": [{"type": "function"}]})),
+        Some("tools[0].function"),
+        Some("missing_required_parameter"),
     );
 }
 

@@ -13,7 +13,8 @@ use axum::Json;
 use ferrum_engine::generate::Completion;
 use ferrum_engine::service::{Event, Request, Sink, SubmitError};
 use ferrum_protocol::response::{
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta, TokenLogprob,
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
+    TokenLogprob, ToolCallDelta,
 };
 use ferrum_protocol::{parse_chat_request, ApiError, ChatRequest};
 use futures_util::stream::{self, Stream, StreamExt};
@@ -21,6 +22,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::frontend::{self, engine_error, finish_reason, logprobs_of, token_logprob};
 use crate::models::Loaded;
+use crate::tools::{self, ToolMode};
 use crate::{now, random_id, App, HttpError};
 
 pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, HttpError> {
@@ -38,6 +40,7 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
     };
     let prepared = prompt_req?;
     let (id, created) = (random_id("chatcmpl-"), now());
+    let tool_mode = prepared.tool_mode;
     let prompt_len = prepared.prompt.len();
     let (tx, rx) = unbounded_channel();
     let request = Request {
@@ -81,6 +84,7 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
         app,
         loaded,
         req,
+        tool_mode,
     };
     if meta.req.stream {
         Ok(stream_response(meta, rx).into_response())
@@ -180,9 +184,14 @@ struct Meta {
     app: Arc<App>,
     loaded: Loaded,
     req: ChatRequest,
+    tool_mode: ToolMode,
 }
 
 impl Meta {
+    fn tool_names(&self) -> Vec<&str> {
+        self.req.tools.iter().map(|t| t.name.as_str()).collect()
+    }
+
     fn logprob(&self, ev: &ferrum_engine::generate::TokenEvent) -> Option<TokenLogprob> {
         if !self.req.logprobs {
             return None;
@@ -228,16 +237,27 @@ async fn collect(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<ChatCom
         .into_iter()
         .zip(logprobs)
         .enumerate()
-        .map(|(i, (c, lp))| Choice {
-            index: i as u32,
-            message: AssistantMessage {
-                role: "assistant",
-                content: Some(c.text),
-                refusal: None,
-                annotations: Vec::new(),
-            },
-            logprobs: meta.req.logprobs.then(|| logprobs_of(lp)),
-            finish_reason: finish_reason(c.finish_reason),
+        .map(|(i, (c, lp))| {
+            let names = meta.tool_names();
+            let (content, calls) =
+                tools::parse(&c.text, meta.tool_mode, &names, || random_id("call_"));
+            let reason = if calls.is_empty() {
+                finish_reason(c.finish_reason)
+            } else {
+                "tool_calls"
+            };
+            Choice {
+                index: i as u32,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content,
+                    refusal: None,
+                    tool_calls: (!calls.is_empty()).then_some(calls),
+                    annotations: Vec::new(),
+                },
+                logprobs: meta.req.logprobs.then(|| logprobs_of(lp)),
+                finish_reason: reason,
+            }
         })
         .collect();
     Ok(ChatCompletion {
@@ -316,13 +336,16 @@ impl StreamState {
                         delta: Delta {
                             role: Some("assistant"),
                             content: Some(String::new()),
-                            refusal: None,
+                            ..Delta::default()
                         },
                         logprobs: None,
                         finish_reason: None,
                     }]))
                 })
                 .collect(),
+            // With tools, whether the text is an answer or calls is known only at its end: the
+            // choice is sent whole then.
+            Event::Token { .. } if self.meta.tool_mode != ToolMode::Off => Vec::new(),
             Event::Token { choice, token } => {
                 let lp = self.meta.logprob(&token);
                 if token.text.is_empty() && lp.is_none() {
@@ -331,23 +354,64 @@ impl StreamState {
                 vec![Self::data(&self.chunk(vec![ChunkChoice {
                     index: choice,
                     delta: Delta {
-                        role: None,
                         content: Some(token.text),
-                        refusal: None,
+                        ..Delta::default()
                     },
                     logprobs: lp.map(|lp| logprobs_of(vec![lp])),
                     finish_reason: None,
                 }]))]
             }
             Event::ChoiceDone { choice, completion } => {
-                let reason = finish_reason(completion.finish_reason);
+                let mut reason = finish_reason(completion.finish_reason);
+                let mut out = Vec::new();
+                if self.meta.tool_mode != ToolMode::Off {
+                    let names = self.meta.tool_names();
+                    let (content, calls) =
+                        tools::parse(&completion.text, self.meta.tool_mode, &names, || {
+                            random_id("call_")
+                        });
+                    if let Some(text) = content.filter(|t| !t.is_empty()) {
+                        out.push(Self::data(&self.chunk(vec![ChunkChoice {
+                            index: choice,
+                            delta: Delta {
+                                content: Some(text),
+                                ..Delta::default()
+                            },
+                            logprobs: None,
+                            finish_reason: None,
+                        }])));
+                    }
+                    if !calls.is_empty() {
+                        reason = "tool_calls";
+                        let deltas = calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, c)| ToolCallDelta {
+                                index: i as u32,
+                                id: c.id,
+                                kind: c.kind,
+                                function: c.function,
+                            })
+                            .collect();
+                        out.push(Self::data(&self.chunk(vec![ChunkChoice {
+                            index: choice,
+                            delta: Delta {
+                                tool_calls: Some(deltas),
+                                ..Delta::default()
+                            },
+                            logprobs: None,
+                            finish_reason: None,
+                        }])));
+                    }
+                }
                 self.done[choice as usize] = Some(completion);
-                vec![Self::data(&self.chunk(vec![ChunkChoice {
+                out.push(Self::data(&self.chunk(vec![ChunkChoice {
                     index: choice,
                     delta: Delta::default(),
                     logprobs: None,
                     finish_reason: Some(reason),
-                }]))]
+                }])));
+                out
             }
             Event::Error(e) => {
                 self.finished = true;

@@ -4,6 +4,8 @@
 
 use ferrum_engine::chat_template::ChatTemplate;
 use ferrum_engine::constraint::Constraint;
+
+use crate::tools::{self, ToolMode};
 use ferrum_engine::engine::LoadedModel;
 use ferrum_engine::generate::{Completion, FinishReason, GenerateParams, TokenEvent};
 use ferrum_engine::sampler::SamplingParams;
@@ -17,12 +19,16 @@ use ferrum_protocol::{ApiError, ChatRequest, ResponseFormat};
 pub struct Prepared {
     pub prompt: Vec<u32>,
     pub params: GenerateParams,
+    pub tool_mode: ToolMode,
 }
 
 /// Renders the conversation with the model's chat template and tokenizes it, checks the
 /// context window and builds the generation parameters. CPU work: run it off the async threads.
 pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ApiError> {
-    let messages: Vec<serde_json::Value> = req.messages.iter().map(|m| m.to_template()).collect();
+    let mut messages: Vec<serde_json::Value> =
+        req.messages.iter().map(|m| m.to_template()).collect();
+    let tool_mode = tools::mode(req);
+    let tool_list = tools::template_tools(req);
     let fallback;
     let template = match &model.template {
         Some(t) => t,
@@ -31,8 +37,24 @@ pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ApiEr
             &fallback
         }
     };
+    let mut rendered_tools = None;
+    if tool_mode != ToolMode::Off {
+        if template.caps().supports_tools {
+            rendered_tools = Some(&tool_list[..]);
+        } else {
+            // A template without tools: teach the call format in a system message.
+            let prompt = tools::fallback_prompt(&tool_list);
+            match messages.first_mut() {
+                Some(first) if first["role"] == "system" => {
+                    let text = format!("{}\n\n{prompt}", first["content"].as_str().unwrap_or(""));
+                    first["content"] = text.into();
+                }
+                _ => messages.insert(0, serde_json::json!({"role": "system", "content": prompt})),
+            }
+        }
+    }
     let text = template
-        .render(&messages, None, true)
+        .render(&messages, rendered_tools, true)
         .map_err(|e| ApiError::invalid_param("messages", "invalid_value", e.to_string()))?;
     let prompt = model
         .tokenizer
@@ -95,19 +117,37 @@ pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ApiEr
                 top_logprobs: req.top_logprobs as usize,
             },
             ignore_eos: false,
-            constraint: constraint(model, req)?,
+            constraint: constraint(model, req, tool_mode)?,
         },
+        tool_mode,
     })
 }
 
 /// The grammar `response_format` asks for, compiled for this model (here, off the engine
 /// thread, so a schema's compile time never stalls the batch).
-fn constraint(model: &LoadedModel, req: &ChatRequest) -> Result<Option<Constraint>, ApiError> {
+fn constraint(
+    model: &LoadedModel,
+    req: &ChatRequest,
+    tool_mode: ToolMode,
+) -> Result<Option<Constraint>, ApiError> {
     let factory = || {
         model
             .constraints()
             .map_err(|e| ApiError::internal(e.to_string()))
     };
+    if tool_mode == ToolMode::Forced {
+        // A forced call: the output is the call, its arguments valid against the schema.
+        let c = factory()?
+            .json_schema(&tools::forced_schema(req))
+            .map_err(|e| {
+                ApiError::invalid_param(
+                    "tools",
+                    "invalid_function_parameters",
+                    format!("Invalid schema in 'tools': {e}"),
+                )
+            })?;
+        return Ok(Some(c));
+    }
     match &req.response_format {
         ResponseFormat::Text => Ok(None),
         ResponseFormat::JsonObject => {

@@ -7,6 +7,7 @@ mod chat;
 mod frontend;
 mod metrics;
 mod models;
+mod tools;
 
 use std::future::Future;
 use std::sync::Arc;

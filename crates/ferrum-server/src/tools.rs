@@ -1,0 +1,228 @@
+//! Function calling: how tools reach the prompt, the grammar that forces a call
+//! (`tool_choice` "required" or a named function), and reading calls back out of the text.
+//!
+//! Forced calls are generated as JSON under a grammar (one call object, or an array of them when
+//! `parallel_tool_calls`), so names and arguments always validate. With "auto" the model decides:
+//! its text is searched for `<tool_call>{...}</tool_call>` blocks, the Hermes format Qwen2.5's
+//! template teaches (and the fallback prompt below teaches templates without tools).
+
+use ferrum_protocol::response::{FunctionCall, ToolCall};
+use ferrum_protocol::{ChatRequest, Tool, ToolChoice};
+use serde_json::{json, Value};
+
+/// How a request's output relates to tools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolMode {
+    /// No tools: the text is the answer.
+    Off,
+    /// The model may answer or call: calls are parsed out of the text.
+    Auto,
+    /// The output is calls as JSON (constrained).
+    Forced,
+}
+
+pub fn mode(req: &ChatRequest) -> ToolMode {
+    match (&req.tool_choice, req.tools.is_empty()) {
+        (_, true) | (ToolChoice::None, _) => ToolMode::Off,
+        (ToolChoice::Auto, _) => ToolMode::Auto,
+        (ToolChoice::Required | ToolChoice::Function(_), _) => ToolMode::Forced,
+    }
+}
+
+/// The tools as the chat template receives them.
+pub fn template_tools(req: &ChatRequest) -> Vec<Value> {
+    req.tools.iter().map(Tool::to_json).collect()
+}
+
+/// A system message teaching the call format, for templates that do not render tools.
+pub fn fallback_prompt(tools: &[Value]) -> String {
+    let list: Vec<String> = tools.iter().map(|t| t.to_string()).collect();
+    format!(
+        "You can call these functions:\n{}\nTo call one, reply with <tool_call>{{\"name\": \
+         <function name>, \"arguments\": <arguments object>}}</tool_call>.",
+        list.join("\n")
+    )
+}
+
+/// The JSON Schema of a forced answer: a call of one of the allowed functions (an array of
+/// them when parallel calls are allowed).
+pub fn forced_schema(req: &ChatRequest) -> Value {
+    let allowed: Vec<&Tool> = match &req.tool_choice {
+        ToolChoice::Function(name) => req.tools.iter().filter(|t| &t.name == name).collect(),
+        _ => req.tools.iter().collect(),
+    };
+    let calls: Vec<Value> = allowed
+        .iter()
+        .map(|t| {
+            json!({
+                "type": "object",
+                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+            })
+        })
+        .collect();
+    let one = if calls.len() == 1 {
+        calls.into_iter().next().expect("one call schema")
+    } else {
+        json!({"anyOf": calls})
+    };
+    if req.parallel_tool_calls {
+        json!({"type": "array", "items": one, "minItems": 1})
+    } else {
+        one
+    }
+}
+
+/// Splits generated text into its content and the calls it makes. With "auto", besides
+/// `<tool_call>` blocks, an answer that is nothing but a call as JSON (optionally in a ```json
+/// fence, as coder models like to write it) naming one of `names` counts as that call.
+pub fn parse(
+    text: &str,
+    mode: ToolMode,
+    names: &[&str],
+    new_id: impl Fn() -> String,
+) -> (Option<String>, Vec<ToolCall>) {
+    let call = |v: &Value| -> Option<ToolCall> {
+        let name = v.get("name")?.as_str()?.to_string();
+        let arguments = v.get("arguments").cloned().unwrap_or_else(|| json!({}));
+        let arguments = match arguments {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        Some(ToolCall {
+            id: new_id(),
+            kind: "function",
+            function: FunctionCall { name, arguments },
+        })
+    };
+    match mode {
+        ToolMode::Off => (Some(text.to_string()), Vec::new()),
+        ToolMode::Forced => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Array(items)) => (None, items.iter().filter_map(call).collect()),
+            Ok(v @ Value::Object(_)) => (None, call(&v).into_iter().collect()),
+            // Cut off by max_tokens: what was generated is returned as text.
+            _ => (Some(text.to_string()), Vec::new()),
+        },
+        ToolMode::Auto => {
+            if let Some(calls) = bare_calls(text, names, &call) {
+                return (None, calls);
+            }
+            let mut calls = Vec::new();
+            let mut content = String::new();
+            let mut rest = text;
+            while let Some(start) = rest.find("<tool_call>") {
+                content.push_str(&rest[..start]);
+                let body_start = start + "<tool_call>".len();
+                let (body, next) = match rest[body_start..].find("</tool_call>") {
+                    Some(end) => (
+                        &rest[body_start..body_start + end],
+                        &rest[body_start + end + "</tool_call>".len()..],
+                    ),
+                    None => (&rest[body_start..], ""),
+                };
+                match serde_json::from_str::<Value>(body.trim())
+                    .ok()
+                    .as_ref()
+                    .and_then(call)
+                {
+                    Some(c) => calls.push(c),
+                    None => content.push_str(&rest[start..rest.len() - next.len()]),
+                }
+                rest = next;
+            }
+            content.push_str(rest);
+            let content = content.trim();
+            let content = (!content.is_empty() || calls.is_empty()).then(|| content.to_string());
+            (content, calls)
+        }
+    }
+}
+
+/// The calls of an answer that is only JSON naming known functions.
+fn bare_calls(
+    text: &str,
+    names: &[&str],
+    call: &dyn Fn(&Value) -> Option<ToolCall>,
+) -> Option<Vec<ToolCall>> {
+    let t = text.trim();
+    let t = t
+        .strip_prefix("```json")
+        .or_else(|| t.strip_prefix("```"))
+        .and_then(|r| r.trim_end().strip_suffix("```"))
+        .unwrap_or(t)
+        .trim();
+    let items = match serde_json::from_str::<Value>(t).ok()? {
+        Value::Array(items) => items,
+        v @ Value::Object(_) => vec![v],
+        _ => return None,
+    };
+    let known = |v: &Value| {
+        v.get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| names.contains(&n))
+            && v.get("arguments").is_some()
+    };
+    if items.is_empty() || !items.iter().all(known) {
+        return None;
+    }
+    items.iter().map(call).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> String {
+        "call_x".into()
+    }
+
+    #[test]
+    fn forced_calls_single_and_parallel() {
+        let (c, calls) = parse(
+            r#"{"name": "f", "arguments": {"a": 1}}"#,
+            ToolMode::Forced,
+            &["f", "g"],
+            id,
+        );
+        assert_eq!(c, None);
+        assert_eq!(calls[0].function.name, "f");
+        assert_eq!(calls[0].function.arguments, r#"{"a":1}"#);
+        let (_, calls) = parse(
+            r#"[{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"b": "x"}}]"#,
+            ToolMode::Forced,
+            &["f", "g"],
+            id,
+        );
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].function.name, "g");
+        let (c, calls) = parse(r#"{"name": "f", "argu"#, ToolMode::Forced, &["f"], id);
+        assert!(calls.is_empty() && c.is_some());
+    }
+
+    #[test]
+    fn auto_finds_hermes_blocks_and_keeps_the_rest() {
+        let text = "Let me check.\n<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>{\"name\": \"time\", \"arguments\": {}}</tool_call>";
+        let (c, calls) = parse(text, ToolMode::Auto, &["weather", "time"], id);
+        assert_eq!(c.as_deref(), Some("Let me check."));
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].function.arguments, r#"{"city":"Paris"}"#);
+        let (c, calls) = parse(
+            "Just text <tool_call>not json</tool_call>",
+            ToolMode::Auto,
+            &["weather"],
+            id,
+        );
+        assert!(calls.is_empty());
+        assert_eq!(
+            c.as_deref(),
+            Some("Just text <tool_call>not json</tool_call>")
+        );
+        // A fenced JSON call of a known function counts; unknown names stay text.
+        let fenced = "```json\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Paris\"}}\n```";
+        let (c, calls) = parse(fenced, ToolMode::Auto, &["weather"], id);
+        assert_eq!((c, calls.len()), (None, 1));
+        let (c, calls) = parse(fenced, ToolMode::Auto, &["other"], id);
+        assert!(calls.is_empty() && c.is_some());
+    }
+}

@@ -1,0 +1,131 @@
+"""Function calling: forced calls (tool_choice "required" or a named function) are generated
+under a grammar, so their arguments always validate; calls stream as `tool_calls` deltas; tool
+results round-trip."""
+
+import json
+
+import jsonschema
+import pytest
+
+from helpers import NANO
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]},
+        "unit": {"type": "string", "enum": ["c", "f"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"tz": {"type": "string", "enum": ["UTC", "CET"]}},
+    "required": ["tz"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER, "strict": True}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time", "parameters": TIME}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def check_calls(message):
+    assert message.tool_calls, message
+    for call in message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_"), call
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_required_tool_call_validates(client):
+    """tool_choice "required": the answer is a call whose arguments validate."""
+    completion = client.chat.completions.create(
+        model=NANO, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120, temperature=0
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content is None
+    check_calls(choice.message)
+
+
+def test_named_function_is_the_one_called(client):
+    """A named tool_choice calls exactly that function."""
+    completion = client.chat.completions.create(
+        model=NANO,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        parallel_tool_calls=False,
+        max_tokens=120,
+        temperature=0,
+    )
+    message = completion.choices[0].message
+    check_calls(message)
+    assert [c.function.name for c in message.tool_calls] == ["get_time"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sampled_calls_still_validate(client, seed):
+    """At temperature 1 the forced calls (possibly several in parallel) still validate."""
+    completion = client.chat.completions.create(
+        model=NANO, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200,
+        temperature=1, seed=seed,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    check_calls(choice.message)
+
+
+def test_streamed_tool_call_deltas_reassemble_to_the_call(client):
+    """Streaming emits tool_calls deltas that join to the non-streamed call."""
+    kwargs = dict(model=NANO, messages=ASK, tools=TOOLS, tool_choice="required",
+                  parallel_tool_calls=False, max_tokens=120, temperature=0)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                entry = calls.setdefault(delta.index, {"name": "", "arguments": "", "id": None})
+                entry["id"] = delta.id or entry["id"]
+                entry["name"] += delta.function.name or ""
+                entry["arguments"] += delta.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (c.function.name, c.function.arguments) for c in whole
+    ]
+
+
+def test_tool_results_round_trip(client):
+    """An assistant tool call and its tool result are accepted and answered."""
+    call = client.chat.completions.create(
+        model=NANO, messages=ASK, tools=TOOLS, tool_choice="required",
+        parallel_tool_calls=False, max_tokens=120, temperature=0,
+    ).choices[0].message.tool_calls[0]
+    messages = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}
+        ]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
+    ]
+    completion = client.chat.completions.create(
+        model=NANO, messages=messages, tools=TOOLS, max_tokens=30, temperature=0
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    assert choice.message.content or choice.message.tool_calls
+
+
+def test_auto_answers_with_text_or_valid_calls(client):
+    """tool_choice "auto" (the default with tools): text, or calls in the OpenAI shape."""
+    completion = client.chat.completions.create(
+        model=NANO, messages=ASK, tools=TOOLS, max_tokens=60, temperature=0
+    )
+    choice = completion.choices[0]
+    if choice.finish_reason == "tool_calls":
+        assert all(c.function.name in SCHEMAS for c in choice.message.tool_calls)
+    else:
+        assert choice.message.content and not choice.message.tool_calls
