@@ -47,14 +47,14 @@ weights = {{ path = "{weights}" }}
 class FerrumServer:
     """One `ferrum serve` child process on an ephemeral port of 127.0.0.1."""
 
-    def __init__(self, binary: Path, config: Path, workdir: Path, args: list[str]):
+    def __init__(self, binary: Path, config: Path | None, workdir: Path, args: list[str]):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.log_path = workdir / "server.log"
         self.database_url = f"sqlite://{workdir / 'ferrum.db'}"
         self.command = [
             str(binary), "serve",
-            "--config", str(config),
+            *(["--config", str(config)] if config is not None else []),
             "--addr", "127.0.0.1:0",
             "--database", self.database_url,
             *args,
@@ -212,6 +212,15 @@ def server_factory(
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiers_server(ferrum_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerrumServer]:
+    """A server on the embedded default configuration: gpt-4.1, gpt-4.1-mini and gpt-4.1-nano on
+    their real weights (which `scripts/test.sh` pulls first)."""
+    server = FerrumServer(ferrum_bin, None, tmp_path_factory.mktemp("tiers"), [])
+    yield server
+    server.stop()
 
 
 @pytest.fixture

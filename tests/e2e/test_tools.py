@@ -39,10 +39,12 @@ def check_calls(message):
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-def test_required_tool_call_validates(client):
-    """tool_choice "required": the answer is a call whose arguments validate."""
-    completion = client.chat.completions.create(
-        model=NANO, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120, temperature=0
+@pytest.mark.parametrize("tier", ["gpt-4.1-nano", "gpt-4.1-mini", "gpt-4.1"])
+def test_required_tool_call_validates(tiers_server, tier):
+    """tool_choice "required", on every tier (tools through each model's own template): the
+    answer is a call whose arguments validate."""
+    completion = tiers_server.client().chat.completions.create(
+        model=tier, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120, temperature=0
     )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls", choice
