@@ -296,32 +296,31 @@ impl<'m> Sequence<'m> {
         }];
         if eog || hit_stop || grammar_done {
             if grammar_done && !eog {
-                let rest = self.text.finish();
-                if !rest.is_empty() {
-                    events.push(TokenEvent {
-                        id: s.id,
-                        text: rest,
-                        logprob: None,
-                        top: Vec::new(),
-                    });
-                }
+                self.flush_into(s.id, &mut events);
             }
             self.finish = Some(FinishReason::Stop);
         } else if self.tokens.len() >= self.params.max_tokens || kv.len() + 1 > kv.capacity() {
-            let rest = self.text.finish();
-            if !rest.is_empty() {
-                events.push(TokenEvent {
-                    id: s.id,
-                    text: rest,
-                    logprob: None,
-                    top: Vec::new(),
-                });
-            }
+            self.flush_into(s.id, &mut events);
             self.finish = Some(FinishReason::Length);
         } else {
             self.pending = Some(s.id);
         }
         events
+    }
+
+    /// Releases the text held back (for a possible stop sequence or an incomplete character) as
+    /// one more event, when the sequence ends on something other than an end-of-generation
+    /// token.
+    fn flush_into(&mut self, id: u32, events: &mut Vec<TokenEvent>) {
+        let rest = self.text.finish();
+        if !rest.is_empty() {
+            events.push(TokenEvent {
+                id,
+                text: rest,
+                logprob: None,
+                top: Vec::new(),
+            });
+        }
     }
 
     /// Stops the sequence at once (its client went away).

@@ -18,14 +18,7 @@ fn nano() -> LoadedModel {
 }
 
 fn prompt(m: &LoadedModel, user: &str) -> Vec<u32> {
-    let msgs = [serde_json::json!({"role": "user", "content": user})];
-    let text = m
-        .template
-        .as_ref()
-        .unwrap()
-        .render(&msgs, None, true)
-        .unwrap();
-    m.tokenizer.encode(&text, false, true).unwrap()
+    common::user_prompt(m, user)
 }
 
 fn greedy(max_tokens: usize) -> GenerateParams {

@@ -56,15 +56,7 @@ fn collect(rx: Receiver<Event>) -> Vec<Completion> {
 }
 
 fn prompt(h: &ModelHandle, user: &str) -> Vec<u32> {
-    let m = h.model();
-    let msgs = [serde_json::json!({"role": "user", "content": user})];
-    let text = m
-        .template
-        .as_ref()
-        .unwrap()
-        .render(&msgs, None, true)
-        .unwrap();
-    m.tokenizer.encode(&text, false, true).unwrap()
+    common::user_prompt(h.model(), user)
 }
 
 /// A request whose events arrive on the returned channel; `stop_after` tokens cancel it.
@@ -226,15 +218,7 @@ fn a_batch_of_mixed_lengths_gives_each_request_its_tokens_alone() {
 fn prefix_reuse_across_requests_and_turns() {
     let h = handle(8);
     let m = h.model();
-    let render = |msgs: &[serde_json::Value]| {
-        let text = m
-            .template
-            .as_ref()
-            .unwrap()
-            .render(msgs, None, true)
-            .unwrap();
-        m.tokenizer.encode(&text, false, true).unwrap()
-    };
+    let render = |msgs: &[serde_json::Value]| common::chat_tokens(m, msgs);
     let turn1 = vec![serde_json::json!({"role": "user", "content": "My name is Ada. Say hello."})];
     let p1 = render(&turn1);
     let first = complete(&h, p1.clone(), params(16, SamplingParams::greedy()), 1).remove(0);

@@ -244,6 +244,7 @@ impl ChatRequest {
             }
         };
         let metadata = parse_metadata(&f)?;
+        let tools = parse_tools(&f)?;
         let req = ChatRequest {
             model,
             messages,
@@ -265,12 +266,10 @@ impl ChatRequest {
             metadata,
             store: f.bool("store")?.unwrap_or(false),
             response_format: parse_response_format(&f)?,
-            tools: parse_tools(&f)?,
-            tool_choice: ToolChoice::None,
+            tool_choice: parse_tool_choice(&f, &tools)?,
+            tools,
             parallel_tool_calls: f.bool("parallel_tool_calls")?.unwrap_or(true),
         };
-        let mut req = req;
-        req.tool_choice = parse_tool_choice(&f, &req.tools)?;
         check_accepted_fields(&f)?;
         Ok(req)
     }

@@ -236,6 +236,38 @@ impl KvCache {
         self.storage.row(&self.storage.v, layer, block, slot)
     }
 
+    /// The key rows of `layer` for positions `0..n`, block by block: each item is one block's
+    /// rows (`rows * kv_dim` values, contiguous), so the attention loop looks the table up once
+    /// per block instead of once per position.
+    pub fn key_blocks(&self, layer: usize, n: usize) -> impl Iterator<Item = &[f16]> {
+        self.blocks_of(&self.storage.k, layer, n)
+    }
+
+    /// The value rows of `layer` for positions `0..n`, block by block.
+    pub fn value_blocks(&self, layer: usize, n: usize) -> impl Iterator<Item = &[f16]> {
+        self.blocks_of(&self.storage.v, layer, n)
+    }
+
+    fn blocks_of<'a>(
+        &'a self,
+        data: &'a UnsafeCell<Vec<u16>>,
+        layer: usize,
+        n: usize,
+    ) -> impl Iterator<Item = &'a [f16]> + 'a {
+        let st = &self.storage;
+        let bs = st.block_size;
+        self.table[..n.div_ceil(bs)]
+            .iter()
+            .enumerate()
+            .map(move |(i, &block)| {
+                let rows = bs.min(n - i * bs);
+                let first = st.row(data, layer, block, 0);
+                // SAFETY: a block's rows are contiguous (`[layer][block][slot][kv_dim]`), and
+                // `rows <= block_size`; as for `row`, nothing writes them while they are read.
+                unsafe { std::slice::from_raw_parts(first.as_ptr(), rows * st.kv_dim) }
+            })
+    }
+
     /// Marks positions up to `end` as filled (after every layer wrote them).
     pub fn set_len(&mut self, end: usize) {
         self.len = end;

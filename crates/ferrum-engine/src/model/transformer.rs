@@ -380,7 +380,7 @@ impl Transformer {
     /// (token, head).
     fn attend(&self, pool: &ThreadPool, ws: &mut Workspace, seqs: &[SeqInput<'_>], l: usize) {
         let c = &self.cfg;
-        let (hd, nh) = (c.head_dim, c.n_heads);
+        let (hd, nh, kvd) = (c.head_dim, c.n_heads, c.kv_dim());
         let group = nh / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.kv).collect();
@@ -399,14 +399,17 @@ impl Transformer {
                 scores.resize(n_ctx, 0.0);
                 acc.clear();
                 acc.resize(hd, 0.0);
-                for (p, s) in scores.iter_mut().enumerate() {
-                    let k = &cache.key(l, p)[kvh * hd..(kvh + 1) * hd];
-                    *s = ops::dot_f16(k, qh) * scale;
+                let head = kvh * hd..(kvh + 1) * hd;
+                let keys = cache.key_blocks(l, n_ctx).flat_map(|b| b.chunks_exact(kvd));
+                for (s, k) in scores.iter_mut().zip(keys) {
+                    *s = ops::dot_f16(&k[head.clone()], qh) * scale;
                 }
                 ops::softmax(scores);
-                for (p, &s) in scores.iter().enumerate() {
-                    let v = &cache.value(l, p)[kvh * hd..(kvh + 1) * hd];
-                    ops::axpy_f16(s, v, acc);
+                let values = cache
+                    .value_blocks(l, n_ctx)
+                    .flat_map(|b| b.chunks_exact(kvd));
+                for (&s, v) in scores.iter().zip(values) {
+                    ops::axpy_f16(s, &v[head.clone()], acc);
                 }
                 // SAFETY: each (token, head) chunk owns its own `hd` outputs.
                 let dst =

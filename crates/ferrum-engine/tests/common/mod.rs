@@ -88,3 +88,20 @@ pub fn gguf_metadata(tier: &str) -> &'static HashMap<String, Value> {
             .metadata
     })
 }
+
+/// A conversation rendered with the model's chat template (generation prompt added) and
+/// tokenized, as the server does it.
+pub fn chat_tokens(m: &ferrum_engine::engine::LoadedModel, msgs: &[serde_json::Value]) -> Vec<u32> {
+    let text = m
+        .template
+        .as_ref()
+        .unwrap()
+        .render(msgs, None, true)
+        .unwrap();
+    m.tokenizer.encode(&text, false, true).unwrap()
+}
+
+/// One user message as a prompt.
+pub fn user_prompt(m: &ferrum_engine::engine::LoadedModel, user: &str) -> Vec<u32> {
+    chat_tokens(m, &[serde_json::json!({"role": "user", "content": user})])
+}
