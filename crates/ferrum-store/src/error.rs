@@ -86,6 +86,10 @@ pub enum StoreError {
         value: String,
     },
 
+    /// A list's `after` cursor names no row.
+    #[error("no object with id `{0}` to list after")]
+    UnknownCursor(String),
+
     /// Any other database failure.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

@@ -8,13 +8,25 @@
 //! **Architecture invariant:** the store knows nothing of HTTP, the OpenAI wire types or the
 //! engine; callers hand it plain records.
 
+mod batches;
+mod blobs;
+mod completions;
 mod connect;
 mod error;
+mod files;
 mod migrate;
+mod page;
 mod target;
 mod usage;
 
+pub use batches::{
+    BatchRecord, BatchStatus, ClaimedLine, DoneLine, LineCounts, LineResult, NewLine,
+};
+pub use blobs::BlobStore;
+pub use completions::{CompletionFilter, StoredCompletion};
 pub use error::StoreError;
+pub use files::FileRecord;
+pub use page::{Listed, Page, Order};
 pub use target::Backend;
 pub use usage::{UsageRecord, UsageTotal};
 

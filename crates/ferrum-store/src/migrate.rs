@@ -26,11 +26,18 @@ struct Migration {
 }
 
 /// Every migration, in order. Append only: an applied migration's SQL must never change.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "usage",
-    sql: include_str!("../migrations/0001_usage.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "usage",
+        sql: include_str!("../migrations/0001_usage.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "files_batches_completions",
+        sql: include_str!("../migrations/0002_files_batches_completions.sql"),
+    },
+];
 
 /// The key of the Postgres advisory lock held while migrating (arbitrary, "ferrum" in ASCII).
 const PG_LOCK_KEY: i64 = 0x6665_7272_756d;

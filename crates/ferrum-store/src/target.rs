@@ -134,14 +134,29 @@ pub(crate) fn redact(url: &str) -> String {
 /// The default database: `ferrum.db` in the ferrum data directory, the same directory
 /// ferrum-registry keeps weights in (`$FERRUM_HOME`, else `~/.cache/ferrum`).
 pub(crate) fn default_url() -> String {
-    let home = match std::env::var("FERRUM_HOME") {
+    sqlite_url(&ferrum_home().join("ferrum.db"))
+}
+
+/// `$FERRUM_HOME`, else `~/.cache/ferrum`.
+fn ferrum_home() -> PathBuf {
+    match std::env::var("FERRUM_HOME") {
         // An empty value counts as unset, as shells often export empty variables.
         Ok(home) if !home.trim().is_empty() => PathBuf::from(home),
         _ => dirs::home_dir()
             .unwrap_or_else(|| PathBuf::from("."))
             .join(".cache/ferrum"),
-    };
-    sqlite_url(&home.join("ferrum.db"))
+    }
+}
+
+/// The default blob directory for a database: `files/` beside a SQLite file (so a database
+/// and its files move together), else `files/` in the ferrum data directory.
+pub(crate) fn default_blob_dir(database_url: &str) -> PathBuf {
+    match Target::parse(database_url) {
+        Ok(Target::SqliteFile { path, .. }) => path
+            .parent()
+            .map_or_else(|| PathBuf::from("files"), |d| d.join("files")),
+        _ => ferrum_home().join("files"),
+    }
 }
 
 /// A `sqlite://` URL for a path. sqlx percent-decodes the path, so the characters that would

@@ -40,25 +40,7 @@ impl Store {
     /// Records one response's usage. Idempotent on `rec.id`, so a retried write never counts
     /// a response twice.
     pub async fn record_usage(&self, rec: &UsageRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO usage_records
-                (id, created, model, endpoint, prompt_tokens, cached_tokens,
-                 completion_tokens, cost_usd, batch)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&rec.id)
-        .bind(rec.created)
-        .bind(&rec.model)
-        .bind(&rec.endpoint)
-        .bind(to_i64("prompt_tokens", rec.prompt_tokens)?)
-        .bind(to_i64("cached_tokens", rec.cached_tokens)?)
-        .bind(to_i64("completion_tokens", rec.completion_tokens)?)
-        .bind(rec.cost_usd)
-        .bind(i64::from(rec.batch))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        insert_usage(&self.pool, rec).await
     }
 
     /// Totals per model, ordered by model id (byte order, the same on every backend), over
@@ -88,13 +70,7 @@ impl Store {
 }
 
 fn total(row: &AnyRow) -> Result<UsageTotal, StoreError> {
-    let count = |field: &'static str| -> Result<u64, StoreError> {
-        let value: i64 = row.try_get(field)?;
-        u64::try_from(value).map_err(|_| StoreError::OutOfRange {
-            field,
-            value: value.to_string(),
-        })
-    };
+    let count = |field: &'static str| to_u64(field, row.try_get(field)?);
     Ok(UsageTotal {
         model: row.try_get("model")?,
         requests: count("requests")?,
@@ -107,9 +83,42 @@ fn total(row: &AnyRow) -> Result<UsageTotal, StoreError> {
 
 /// Token counts are `u64` in Rust but BIGINT (signed) in SQL, the widest integer both
 /// backends and `Any` share.
-fn to_i64(field: &'static str, value: u64) -> Result<i64, StoreError> {
+pub(crate) fn to_i64(field: &'static str, value: u64) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| StoreError::OutOfRange {
         field,
         value: value.to_string(),
     })
+}
+
+/// A count read back from a BIGINT column.
+pub(crate) fn to_u64(field: &'static str, value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::OutOfRange {
+        field,
+        value: value.to_string(),
+    })
+}
+
+pub(crate) async fn insert_usage<'e>(
+    exec: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    rec: &UsageRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO usage_records
+            (id, created, model, endpoint, prompt_tokens, cached_tokens,
+             completion_tokens, cost_usd, batch)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&rec.id)
+    .bind(rec.created)
+    .bind(&rec.model)
+    .bind(&rec.endpoint)
+    .bind(to_i64("prompt_tokens", rec.prompt_tokens)?)
+    .bind(to_i64("cached_tokens", rec.cached_tokens)?)
+    .bind(to_i64("completion_tokens", rec.completion_tokens)?)
+    .bind(rec.cost_usd)
+    .bind(i64::from(rec.batch))
+    .execute(exec)
+    .await?;
+    Ok(())
 }
