@@ -18,12 +18,18 @@
 //! (least recently released first). When no block is left, the newest running sequences are
 //! preempted: their blocks are released and their context is recomputed when there is room,
 //! which yields the same keys and values, so the same output.
+//!
+//! Priorities: interactive requests go before background ones (batch jobs). A waiting
+//! interactive request is admitted ahead of every background one, background sequences are
+//! preempted first, and when the batch is full an interactive arrival preempts the newest
+//! background sequence rather than waiting for it. Background requests have a queue of their
+//! own without a capacity limit (their producer, the batch runner, bounds what it submits), so
+//! they never take queue room from interactive clients.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::engine::LoadedModel;
 use crate::error::EngineError;
@@ -59,7 +65,48 @@ pub struct Request {
     pub params: GenerateParams,
     /// Number of choices (OpenAI `n`); choice `i` samples with seed `seed + i`.
     pub choices: u32,
+    pub priority: Priority,
     pub sink: Sink,
+}
+
+/// Who waits for a request: a client (interactive) or nobody in particular (a batch line).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Background,
+}
+
+/// The requests waiting for admission, shared by the handles and the engine thread.
+struct Queue {
+    state: Mutex<Waiting>,
+    /// Signalled when a request arrives or the last handle goes away.
+    arrived: Condvar,
+}
+
+#[derive(Default)]
+struct Waiting {
+    interactive: VecDeque<Request>,
+    background: VecDeque<Request>,
+    /// No handle is left: no more requests will come.
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        // A panic while holding this lock leaves the queues consistent (pushes and pops only).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Closes the queue when the last [`ModelHandle`] is dropped.
+struct Closer(Arc<Queue>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.arrived.notify_all();
+    }
 }
 
 /// Why a request was not queued.
@@ -121,7 +168,8 @@ pub struct EngineStats {
 #[derive(Clone)]
 pub struct ModelHandle {
     model: Arc<LoadedModel>,
-    queue: SyncSender<Request>,
+    queue: Arc<Queue>,
+    _closer: Arc<Closer>,
     capacity: usize,
     stats: Arc<EngineStats>,
 }
@@ -130,16 +178,21 @@ impl ModelHandle {
     /// Starts the engine thread of `model`.
     pub fn spawn(model: LoadedModel, opts: EngineOptions) -> std::io::Result<ModelHandle> {
         let model = Arc::new(model);
-        let (tx, rx) = sync_channel(opts.queue_capacity.max(1));
+        let queue = Arc::new(Queue {
+            state: Mutex::default(),
+            arrived: Condvar::new(),
+        });
         let stats = Arc::new(EngineStats::default());
         let (engine_model, engine_stats) = (Arc::clone(&model), Arc::clone(&stats));
+        let engine_queue = Arc::clone(&queue);
         let capacity = opts.queue_capacity.max(1);
         std::thread::Builder::new()
             .name("ferrum-engine".into())
-            .spawn(move || Engine::new(&engine_model, opts, engine_stats).run(rx))?;
+            .spawn(move || Engine::new(&engine_model, opts, engine_stats).run(&engine_queue))?;
         Ok(ModelHandle {
             model,
-            queue: tx,
+            _closer: Arc::new(Closer(Arc::clone(&queue))),
+            queue,
             capacity,
             stats,
         })
@@ -154,12 +207,20 @@ impl ModelHandle {
         &self.stats
     }
 
-    /// Queues a request without waiting.
+    /// Queues a request without waiting. Interactive requests are refused when their queue
+    /// is full; background ones always queue.
     pub fn submit(&self, request: Request) -> Result<(), SubmitError> {
-        self.queue.try_send(request).map_err(|e| match e {
-            TrySendError::Full(_) => SubmitError::QueueFull(self.capacity),
-            TrySendError::Disconnected(_) => SubmitError::Stopped,
-        })?;
+        {
+            let mut w = self.queue.lock();
+            match request.priority {
+                Priority::Interactive if w.interactive.len() >= self.capacity => {
+                    return Err(SubmitError::QueueFull(self.capacity))
+                }
+                Priority::Interactive => w.interactive.push_back(request),
+                Priority::Background => w.background.push_back(request),
+            }
+        }
+        self.queue.arrived.notify_one();
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -177,6 +238,7 @@ struct Active {
 struct Running<'m> {
     req: u64,
     choice: u32,
+    priority: Priority,
     seq: Sequence<'m>,
     session: Session,
     /// Leading blocks of the session registered in the prefix cache, and the hash of the last.
@@ -188,6 +250,7 @@ struct Running<'m> {
 struct Preempted<'m> {
     req: u64,
     choice: u32,
+    priority: Priority,
     seq: Sequence<'m>,
 }
 
@@ -198,13 +261,15 @@ struct Engine<'m> {
     ws: Workspace,
     storage: Arc<KvStorage>,
     blocks: BlockAllocator,
-    /// In admission order: the last is the newest, the first to be preempted.
+    /// Interactive sequences, then background ones, each in admission order: the last is the
+    /// first to be preempted.
     running: Vec<Running<'m>>,
-    /// Waiting to be resumed, before any new request is admitted.
+    /// Waiting to be resumed, before any new request of their priority is admitted.
     preempted: VecDeque<Preempted<'m>>,
     requests: HashMap<u64, Active>,
-    /// A request taken off the queue that did not fit yet.
-    next: Option<Request>,
+    /// A request taken off a queue that did not fit yet, one per priority.
+    next_interactive: Option<Request>,
+    next_background: Option<Request>,
     next_id: u64,
 }
 
@@ -233,14 +298,15 @@ impl<'m> Engine<'m> {
             running: Vec::new(),
             preempted: VecDeque::new(),
             requests: HashMap::new(),
-            next: None,
+            next_interactive: None,
+            next_background: None,
             next_id: 0,
         }
     }
 
-    fn run(mut self, queue: Receiver<Request>) {
+    fn run(mut self, queue: &Queue) {
         loop {
-            if !self.admit(&queue) {
+            if !self.admit(queue) {
                 break;
             }
             if self.running.is_empty() {
@@ -256,42 +322,82 @@ impl<'m> Engine<'m> {
         tracing::info!(path = %self.model.path.display(), "engine thread stopped");
     }
 
-    /// Takes requests off the queue while there is room; blocks when there is nothing to do.
-    /// Returns false once the queue is closed and all work is done.
-    fn admit(&mut self, queue: &Receiver<Request>) -> bool {
-        self.resume_preempted();
-        if !self.preempted.is_empty() {
-            // Preempted sequences go first; new requests wait (in the queue) behind them.
-            return true;
+    /// Admits work while there is room, interactive first; parks the thread (no spinning) when
+    /// there is nothing to do. Returns false once every handle is gone and all work is done.
+    fn admit(&mut self, queue: &Queue) -> bool {
+        loop {
+            if !self.admit_priority(queue, Priority::Interactive) {
+                // Interactive work waits for room: background work waits behind it.
+                return true;
+            }
+            if !self.admit_priority(queue, Priority::Background) || !self.running.is_empty() {
+                return true;
+            }
+            // Idle: sleep until a request arrives.
+            let mut w = queue.lock();
+            while w.interactive.is_empty() && w.background.is_empty() {
+                if w.closed {
+                    return false;
+                }
+                w = queue.arrived.wait(w).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+
+    /// Resumes preempted sequences, then starts queued requests, of one priority, while there is
+    /// room. Returns whether everything of that priority is running (nothing left waiting).
+    fn admit_priority(&mut self, queue: &Queue, priority: Priority) -> bool {
+        if !self.resume_preempted(priority) {
+            return false;
         }
         loop {
-            let request = match self.next.take() {
+            let slot = match priority {
+                Priority::Interactive => &mut self.next_interactive,
+                Priority::Background => &mut self.next_background,
+            };
+            let request = match slot.take() {
                 Some(r) => r,
-                None if self.running.is_empty() => match queue.recv() {
-                    Ok(r) => r,
-                    Err(_) => return false,
-                },
-                None => match queue.try_recv() {
-                    Ok(r) => r,
-                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return true,
-                },
+                None => {
+                    let mut w = queue.lock();
+                    let q = match priority {
+                        Priority::Interactive => &mut w.interactive,
+                        Priority::Background => &mut w.background,
+                    };
+                    match q.pop_front() {
+                        Some(r) => r,
+                        None => return true,
+                    }
+                }
             };
             let n = request.choices.max(1) as usize;
+            if priority == Priority::Interactive {
+                // Room for an interactive request is made by preempting background sequences.
+                while self.running.len() + n > self.opts.max_running
+                    && self.running.last().is_some_and(|r| r.priority == Priority::Background)
+                {
+                    self.preempt_last();
+                }
+            }
             if !self.running.is_empty() && self.running.len() + n > self.opts.max_running {
-                self.next = Some(request);
-                return true;
+                match priority {
+                    Priority::Interactive => self.next_interactive = Some(request),
+                    Priority::Background => self.next_background = Some(request),
+                }
+                return false;
             }
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             self.start(request);
         }
     }
 
-    /// Resumes preempted sequences, oldest first, while the batch has room and the pool has
-    /// blocks for their context (with a block of headroom per running sequence).
-    fn resume_preempted(&mut self) {
-        while let Some(p) = self.preempted.front() {
+    /// Resumes preempted sequences of one priority, oldest first, while the batch has room and
+    /// the pool has blocks for their context (with a block of headroom per running sequence).
+    /// Returns whether none of that priority is left preempted.
+    fn resume_preempted(&mut self, priority: Priority) -> bool {
+        while let Some(i) = self.preempted.iter().position(|p| p.priority == priority) {
+            let p = &self.preempted[i];
             if self.requests.get(&p.req).is_none_or(|a| a.cancelled) {
-                let p = self.preempted.pop_front().expect("front exists");
+                let p = self.preempted.remove(i).expect("index found");
                 self.finish_choice(p.req);
                 continue;
             }
@@ -300,20 +406,35 @@ impl<'m> Engine<'m> {
             if !self.running.is_empty()
                 && (self.running.len() >= self.opts.max_running || need > self.blocks.available())
             {
-                return;
+                return false;
             }
-            let mut p = self.preempted.pop_front().expect("front exists");
+            let mut p = self.preempted.remove(i).expect("index found");
             let (mut session, registered, parent_hash) = self.session_for(p.seq.context());
             p.seq.resume(&mut session);
-            self.running.push(Running {
+            self.push_running(Running {
                 req: p.req,
                 choice: p.choice,
+                priority: p.priority,
                 seq: p.seq,
                 session,
                 registered,
                 parent_hash,
             });
         }
+        true
+    }
+
+    /// Adds a sequence after the others of its priority (interactive ones before background).
+    fn push_running(&mut self, r: Running<'m>) {
+        let at = match r.priority {
+            Priority::Interactive => self
+                .running
+                .iter()
+                .position(|x| x.priority == Priority::Background)
+                .unwrap_or(self.running.len()),
+            Priority::Background => self.running.len(),
+        };
+        self.running.insert(at, r);
     }
 
     /// Starts every choice of a request as a running sequence.
@@ -346,6 +467,7 @@ impl<'m> Engine<'m> {
                     started.push(Running {
                         req: id,
                         choice,
+                        priority: request.priority,
                         seq,
                         session,
                         registered,
@@ -362,7 +484,9 @@ impl<'m> Engine<'m> {
                 }
             }
         }
-        self.running.extend(started);
+        for r in started {
+            self.push_running(r);
+        }
         self.requests.insert(
             id,
             Active {
@@ -517,16 +641,17 @@ impl<'m> Engine<'m> {
                     )));
                     return;
                 }
-                self.preempt_newest(plan);
+                plan.pop();
+                self.preempt_last();
             }
             i += 1;
         }
     }
 
-    /// Releases the newest running sequence's blocks; it is resumed later by recomputation.
-    fn preempt_newest(&mut self, plan: &mut Vec<Option<usize>>) {
+    /// Releases the last running sequence's blocks (the newest background one if any, else the
+    /// newest); it is resumed later by recomputation.
+    fn preempt_last(&mut self) {
         let mut r = self.running.pop().expect("a running sequence");
-        plan.pop();
         self.release(&mut r.session);
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
@@ -537,6 +662,7 @@ impl<'m> Engine<'m> {
         self.preempted.push_front(Preempted {
             req: r.req,
             choice: r.choice,
+            priority: r.priority,
             seq: r.seq,
         });
     }

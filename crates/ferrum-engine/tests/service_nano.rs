@@ -12,7 +12,9 @@ use ferrum_engine::engine::{LoadOptions, LoadedModel};
 use ferrum_engine::generate::{Completion, GenerateParams};
 use ferrum_engine::kv::DEFAULT_BLOCK_SIZE as BLOCK_SIZE;
 use ferrum_engine::sampler::SamplingParams;
-use ferrum_engine::service::{EngineOptions, Event, ModelHandle, Request, SubmitError};
+use ferrum_engine::service::{
+    EngineOptions, Event, ModelHandle, Priority, Request, SubmitError,
+};
 
 fn handle_with(opts: EngineOptions) -> ModelHandle {
     let load = LoadOptions {
@@ -84,6 +86,7 @@ fn request(
         prompt,
         params,
         choices,
+        priority: Priority::Interactive,
         sink,
     };
     (r, rx)
@@ -398,4 +401,59 @@ fn an_odd_block_size_reuses_prefixes_at_its_granularity() {
     assert_eq!(first.cached_tokens, 0);
     assert_eq!(second.cached_tokens, (p.len() - 1) / 5 * 5);
     assert_eq!(first.tokens, second.tokens);
+}
+
+#[test]
+fn interactive_requests_preempt_background_ones_without_changing_any_output() {
+    let h = handle_with(EngineOptions {
+        max_running: 2,
+        ..Default::default()
+    });
+    let (p1, p2) = (prompt(&h, "Tell me a story."), prompt(&h, "Count to fifty."));
+    let quick = prompt(&h, "Say hi.");
+    let alone: Vec<Vec<u32>> = [&p1, &p2]
+        .iter()
+        .map(|p| complete(&h, (*p).clone(), endless(&h, 60), 1)[0].tokens.clone())
+        .collect();
+    let quick_alone = complete(&h, quick.clone(), endless(&h, 6), 1)[0].tokens.clone();
+
+    // Two background requests fill the batch; an interactive one arrives while they run.
+    let mut background = Vec::new();
+    for p in [&p1, &p2] {
+        let (mut r, rx) = request(p.clone(), endless(&h, 60), 1, None);
+        r.priority = Priority::Background;
+        h.submit(r).unwrap();
+        background.push(rx);
+    }
+    let first = background[0].recv().unwrap();
+    assert!(matches!(first, Event::Started));
+    let (r, quick_rx) = request(quick, endless(&h, 6), 1, None);
+    h.submit(r).unwrap();
+    let quick_done = collect(quick_rx);
+    // It finished while the background requests were still generating.
+    let left: usize = background.iter().map(|rx| rx.try_iter().count()).sum();
+    let still_running = background
+        .iter()
+        .map(|rx| collect_rest(rx))
+        .collect::<Vec<_>>();
+    assert!(
+        left < 2 * 60,
+        "the interactive request waited for the background ones to finish"
+    );
+    assert_eq!(quick_done[0].tokens, quick_alone);
+    for (got, want) in still_running.iter().zip(&alone) {
+        assert_eq!(&got.tokens, want, "a preempted background request changed its output");
+    }
+    assert!(h.stats().preemptions.load(std::sync::atomic::Ordering::Relaxed) > 0);
+}
+
+/// The completion of a single-choice request whose channel may already be partly read.
+fn collect_rest(rx: &Receiver<Event>) -> Completion {
+    rx.iter()
+        .find_map(|e| match e {
+            Event::ChoiceDone { completion, .. } => Some(completion),
+            Event::Error(e) => panic!("request failed: {e}"),
+            _ => None,
+        })
+        .expect("the request completed")
 }
