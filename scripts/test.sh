@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command: fetch (or verify the cache of) the default weights, run every test
-# of the workspace (the store's tests also against a throwaway Postgres when its binaries are
-# installed), then the end-to-end tests of `ferrum serve` with the official OpenAI Python SDK.
+# of the workspace (the store's tests also against a throwaway Postgres, installed from Debian's
+# package when missing and running as root), then the end-to-end tests of `ferrum serve` with
+# the official OpenAI Python SDK.
 # Fails on the first failing step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,18 @@ trap cleanup EXIT
 # then run on SQLite only and say so.
 pg_status=0
 pg_env=$(scripts/postgres.sh) || pg_status=$?
+# On a fresh Debian machine (CI) the server binaries are installed from the Debian package.
+if [[ $pg_status -eq 2 && $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing the Postgres server (Debian package postgresql) for the store's tests"
+    export DEBIAN_FRONTEND=noninteractive
+    if apt-get install -y -q postgresql >/dev/null || { apt-get update -q >/dev/null &&
+        apt-get install -y -q postgresql >/dev/null; }; then
+        pg_status=0
+        pg_env=$(scripts/postgres.sh) || pg_status=$?
+    else
+        echo "apt-get install postgresql failed"
+    fi
+fi
 case $pg_status in
     0) eval "$pg_env" ;;
     2) echo "note: no Postgres server binaries; the store's tests run on SQLite only" ;;

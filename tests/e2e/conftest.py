@@ -47,11 +47,20 @@ weights = {{ path = "{weights}" }}
 class FerrumServer:
     """One `ferrum serve` child process on an ephemeral port of 127.0.0.1."""
 
-    def __init__(self, binary: Path, config: Path | None, workdir: Path, args: list[str]):
+    def __init__(
+        self,
+        binary: Path,
+        config: Path | None,
+        workdir: Path,
+        args: list[str],
+        *,
+        database_url: str | None = None,
+    ):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.log_path = workdir / "server.log"
-        self.database_url = f"sqlite://{workdir / 'ferrum.db'}"
+        # The workdir's own SQLite file unless a database URL (e.g. a shared Postgres) is given.
+        self.database_url = database_url or f"sqlite://{workdir / 'ferrum.db'}"
         self.command = [
             str(binary), "serve",
             *(["--config", str(config)] if config is not None else []),
@@ -246,3 +255,30 @@ def client(server: FerrumServer) -> openai.OpenAI:
 def http(server: FerrumServer) -> Iterator[httpx.Client]:
     with server.http() as http_client:
         yield http_client
+
+
+@pytest.fixture(scope="session")
+def server_at(ferrum_bin: Path, config_file: Path) -> Iterator[Callable[..., FerrumServer]]:
+    """Starts a server on a given working directory: `server_at(workdir, *args, database_url=None)`.
+
+    On the workdir of a server that was stopped or killed (`FerrumServer.kill()`, i.e. kill -9)
+    it reopens the same SQLite database and the same default data dir (`files` next to the
+    database): a restart. The previous server.log is kept as server.log.1, .2, ... With
+    `database_url` the server uses that database instead (e.g. one Postgres for two servers).
+    Servers still running at the end of the session are stopped."""
+    started: list[FerrumServer] = []
+
+    def start(workdir: Path, *args: str, database_url: str | None = None) -> FerrumServer:
+        log = workdir / "server.log"
+        if log.exists():
+            n = 1
+            while (workdir / f"server.log.{n}").exists():
+                n += 1
+            log.rename(workdir / f"server.log.{n}")
+        server = FerrumServer(ferrum_bin, config_file, workdir, list(args), database_url=database_url)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

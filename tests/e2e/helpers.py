@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Iterable, Iterator
 
 import httpx
@@ -125,3 +126,73 @@ def cost_usd(model: str, prompt_tokens: int, cached_tokens: int, completion_toke
         + cached_tokens * price["cached_input"] / 1e6
         + completion_tokens * price["output"] / 1e6
     )
+
+
+# --- files, batches and stored completions --------------------------------------------------
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+TERMINAL_BATCH_STATUSES = {"completed", "failed", "expired", "cancelled"}
+
+
+def read_jsonl(data: bytes | str) -> list[dict]:
+    """The JSON objects of a JSONL text, one per non-empty line."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def to_jsonl(objects: Iterable[Any]) -> bytes:
+    """Objects as JSONL bytes (one compact JSON document per line, newline-terminated)."""
+    return "".join(json.dumps(obj) + "\n" for obj in objects).encode("utf-8")
+
+
+def batch_line(custom_id: str, **overrides: Any) -> dict:
+    """One line of a batch input file: a chat completion request (`chat_body(**overrides)`)."""
+    return {"custom_id": custom_id, "method": "POST", "url": CHAT_ENDPOINT, "body": chat_body(**overrides)}
+
+
+def upload_jsonl(client, objects: Iterable[Any], purpose: str = "batch", filename: str = "input.jsonl"):
+    """Uploads `objects` as a JSONL file through the SDK; returns the FileObject."""
+    return client.files.create(file=(filename, to_jsonl(objects)), purpose=purpose)
+
+
+def file_jsonl(client, file_id: str | None) -> list[dict]:
+    """The JSON lines of a file (an empty list for a None id)."""
+    if file_id is None:
+        return []
+    return read_jsonl(client.files.content(file_id).content)
+
+
+def wait_for_batch(client, batch_id: str, timeout: float = 180, statuses=TERMINAL_BATCH_STATUSES):
+    """Polls GET /v1/batches/{id} until its status is one of `statuses` (default: a terminal
+    one); fails after `timeout` s with the last state seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"batch {batch_id} still {batch.status!r} after {timeout} s "
+                f"(waiting for {sorted(statuses)}): {batch.model_dump()}"
+            )
+        time.sleep(0.2)
+
+
+def usage_by_model(http: httpx.Client) -> dict[str, dict]:
+    """GET /v1/usage as {tier id: totals entry}."""
+    response = http.get("/v1/usage")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "list", body
+    return {entry["model"]: entry for entry in body["data"]}
+
+
+def metric_sum(http: httpx.Client, name: str) -> float:
+    """The sum over all label values of one metric in GET /metrics (Prometheus text)."""
+    response = http.get("/metrics")
+    assert response.status_code == 200, response.text
+    total = 0.0
+    for line in response.text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

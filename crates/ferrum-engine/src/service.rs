@@ -373,7 +373,10 @@ impl<'m> Engine<'m> {
             if priority == Priority::Interactive {
                 // Room for an interactive request is made by preempting background sequences.
                 while self.running.len() + n > self.opts.max_running
-                    && self.running.last().is_some_and(|r| r.priority == Priority::Background)
+                    && self
+                        .running
+                        .last()
+                        .is_some_and(|r| r.priority == Priority::Background)
                 {
                     self.preempt_last();
                 }

@@ -12,9 +12,7 @@ use ferrum_engine::engine::{LoadOptions, LoadedModel};
 use ferrum_engine::generate::{Completion, GenerateParams};
 use ferrum_engine::kv::DEFAULT_BLOCK_SIZE as BLOCK_SIZE;
 use ferrum_engine::sampler::SamplingParams;
-use ferrum_engine::service::{
-    EngineOptions, Event, ModelHandle, Priority, Request, SubmitError,
-};
+use ferrum_engine::service::{EngineOptions, Event, ModelHandle, Priority, Request, SubmitError};
 
 fn handle_with(opts: EngineOptions) -> ModelHandle {
     let load = LoadOptions {
@@ -409,13 +407,22 @@ fn interactive_requests_preempt_background_ones_without_changing_any_output() {
         max_running: 2,
         ..Default::default()
     });
-    let (p1, p2) = (prompt(&h, "Tell me a story."), prompt(&h, "Count to fifty."));
+    let (p1, p2) = (
+        prompt(&h, "Tell me a story."),
+        prompt(&h, "Count to fifty."),
+    );
     let quick = prompt(&h, "Say hi.");
     let alone: Vec<Vec<u32>> = [&p1, &p2]
         .iter()
-        .map(|p| complete(&h, (*p).clone(), endless(&h, 60), 1)[0].tokens.clone())
+        .map(|p| {
+            complete(&h, (*p).clone(), endless(&h, 60), 1)[0]
+                .tokens
+                .clone()
+        })
         .collect();
-    let quick_alone = complete(&h, quick.clone(), endless(&h, 6), 1)[0].tokens.clone();
+    let quick_alone = complete(&h, quick.clone(), endless(&h, 6), 1)[0]
+        .tokens
+        .clone();
 
     // Two background requests fill the batch; an interactive one arrives while they run.
     let mut background = Vec::new();
@@ -432,19 +439,24 @@ fn interactive_requests_preempt_background_ones_without_changing_any_output() {
     let quick_done = collect(quick_rx);
     // It finished while the background requests were still generating.
     let left: usize = background.iter().map(|rx| rx.try_iter().count()).sum();
-    let still_running = background
-        .iter()
-        .map(|rx| collect_rest(rx))
-        .collect::<Vec<_>>();
+    let still_running = background.iter().map(collect_rest).collect::<Vec<_>>();
     assert!(
         left < 2 * 60,
         "the interactive request waited for the background ones to finish"
     );
     assert_eq!(quick_done[0].tokens, quick_alone);
     for (got, want) in still_running.iter().zip(&alone) {
-        assert_eq!(&got.tokens, want, "a preempted background request changed its output");
+        assert_eq!(
+            &got.tokens, want,
+            "a preempted background request changed its output"
+        );
     }
-    assert!(h.stats().preemptions.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(
+        h.stats()
+            .preemptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
 }
 
 /// The completion of a single-choice request whose channel may already be partly read.

@@ -378,7 +378,7 @@ fn parse_message(path: &str, v: &Value) -> Result<Message> {
 }
 
 /// Content parts: text is supported; images and audio belong to later work and say so.
-fn parse_parts(path: &str, parts: &[Value], role: Role) -> Result<String> {
+pub(crate) fn parse_parts(path: &str, parts: &[Value], role: Role) -> Result<String> {
     let mut texts = Vec::with_capacity(parts.len());
     for (i, part) in parts.iter().enumerate() {
         let p_path = format!("{path}[{i}]");
@@ -518,37 +518,44 @@ fn parse_tools(f: &Fields) -> Result<Vec<Tool>> {
         let func = t
             .object("function")?
             .ok_or_else(|| missing(&t.path_of("function")))?;
-        let name = func.required_str("name")?;
-        if !valid_name(name) {
-            return Err(ApiError::invalid_param(
-                func.path_of("name"),
-                "invalid_value",
-                format!(
-                    "Invalid '{}': {name:?}. Function names contain only a-z, A-Z, 0-9, \
-                     underscores and dashes, at most 64 characters.",
-                    func.path_of("name")
-                ),
-            ));
-        }
-        if tools.iter().any(|other| other.name == name) {
-            return Err(ApiError::invalid_param(
-                func.path_of("name"),
-                "invalid_value",
-                format!("Duplicate function name {name:?} in 'tools'."),
-            ));
-        }
-        let parameters = match func.object("parameters")? {
-            Some(p) => Value::Object(p.map.clone()),
-            None => serde_json::json!({"type": "object", "properties": {}}),
-        };
-        tools.push(Tool {
-            name: name.to_string(),
-            description: func.str("description")?.map(str::to_string),
-            parameters,
-            strict: func.bool("strict")?.unwrap_or(false),
-        });
+        let tool = parse_function(&func, &tools, false)?;
+        tools.push(tool);
     }
     Ok(tools)
+}
+
+/// One function definition: `tools[i].function` here, the tool object itself in the Responses
+/// API (where `strict` defaults to true). `tools` are those defined before it.
+pub(crate) fn parse_function(func: &Fields, tools: &[Tool], strict_default: bool) -> Result<Tool> {
+    let name = func.required_str("name")?;
+    if !valid_name(name) {
+        return Err(ApiError::invalid_param(
+            func.path_of("name"),
+            "invalid_value",
+            format!(
+                "Invalid '{}': {name:?}. Function names contain only a-z, A-Z, 0-9, \
+                 underscores and dashes, at most 64 characters.",
+                func.path_of("name")
+            ),
+        ));
+    }
+    if tools.iter().any(|other| other.name == name) {
+        return Err(ApiError::invalid_param(
+            func.path_of("name"),
+            "invalid_value",
+            format!("Duplicate function name {name:?} in 'tools'."),
+        ));
+    }
+    let parameters = match func.object("parameters")? {
+        Some(p) => Value::Object(p.map.clone()),
+        None => serde_json::json!({"type": "object", "properties": {}}),
+    };
+    Ok(Tool {
+        name: name.to_string(),
+        description: func.str("description")?.map(str::to_string),
+        parameters,
+        strict: func.bool("strict")?.unwrap_or(strict_default),
+    })
 }
 
 fn parse_tool_choice(f: &Fields, tools: &[Tool]) -> Result<ToolChoice> {
@@ -580,6 +587,11 @@ fn parse_tool_choice(f: &Fields, tools: &[Tool]) -> Result<ToolChoice> {
         }
         Some(other) => return Err(invalid_type("tool_choice", "a string or an object", other)),
     };
+    check_tool_choice(choice, tools)
+}
+
+/// A tool choice must name a defined function, and needs tools unless it is `none`/`auto`.
+pub(crate) fn check_tool_choice(choice: ToolChoice, tools: &[Tool]) -> Result<ToolChoice> {
     match &choice {
         ToolChoice::Required | ToolChoice::Function(_) if tools.is_empty() => {
             Err(ApiError::invalid_param(
@@ -611,29 +623,7 @@ fn parse_response_format(f: &Fields) -> Result<ResponseFormat> {
             let js = rf
                 .object("json_schema")?
                 .ok_or_else(|| missing(&rf.path_of("json_schema")))?;
-            let name = js.required_str("name")?;
-            if !valid_name(name) {
-                return Err(ApiError::invalid_param(
-                    js.path_of("name"),
-                    "invalid_value",
-                    format!(
-                        "Invalid '{}': {name:?}. Names contain only a-z, A-Z, 0-9, underscores \
-                         and dashes, at most 64 characters.",
-                        js.path_of("name")
-                    ),
-                ));
-            }
-            js.str("description")?;
-            let schema = match js.object("schema")? {
-                Some(o) => Value::Object(o.map.clone()),
-                // OpenAI's default: an empty schema (any JSON).
-                None => Value::Object(Map::new()),
-            };
-            Ok(ResponseFormat::JsonSchema {
-                name: name.to_string(),
-                schema,
-                strict: js.bool("strict")?.unwrap_or(false),
-            })
+            parse_json_schema(&js)
         }
         other => Err(invalid_value(
             &rf.path_of("type"),
@@ -643,7 +633,35 @@ fn parse_response_format(f: &Fields) -> Result<ResponseFormat> {
     }
 }
 
-fn parse_metadata(f: &Fields) -> Result<Option<Map<String, Value>>> {
+/// A JSON Schema output format: `response_format.json_schema` here, `text.format` itself in
+/// the Responses API.
+pub(crate) fn parse_json_schema(js: &Fields) -> Result<ResponseFormat> {
+    let name = js.required_str("name")?;
+    if !valid_name(name) {
+        return Err(ApiError::invalid_param(
+            js.path_of("name"),
+            "invalid_value",
+            format!(
+                "Invalid '{}': {name:?}. Names contain only a-z, A-Z, 0-9, underscores \
+                 and dashes, at most 64 characters.",
+                js.path_of("name")
+            ),
+        ));
+    }
+    js.str("description")?;
+    let schema = match js.object("schema")? {
+        Some(o) => Value::Object(o.map.clone()),
+        // OpenAI's default: an empty schema (any JSON).
+        None => Value::Object(Map::new()),
+    };
+    Ok(ResponseFormat::JsonSchema {
+        name: name.to_string(),
+        schema,
+        strict: js.bool("strict")?.unwrap_or(false),
+    })
+}
+
+pub fn parse_metadata(f: &Fields) -> Result<Option<Map<String, Value>>> {
     let Some(m) = f.object("metadata")? else {
         return Ok(None);
     };
@@ -745,6 +763,6 @@ fn is_empty_list(v: &Value) -> bool {
     v.as_array().is_some_and(|a| a.is_empty())
 }
 
-fn unsupported(param: &str, message: &str) -> ApiError {
+pub(crate) fn unsupported(param: &str, message: &str) -> ApiError {
     ApiError::invalid_param(param, "unsupported_parameter", message)
 }

@@ -90,6 +90,13 @@ impl ApiError {
         .with_code("model_not_found")
     }
 
+    /// 413: an upload over the size limit.
+    pub fn too_large(param: &str, message: impl Into<String>) -> Self {
+        Self::new(413, ErrorType::InvalidRequest, message)
+            .with_param(param)
+            .with_code("file_too_large")
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(404, ErrorType::InvalidRequest, message)
     }

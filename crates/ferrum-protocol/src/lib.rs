@@ -12,6 +12,7 @@ pub mod chat;
 pub mod error;
 pub mod reader;
 pub mod response;
+pub mod responses;
 
 pub use chat::{parse_chat_request, ChatRequest, Message, ResponseFormat, Role, Tool, ToolChoice};
 pub use error::{ApiError, ErrorType};

@@ -11,7 +11,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ferrum_engine::generate::Completion;
-use ferrum_engine::service::{Event, Request, Sink, SubmitError};
+use ferrum_engine::service::{Event, Priority, Request, Sink, SubmitError};
 use ferrum_protocol::response::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
     TokenLogprob, ToolCallDelta,
@@ -28,6 +28,72 @@ use crate::{now, random_id, App, HttpError};
 pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, HttpError> {
     let received = Instant::now();
     let req = parse_chat_request(&body)?;
+    let stored_request = if req.store {
+        Some(serde_json::from_slice(&body).map_err(|e| ApiError::invalid_request(e.to_string()))?)
+    } else {
+        None
+    };
+    let (mut meta, rx) = submit(&app, req, received, Priority::Interactive, Endpoint::CHAT).await?;
+    meta.stored_request = stored_request;
+    if meta.req.stream {
+        Ok(stream_response(meta, rx).into_response())
+    } else {
+        let (completion, _) = collect(meta, rx).await?;
+        Ok(Json(completion).into_response())
+    }
+}
+
+/// A chat request run for a batch line, at background priority: the response and its usage,
+/// which the caller records (in the same transaction as the line's result), or the API error.
+pub async fn run_for_batch(
+    app: &Arc<App>,
+    req: ChatRequest,
+) -> Result<(ChatCompletion, ferrum_protocol::response::Usage), ApiError> {
+    if req.stream {
+        return Err(ApiError::invalid_param(
+            "stream",
+            "invalid_value",
+            "Streaming is not supported in batch requests.",
+        ));
+    }
+    let (mut meta, rx) = submit(
+        app,
+        req,
+        Instant::now(),
+        Priority::Background,
+        Endpoint::CHAT,
+    )
+    .await?;
+    meta.record = false;
+    collect(meta, rx).await
+}
+
+/// Which API a request came through: its ids and its name in the usage ledger.
+#[derive(Clone, Copy)]
+pub(crate) struct Endpoint {
+    pub id_prefix: &'static str,
+    pub name: &'static str,
+}
+
+impl Endpoint {
+    pub const CHAT: Endpoint = Endpoint {
+        id_prefix: "chatcmpl-",
+        name: "chat.completions",
+    };
+    pub const RESPONSES: Endpoint = Endpoint {
+        id_prefix: "resp_",
+        name: "responses",
+    };
+}
+
+/// Prepares the prompt (off the async threads) and queues the request on its model.
+pub(crate) async fn submit(
+    app: &Arc<App>,
+    req: ChatRequest,
+    received: Instant,
+    priority: Priority,
+    endpoint: Endpoint,
+) -> Result<(Meta, UnboundedReceiver<Event>), ApiError> {
     let loaded = app.models.get(&req.model).await?;
     let (prompt_req, req) = {
         let loaded = loaded.clone();
@@ -39,32 +105,31 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
         .map_err(|e| ApiError::internal(format!("preparing the prompt panicked: {e}")))?
     };
     let prepared = prompt_req?;
-    let (id, created) = (random_id("chatcmpl-"), now());
+    let (id, created) = (random_id(endpoint.id_prefix), now());
     let tool_mode = prepared.tool_mode;
     let prompt_len = prepared.prompt.len();
     let (tx, rx) = unbounded_channel();
+    // A batch line interrupted (by a shutdown) runs again later and is billed then: only
+    // interactive requests bill what a departed client cost.
+    let bill = (priority == Priority::Interactive).then(|| PartialBill {
+        endpoint: endpoint.name,
+        app: Arc::clone(app),
+        runtime: tokio::runtime::Handle::current(),
+        id: id.clone(),
+        created,
+        tier: loaded.tier.clone(),
+        prompt_tokens: prompt_len as u64,
+        generated: 0,
+        choices_delivered: 0,
+        choices: req.n,
+        failed: false,
+    });
     let request = Request {
         prompt: prepared.prompt,
         params: prepared.params,
         choices: req.n,
-        sink: timed_sink(
-            &app,
-            received,
-            req.n,
-            PartialBill {
-                app: Arc::clone(&app),
-                runtime: tokio::runtime::Handle::current(),
-                id: id.clone(),
-                created,
-                tier: loaded.tier.clone(),
-                prompt_tokens: prompt_len as u64,
-                generated: 0,
-                choices_delivered: 0,
-                choices: req.n,
-                failed: false,
-            },
-            move |ev| tx.send(ev).is_ok(),
-        ),
+        priority,
+        sink: timed_sink(app, received, req.n, bill, move |ev| tx.send(ev).is_ok()),
     };
     loaded.handle.submit(request).map_err(|e| match e {
         SubmitError::QueueFull(n) => {
@@ -81,16 +146,15 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
     let meta = Meta {
         id,
         created,
-        app,
+        app: Arc::clone(app),
         loaded,
         req,
         tool_mode,
+        endpoint: endpoint.name,
+        record: true,
+        stored_request: None,
     };
-    if meta.req.stream {
-        Ok(stream_response(meta, rx).into_response())
-    } else {
-        Ok(Json(collect(meta, rx).await?).into_response())
-    }
+    Ok((meta, rx))
 }
 
 /// The engine's sink for one request: forwards events with `send` (false = the client went
@@ -100,7 +164,7 @@ fn timed_sink(
     app: &App,
     received: Instant,
     choices: u32,
-    mut bill: PartialBill,
+    mut bill: Option<PartialBill>,
     mut send: impl FnMut(Event) -> bool + Send + 'static,
 ) -> Sink {
     let metrics = Arc::clone(&app.metrics);
@@ -108,10 +172,11 @@ fn timed_sink(
     Box::new(move |ev| {
         // The whole bill moves into the closure (not copies of its fields): it is dropped, and
         // so settled, with the sink.
-        let bill = &mut bill;
         match &ev {
             Event::Token { choice, .. } => {
-                bill.generated += 1;
+                if let Some(b) = bill.as_mut() {
+                    b.generated += 1;
+                }
                 let now = Instant::now();
                 match last.get_mut(*choice as usize) {
                     Some(slot @ None) => {
@@ -125,13 +190,17 @@ fn timed_sink(
                     None => {}
                 }
             }
-            Event::Error(_) => bill.failed = true,
+            Event::Error(_) => {
+                if let Some(b) = bill.as_mut() {
+                    b.failed = true;
+                }
+            }
             Event::Started | Event::ChoiceDone { .. } => {}
         }
         let is_done = matches!(ev, Event::ChoiceDone { .. });
         if send(ev) {
-            if is_done {
-                bill.choices_delivered += 1;
+            if let (true, Some(b)) = (is_done, bill.as_mut()) {
+                b.choices_delivered += 1;
             }
             ControlFlow::Continue(())
         } else {
@@ -145,6 +214,7 @@ fn timed_sink(
 /// the prompt and the tokens generated so far are billed. The prompt is billed at the full input
 /// price: which part of it was cached is known only to complete responses.
 struct PartialBill {
+    endpoint: &'static str,
     app: Arc<App>,
     runtime: tokio::runtime::Handle,
     id: String,
@@ -164,31 +234,39 @@ impl Drop for PartialBill {
             return;
         }
         let usage = ferrum_protocol::response::Usage::new(self.prompt_tokens, 0, self.generated);
-        let (app, id, tier, created) = (
+        let (app, id, tier, created, endpoint) = (
             Arc::clone(&self.app),
             std::mem::take(&mut self.id),
             self.tier.clone(),
             self.created,
+            self.endpoint,
         );
         // The sink is dropped on the engine thread; the ledger is written on the runtime.
         self.runtime.spawn(async move {
-            app.record_usage(&id, &tier, &usage, created).await;
+            app.record_usage(&id, endpoint, &tier, &usage, created)
+                .await;
         });
     }
 }
 
 /// What every part of one response shares.
-struct Meta {
-    id: String,
-    created: i64,
-    app: Arc<App>,
-    loaded: Loaded,
-    req: ChatRequest,
-    tool_mode: ToolMode,
+pub(crate) struct Meta {
+    pub(crate) id: String,
+    pub(crate) created: i64,
+    pub(crate) app: Arc<App>,
+    pub(crate) loaded: Loaded,
+    pub(crate) req: ChatRequest,
+    pub(crate) tool_mode: ToolMode,
+    /// The ledger's name of the endpoint (`chat.completions`, `responses`).
+    pub(crate) endpoint: &'static str,
+    /// Whether the response's usage goes to the ledger here (batch lines record their own).
+    pub(crate) record: bool,
+    /// The request body as sent, when it asked to be stored (`store: true`).
+    pub(crate) stored_request: Option<serde_json::Value>,
 }
 
 impl Meta {
-    fn tool_names(&self) -> Vec<&str> {
+    pub(crate) fn tool_names(&self) -> Vec<&str> {
         self.req.tools.iter().map(|t| t.name.as_str()).collect()
     }
 
@@ -199,16 +277,84 @@ impl Meta {
         token_logprob(&self.loaded.handle.model().tokenizer, ev)
     }
 
-    async fn record_usage(&self, completions: &[Completion]) -> ferrum_protocol::response::Usage {
+    pub(crate) async fn record_usage(
+        &self,
+        completions: &[Completion],
+    ) -> ferrum_protocol::response::Usage {
         let usage = frontend::usage_of(completions);
-        self.app
-            .record_usage(&self.id, &self.loaded.tier, &usage, self.created)
-            .await;
+        if self.record {
+            self.app
+                .record_usage(
+                    &self.id,
+                    self.endpoint,
+                    &self.loaded.tier,
+                    &usage,
+                    self.created,
+                )
+                .await;
+        }
         usage
+    }
+
+    /// The response object of finished choices (with their log-probabilities when asked).
+    fn completion(
+        &self,
+        done: Vec<Completion>,
+        logprobs: Vec<Vec<TokenLogprob>>,
+        usage: ferrum_protocol::response::Usage,
+    ) -> ChatCompletion {
+        let names = self.tool_names();
+        let choices = done
+            .into_iter()
+            .zip(logprobs)
+            .enumerate()
+            .map(|(i, (c, lp))| {
+                let (content, calls) =
+                    tools::parse(&c.text, self.tool_mode, &names, || random_id("call_"));
+                let reason = if calls.is_empty() {
+                    finish_reason(c.finish_reason)
+                } else {
+                    "tool_calls"
+                };
+                Choice {
+                    index: i as u32,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content,
+                        refusal: None,
+                        tool_calls: (!calls.is_empty()).then_some(calls),
+                        annotations: Vec::new(),
+                    },
+                    logprobs: self.req.logprobs.then(|| logprobs_of(lp)),
+                    finish_reason: reason,
+                }
+            })
+            .collect();
+        ChatCompletion {
+            id: self.id.clone(),
+            object: "chat.completion",
+            created: self.created,
+            model: self.loaded.tier.id.clone(),
+            choices,
+            usage,
+            service_tier: "default",
+            system_fingerprint: self.loaded.fingerprint.clone(),
+        }
+    }
+
+    /// Saves the request and its response when the request asked for it (`store: true`).
+    async fn store(&self, completion: &ChatCompletion) {
+        let Some(request) = &self.stored_request else {
+            return;
+        };
+        crate::stored::save(&self.app, request, completion, &self.req).await;
     }
 }
 
-async fn collect(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<ChatCompletion, ApiError> {
+pub(crate) async fn collect(
+    meta: Meta,
+    mut rx: UnboundedReceiver<Event>,
+) -> Result<(ChatCompletion, ferrum_protocol::response::Usage), ApiError> {
     let n = meta.req.n as usize;
     let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
     // Choices run side by side: their completions arrive in any order.
@@ -233,43 +379,9 @@ async fn collect(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<ChatCom
         ));
     };
     let usage = meta.record_usage(&done).await;
-    let choices = done
-        .into_iter()
-        .zip(logprobs)
-        .enumerate()
-        .map(|(i, (c, lp))| {
-            let names = meta.tool_names();
-            let (content, calls) =
-                tools::parse(&c.text, meta.tool_mode, &names, || random_id("call_"));
-            let reason = if calls.is_empty() {
-                finish_reason(c.finish_reason)
-            } else {
-                "tool_calls"
-            };
-            Choice {
-                index: i as u32,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content,
-                    refusal: None,
-                    tool_calls: (!calls.is_empty()).then_some(calls),
-                    annotations: Vec::new(),
-                },
-                logprobs: meta.req.logprobs.then(|| logprobs_of(lp)),
-                finish_reason: reason,
-            }
-        })
-        .collect();
-    Ok(ChatCompletion {
-        id: meta.id,
-        object: "chat.completion",
-        created: meta.created,
-        model: meta.loaded.tier.id.clone(),
-        choices,
-        usage,
-        service_tier: "default",
-        system_fingerprint: meta.loaded.fingerprint.clone(),
-    })
+    let completion = meta.completion(done, logprobs, usage.clone());
+    meta.store(&completion).await;
+    Ok((completion, usage))
 }
 
 /// The state of a stream between engine events.
@@ -432,6 +544,13 @@ impl StreamState {
             return vec![Self::data(&err.body())];
         };
         let usage = self.meta.record_usage(&done).await;
+        if self.meta.stored_request.is_some() {
+            let n = done.len();
+            let completion = self
+                .meta
+                .completion(done, vec![Vec::new(); n], usage.clone());
+            self.meta.store(&completion).await;
+        }
         let mut out = Vec::new();
         if self.meta.req.include_usage {
             let mut chunk = self.chunk(Vec::new());

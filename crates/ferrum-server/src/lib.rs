@@ -3,10 +3,15 @@
 //! engine requests (through `frontend`) and never touches tensors.
 
 mod admin;
+mod batches;
 mod chat;
+mod files;
 mod frontend;
 mod metrics;
 mod models;
+mod paging;
+mod responses;
+mod stored;
 mod tools;
 
 use std::future::Future;
@@ -21,10 +26,12 @@ use axum::{Json, Router};
 use ferrum_protocol::response::{List, Usage};
 use ferrum_protocol::ApiError;
 use ferrum_registry::{Registry, Tier};
-use ferrum_store::{Store, UsageRecord};
+use ferrum_store::{BlobStore, Store, UsageRecord};
 use tokio::net::TcpListener;
 
+pub use batches::BatchConfig;
 pub use models::{EngineConfig, Models};
+pub use stored::{export as export_completions, training_example};
 
 /// Largest request body: long-context prompts are big, but not unbounded.
 const MAX_BODY_BYTES: usize = 64 << 20;
@@ -35,12 +42,31 @@ pub struct ServerConfig {
     pub engine: EngineConfig,
     /// Requests must carry `Authorization: Bearer <key>` when set.
     pub api_key: Option<String>,
+    /// Where file contents live.
+    pub blobs: BlobStore,
+    /// Largest upload, in bytes.
+    pub max_file_bytes: u64,
+    pub batch: BatchConfig,
+}
+
+/// Upload rules of the Files API.
+pub struct FilesConfig {
+    pub max_bytes: u64,
 }
 
 /// What every handler shares.
 pub struct App {
     pub models: Models,
     pub store: Store,
+    pub blobs: BlobStore,
+    pub files: FilesConfig,
+    pub batch: BatchConfig,
+    /// This server's name in batch claims (unique per process).
+    pub worker_id: String,
+    /// Wakes the batch worker (a batch was created or cancelled).
+    pub batch_wakeup: tokio::sync::Notify,
+    /// Background responses running here.
+    pub background: responses::Background,
     pub api_key: Option<String>,
     pub metrics: Arc<metrics::Metrics>,
 }
@@ -48,13 +74,20 @@ pub struct App {
 impl App {
     /// Prices a response's usage with its tier's price table and records it in the ledger. A
     /// failing database is logged, never turned into a failed response the client paid for.
-    async fn record_usage(&self, id: &str, tier: &Tier, usage: &Usage, created: i64) {
+    async fn record_usage(
+        &self,
+        id: &str,
+        endpoint: &str,
+        tier: &Tier,
+        usage: &Usage,
+        created: i64,
+    ) {
         let cached = usage.prompt_tokens_details.cached_tokens;
         let record = UsageRecord {
             id: id.to_string(),
             created,
             model: tier.id.clone(),
-            endpoint: "chat.completions".into(),
+            endpoint: endpoint.into(),
             prompt_tokens: usage.prompt_tokens,
             cached_tokens: cached,
             completion_tokens: usage.completion_tokens,
@@ -108,8 +141,12 @@ pub fn router(app: Arc<App>) -> Router {
     let api = Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
-        .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/chat/completions", post(chat::create).get(stored::list))
         .route("/v1/usage", get(usage_totals))
+        .merge(stored::routes())
+        .merge(files::routes())
+        .merge(batches::routes())
+        .merge(responses::routes())
         .merge(admin::routes())
         .route_layer(middleware::from_fn_with_state(Arc::clone(&app), auth));
     api.route("/health", get(|| async { "ok" }))
@@ -131,6 +168,14 @@ pub async fn serve(
     let app = Arc::new(App {
         models: Models::new(registry, config.engine),
         store,
+        blobs: config.blobs,
+        files: FilesConfig {
+            max_bytes: config.max_file_bytes,
+        },
+        batch: config.batch,
+        worker_id: format!("{}-{}", std::process::id(), random_id("w")),
+        batch_wakeup: tokio::sync::Notify::new(),
+        background: Default::default(),
         api_key: config.api_key,
         metrics: Arc::default(),
     });
@@ -138,16 +183,21 @@ pub async fn serve(
         .load_startup_tiers()
         .await
         .map_err(|e| ServeError::Load(e.message))?;
+    let (stop_worker, worker_stopped) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(batches::run_worker(Arc::clone(&app), worker_stopped));
     let addr = listener.local_addr().map_err(ServeError::Io)?;
     // The one line scripts wait for: the server takes requests from now on.
     println!("ferrum listening on http://{addr}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, "listening");
-    axum::serve(listener, router(app))
+    let served = axum::serve(listener, router(app))
         .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Io)?;
+        .await;
+    // The batch worker stops with the server: lines it was running go back to the queue.
+    let _ = stop_worker.send(true);
+    let _ = worker.await;
+    served.map_err(ServeError::Io)?;
     tracing::info!("server stopped");
     Ok(())
 }

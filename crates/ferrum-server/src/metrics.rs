@@ -74,9 +74,22 @@ pub struct Metrics {
     pub itl: Histogram,
     pub requests: AtomicU64,
     pub rejected_queue_full: AtomicU64,
+    /// Batch lines this server ran whose result it wrote, by outcome.
+    pub batch_lines_completed: AtomicU64,
+    pub batch_lines_failed: AtomicU64,
 }
 
 impl Metrics {
+    /// Counts a batch line whose result this server wrote (`completed` or `failed`).
+    pub fn batch_line(&self, outcome: &str) {
+        let counter = if outcome == "failed" {
+            &self.batch_lines_failed
+        } else {
+            &self.batch_lines_completed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The exposition text, with the engine counters of each loaded model.
     pub fn render(&self, models: &[(String, &EngineStats)]) -> String {
         let mut out = String::new();
@@ -191,6 +204,15 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP ferrum_batch_lines_total Batch lines this server ran and wrote a result for.\n\
+             # TYPE ferrum_batch_lines_total counter\n\
+             ferrum_batch_lines_total{{outcome=\"completed\"}} {}\n\
+             ferrum_batch_lines_total{{outcome=\"failed\"}} {}",
+            self.batch_lines_completed.load(Ordering::Relaxed),
+            self.batch_lines_failed.load(Ordering::Relaxed),
+        );
         self.ttft.render(
             &mut out,
             "ferrum_time_to_first_token_seconds",

@@ -178,8 +178,7 @@ impl Store {
     }
 
     pub async fn list_batches(&self, page: &Page) -> Result<Listed<BatchRecord>, StoreError> {
-        let mut q =
-            Sql::new(&format!("SELECT {COLUMNS} FROM batches WHERE 1 = 1"));
+        let mut q = Sql::new(&format!("SELECT {COLUMNS} FROM batches WHERE 1 = 1"));
         self.push_page(&mut q, "batches", page).await?;
         let rows = q.query().fetch_all(&self.pool).await?;
         let items = rows.iter().map(batch).collect::<Result<Vec<_>, _>>()?;
@@ -431,6 +430,20 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Hands one running line back (its batch stopped while it ran).
+    pub async fn release_line(&self, worker: &str, line: &ClaimedLine) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE batch_lines SET state = 'pending', owner = NULL, lease_until = NULL
+             WHERE batch_id = $1 AND line = $2 AND owner = $3 AND state = 'running'",
+        )
+        .bind(&line.batch_id)
+        .bind(line.line)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Writes a line's result and its usage record in one transaction, if the worker still
     /// owns the line. Returns false (writing nothing) if it does not.
     pub async fn finish_line(
@@ -565,7 +578,9 @@ impl Store {
                 Ok(DoneLine {
                     line: r.try_get("line")?,
                     custom_id: r.try_get("custom_id")?,
-                    result: r.try_get::<Option<String>, _>("result")?.unwrap_or_default(),
+                    result: r
+                        .try_get::<Option<String>, _>("result")?
+                        .unwrap_or_default(),
                     failed: r.try_get::<i64, _>("failed")? == 1,
                 })
             })

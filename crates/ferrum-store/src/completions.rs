@@ -166,7 +166,8 @@ fn metadata_json(metadata: &[(String, String)]) -> String {
 
 fn completion(row: &AnyRow) -> Result<StoredCompletion, StoreError> {
     let text: String = row.try_get("metadata")?;
-    let metadata = match serde_json::from_str::<serde_json::Value>(&text) {
+    let mut metadata: Vec<(String, String)> = match serde_json::from_str::<serde_json::Value>(&text)
+    {
         Ok(serde_json::Value::Object(map)) => map
             .into_iter()
             .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
@@ -178,6 +179,8 @@ fn completion(row: &AnyRow) -> Result<StoredCompletion, StoreError> {
             })
         }
     };
+    // Key order whatever map type serde_json was built with (`preserve_order` or not).
+    metadata.sort();
     Ok(StoredCompletion {
         id: row.try_get("id")?,
         created: row.try_get("created")?,

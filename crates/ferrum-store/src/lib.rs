@@ -16,6 +16,7 @@ mod error;
 mod files;
 mod migrate;
 mod page;
+mod responses;
 mod target;
 mod usage;
 
@@ -26,7 +27,8 @@ pub use blobs::BlobStore;
 pub use completions::{CompletionFilter, StoredCompletion};
 pub use error::StoreError;
 pub use files::FileRecord;
-pub use page::{Listed, Page, Order};
+pub use page::{Listed, Order, Page};
+pub use responses::ResponseRecord;
 pub use target::Backend;
 pub use usage::{UsageRecord, UsageTotal};
 

@@ -37,6 +37,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "files_batches_completions",
         sql: include_str!("../migrations/0002_files_batches_completions.sql"),
     },
+    Migration {
+        version: 3,
+        name: "responses",
+        sql: include_str!("../migrations/0003_responses.sql"),
+    },
 ];
 
 /// The key of the Postgres advisory lock held while migrating (arbitrary, "ferrum" in ASCII).

@@ -91,12 +91,18 @@ async fn files_page_by_cursor_in_both_orders_and_filter_by_purpose() {
         let store = Store::connect(&db.url).await.unwrap();
         for i in 0..5 {
             let purpose = if i % 2 == 0 { "batch" } else { "user_data" };
-            store.insert_file(&file(&format!("file-{i}"), purpose)).await.unwrap();
+            store
+                .insert_file(&file(&format!("file-{i}"), purpose))
+                .await
+                .unwrap();
         }
         // Inserting the same id again changes nothing (finalization may be retried).
         store.insert_file(&file("file-0", "batch")).await.unwrap();
 
-        let first = store.list_files(None, &page(None, 2, Order::Desc)).await.unwrap();
+        let first = store
+            .list_files(None, &page(None, 2, Order::Desc))
+            .await
+            .unwrap();
         let ids: Vec<_> = first.items.iter().map(|f| f.id.as_str()).collect();
         assert_eq!(ids, ["file-4", "file-3"], "{:?}", db.backend);
         assert!(first.has_more);
@@ -115,7 +121,10 @@ async fn files_page_by_cursor_in_both_orders_and_filter_by_purpose() {
         let ids: Vec<_> = asc.items.iter().map(|f| f.id.as_str()).collect();
         assert_eq!(ids, ["file-0", "file-2", "file-4"]);
 
-        assert_eq!(store.get_file("file-1").await.unwrap(), Some(file("file-1", "user_data")));
+        assert_eq!(
+            store.get_file("file-1").await.unwrap(),
+            Some(file("file-1", "user_data"))
+        );
         assert!(store.delete_file("file-1").await.unwrap());
         assert!(!store.delete_file("file-1").await.unwrap());
         assert_eq!(store.get_file("file-1").await.unwrap(), None);
@@ -133,13 +142,20 @@ async fn a_batch_runs_from_validation_to_completion() {
         let store = Store::connect(&db.url).await.unwrap();
         started(&store, "batch_a", 3).await;
         // Validated once: nothing more to validate.
-        assert!(store.claim_validation("w1", 2_000, 60_000).await.unwrap().is_none());
+        assert!(store
+            .claim_validation("w1", 2_000, 60_000)
+            .await
+            .unwrap()
+            .is_none());
         let b = store.get_batch("batch_a").await.unwrap().unwrap();
         assert_eq!(b.status, BatchStatus::InProgress);
         assert_eq!(b.model.as_deref(), Some("gpt-4.1-nano"));
 
         let claimed = store.claim_lines("w1", 2_000, 60_000, 10).await.unwrap();
-        assert_eq!(claimed.iter().map(|l| l.line).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            claimed.iter().map(|l| l.line).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
         assert_eq!(claimed[1].custom_id, "req-1");
         assert_eq!(claimed[1].body, r#"{"i":1}"#);
         // Not ready to finalize while lines run.
@@ -169,7 +185,11 @@ async fn a_batch_runs_from_validation_to_completion() {
         let counts = store.batch_counts("batch_a").await.unwrap();
         assert_eq!((counts.total, counts.completed, counts.failed), (3, 2, 1));
         assert_eq!(
-            (counts.input_tokens, counts.cached_tokens, counts.output_tokens),
+            (
+                counts.input_tokens,
+                counts.cached_tokens,
+                counts.output_tokens
+            ),
             (30, 6, 15)
         );
         let totals = store.usage_totals(None).await.unwrap();
@@ -183,15 +203,35 @@ async fn a_batch_runs_from_validation_to_completion() {
         assert_eq!(fin.status, BatchStatus::Finalizing);
         assert_eq!(fin.finalizing_at, Some(1_700_000_003));
         let done = store.done_lines("batch_a").await.unwrap();
-        assert_eq!(done.iter().map(|d| d.failed).collect::<Vec<_>>(), [false, true, false]);
-        let (out, err) = (file("file-out", "batch_output"), file("file-err", "batch_output"));
+        assert_eq!(
+            done.iter().map(|d| d.failed).collect::<Vec<_>>(),
+            [false, true, false]
+        );
+        let (out, err) = (
+            file("file-out", "batch_output"),
+            file("file-err", "batch_output"),
+        );
         // Only the finalizer may complete it.
         assert!(!store
-            .complete_batch("batch_a", "w1", BatchStatus::Completed, Some(&out), Some(&err), 5)
+            .complete_batch(
+                "batch_a",
+                "w1",
+                BatchStatus::Completed,
+                Some(&out),
+                Some(&err),
+                5
+            )
             .await
             .unwrap());
         assert!(store
-            .complete_batch("batch_a", "w2", BatchStatus::Completed, Some(&out), Some(&err), 5)
+            .complete_batch(
+                "batch_a",
+                "w2",
+                BatchStatus::Completed,
+                Some(&out),
+                Some(&err),
+                5
+            )
             .await
             .unwrap());
         let b = store.get_batch("batch_a").await.unwrap().unwrap();
@@ -215,14 +255,28 @@ async fn a_dead_workers_lines_are_taken_over_and_its_late_results_refused() {
         let dead = store.claim_lines("dead", 1_000, 5_000, 10).await.unwrap();
         assert_eq!(dead.len(), 2);
         // Within the lease nobody else gets them; a renewed lease lasts longer.
-        assert!(store.claim_lines("w", 5_999, 5_000, 10).await.unwrap().is_empty());
+        assert!(store
+            .claim_lines("w", 5_999, 5_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
         store.renew_leases("dead", 5_000, 5_000).await.unwrap();
-        assert!(store.claim_lines("w", 9_000, 5_000, 10).await.unwrap().is_empty());
+        assert!(store
+            .claim_lines("w", 9_000, 5_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
         // Once it runs out, another worker takes the lines over.
         let taken = store.claim_lines("w", 10_001, 5_000, 10).await.unwrap();
         assert_eq!(taken, dead);
-        assert!(!store.finish_line("dead", &dead[0], &ok_result(1)).await.unwrap());
-        assert!(store.finish_line("w", &taken[0], &ok_result(1)).await.unwrap());
+        assert!(!store
+            .finish_line("dead", &dead[0], &ok_result(1))
+            .await
+            .unwrap());
+        assert!(store
+            .finish_line("w", &taken[0], &ok_result(1))
+            .await
+            .unwrap());
         // A clean shutdown hands lines back at once.
         assert_eq!(store.release_lines("w").await.unwrap(), 1);
         let again = store.claim_lines("w2", 10_002, 5_000, 10).await.unwrap();
@@ -238,21 +292,42 @@ async fn cancelling_stops_claims_and_finalizes_once_running_lines_end() {
         let running = store.claim_lines("w", 1_000, 60_000, 1).await.unwrap();
         let (changed, b) = store.cancel_batch("batch_c", 7).await.unwrap().unwrap();
         assert!(changed);
-        assert_eq!((b.status, b.cancelling_at), (BatchStatus::Cancelling, Some(7)));
+        assert_eq!(
+            (b.status, b.cancelling_at),
+            (BatchStatus::Cancelling, Some(7))
+        );
         assert!(!store.cancel_batch("batch_c", 8).await.unwrap().unwrap().0);
         assert!(store.cancel_batch("batch_nope", 8).await.unwrap().is_none());
-        assert!(store.claim_lines("w", 1_000, 60_000, 10).await.unwrap().is_empty());
+        assert!(store
+            .claim_lines("w", 1_000, 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
         // The running line is still owned: no finalization until it ends.
-        assert!(store.claim_finalization("f", 2_000, 60_000, 9).await.unwrap().is_none());
-        assert!(store.finish_line("w", &running[0], &ok_result(1)).await.unwrap());
-        let fin = store.claim_finalization("f", 2_000, 60_000, 9).await.unwrap().unwrap();
+        assert!(store
+            .claim_finalization("f", 2_000, 60_000, 9)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(store
+            .finish_line("w", &running[0], &ok_result(1))
+            .await
+            .unwrap());
+        let fin = store
+            .claim_finalization("f", 2_000, 60_000, 9)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(fin.status, BatchStatus::Cancelling);
         assert!(store
             .complete_batch("batch_c", "f", BatchStatus::Cancelled, None, None, 10)
             .await
             .unwrap());
         let b = store.get_batch("batch_c").await.unwrap().unwrap();
-        assert_eq!((b.status, b.cancelled_at), (BatchStatus::Cancelled, Some(10)));
+        assert_eq!(
+            (b.status, b.cancelled_at),
+            (BatchStatus::Cancelled, Some(10))
+        );
         assert_eq!(store.batch_counts("batch_c").await.unwrap().completed, 1);
     }
 }
@@ -262,17 +337,35 @@ async fn validation_failures_and_cancellation_during_validation() {
     for db in databases().await {
         let store = Store::connect(&db.url).await.unwrap();
         store.create_batch(&new_batch("batch_f")).await.unwrap();
-        store.claim_validation("w", 1_000, 60_000).await.unwrap().unwrap();
+        store
+            .claim_validation("w", 1_000, 60_000)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(store.fail_batch("batch_f", "w", "[]", 3).await.unwrap());
         let b = store.get_batch("batch_f").await.unwrap().unwrap();
-        assert_eq!((b.status, b.failed_at, b.errors.as_deref()), (BatchStatus::Failed, Some(3), Some("[]")));
+        assert_eq!(
+            (b.status, b.failed_at, b.errors.as_deref()),
+            (BatchStatus::Failed, Some(3), Some("[]"))
+        );
 
         store.create_batch(&new_batch("batch_v")).await.unwrap();
-        store.claim_validation("w", 1_000, 60_000).await.unwrap().unwrap();
+        store
+            .claim_validation("w", 1_000, 60_000)
+            .await
+            .unwrap()
+            .unwrap();
         store.cancel_batch("batch_v", 4).await.unwrap();
         // The validator finds it cancelled: nothing is started, its claim is given up.
-        assert!(!store.start_batch("batch_v", "w", None, &lines(2), 5).await.unwrap());
-        let fin = store.claim_finalization("f", 1_001, 60_000, 6).await.unwrap().unwrap();
+        assert!(!store
+            .start_batch("batch_v", "w", None, &lines(2), 5)
+            .await
+            .unwrap());
+        let fin = store
+            .claim_finalization("f", 1_001, 60_000, 6)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(fin.id, "batch_v");
         assert_eq!(store.batch_counts("batch_v").await.unwrap().total, 0);
     }
@@ -285,7 +378,11 @@ async fn expired_batches_finalize_with_their_unfinished_lines() {
         started(&store, "batch_e", 2).await;
         // Before the expiry nothing is ready; after it the batch finalizes with lines pending.
         let expires = 1_700_086_400;
-        assert!(store.claim_finalization("f", 1, 60_000, expires).await.unwrap().is_none());
+        assert!(store
+            .claim_finalization("f", 1, 60_000, expires)
+            .await
+            .unwrap()
+            .is_none());
         let fin = store
             .claim_finalization("f", 1, 60_000, expires + 1)
             .await
@@ -322,7 +419,10 @@ async fn concurrent_workers_never_claim_a_line_twice() {
                         break;
                     }
                     for l in got {
-                        assert!(store.finish_line(&name, &l, &ok_result(l.line)).await.unwrap());
+                        assert!(store
+                            .finish_line(&name, &l, &ok_result(l.line))
+                            .await
+                            .unwrap());
                         mine.push(l.line);
                     }
                 }
@@ -334,7 +434,11 @@ async fn concurrent_workers_never_claim_a_line_twice() {
         for t in tasks {
             for line in t.await.unwrap() {
                 total += 1;
-                assert!(seen.insert(line), "line {line} claimed twice on {:?}", db.backend);
+                assert!(
+                    seen.insert(line),
+                    "line {line} claimed twice on {:?}",
+                    db.backend
+                );
             }
         }
         assert_eq!(total, 120);
@@ -360,9 +464,18 @@ fn stored(id: &str, model: &str, metadata: &[(&str, &str)]) -> StoredCompletion 
 async fn stored_completions_filter_by_model_and_metadata() {
     for db in databases().await {
         let store = Store::connect(&db.url).await.unwrap();
-        store.insert_completion(&stored("c1", "nano", &[("team", "a"), ("k", "1")])).await.unwrap();
-        store.insert_completion(&stored("c2", "mini", &[("team", "a")])).await.unwrap();
-        store.insert_completion(&stored("c3", "nano", &[("team", "b")])).await.unwrap();
+        store
+            .insert_completion(&stored("c1", "nano", &[("team", "a"), ("k", "1")]))
+            .await
+            .unwrap();
+        store
+            .insert_completion(&stored("c2", "mini", &[("team", "a")]))
+            .await
+            .unwrap();
+        store
+            .insert_completion(&stored("c3", "nano", &[("team", "b")]))
+            .await
+            .unwrap();
         let ids = |l: ferrum_store::Listed<StoredCompletion>| {
             l.items.into_iter().map(|c| c.id).collect::<Vec<_>>()
         };
@@ -371,12 +484,18 @@ async fn stored_completions_filter_by_model_and_metadata() {
             model: None,
             metadata: vec![("team".into(), "a".into())],
         };
-        assert_eq!(ids(store.list_completions(&team_a, &all).await.unwrap()), ["c1", "c2"]);
+        assert_eq!(
+            ids(store.list_completions(&team_a, &all).await.unwrap()),
+            ["c1", "c2"]
+        );
         let nano_a = CompletionFilter {
             model: Some("nano".into()),
             ..team_a.clone()
         };
-        assert_eq!(ids(store.list_completions(&nano_a, &all).await.unwrap()), ["c1"]);
+        assert_eq!(
+            ids(store.list_completions(&nano_a, &all).await.unwrap()),
+            ["c1"]
+        );
         let got = store.get_completion("c1").await.unwrap().unwrap();
         assert_eq!(got, stored("c1", "nano", &[("k", "1"), ("team", "a")]));
 
@@ -384,7 +503,10 @@ async fn stored_completions_filter_by_model_and_metadata() {
             .update_completion_metadata("c1", &[("team".into(), "b".into())])
             .await
             .unwrap());
-        assert_eq!(ids(store.list_completions(&team_a, &all).await.unwrap()), ["c2"]);
+        assert_eq!(
+            ids(store.list_completions(&team_a, &all).await.unwrap()),
+            ["c2"]
+        );
         assert!(!store.update_completion_metadata("nope", &[]).await.unwrap());
         assert!(store.delete_completion("c2").await.unwrap());
         assert!(!store.delete_completion("c2").await.unwrap());

@@ -43,6 +43,8 @@ pub enum Command {
     Serve(crate::serve::ServeArgs),
     /// Token and cost totals per model from the usage ledger.
     Usage(crate::serve::UsageArgs),
+    /// Write stored chat completions (`store: true`) as fine-tuning JSONL.
+    Export(crate::serve::ExportArgs),
 }
 
 #[derive(Args, Clone)]
@@ -139,6 +141,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => crate::bench::bench(&registry, args),
         Command::Serve(args) => crate::serve::serve(registry, args),
         Command::Usage(args) => crate::serve::usage(args),
+        Command::Export(args) => crate::serve::export(args),
     }
 }
 

@@ -6,8 +6,8 @@ use anyhow::Context;
 use clap::Args;
 use ferrum_engine::service::EngineOptions;
 use ferrum_registry::Registry;
-use ferrum_server::{EngineConfig, ServerConfig};
-use ferrum_store::Store;
+use ferrum_server::{BatchConfig, EngineConfig, ServerConfig};
+use ferrum_store::{BlobStore, CompletionFilter, Store};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -40,6 +40,43 @@ pub struct ServeArgs {
     /// Positions per KV block: the granularity of prefix reuse and of KV allocation.
     #[arg(long, default_value_t = ferrum_engine::kv::DEFAULT_BLOCK_SIZE)]
     pub kv_block_size: usize,
+    /// Directory of file contents (uploads, batch outputs); default: `files/` beside the
+    /// SQLite database, else in $FERRUM_HOME. Servers sharing a Postgres database must share it.
+    #[arg(long, env = "FERRUM_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Largest upload to /v1/files, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub max_file_mib: u64,
+    /// Seconds a batch line stays claimed by this server without renewal (renewed every third
+    /// of it): how long the lines of a killed server wait before another takes them over.
+    #[arg(long, default_value_t = 60)]
+    pub batch_lease_secs: u64,
+    /// Batch lines this server runs at once (the engine batches them with live traffic, which
+    /// goes first).
+    #[arg(long, default_value_t = 32)]
+    pub batch_window: usize,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// Database URL (as for `serve`).
+    #[arg(long, env = "FERRUM_DATABASE_URL")]
+    pub database: Option<String>,
+    /// Only completions of this model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Only completions with this metadata pair (KEY=VALUE; repeat to require several).
+    #[arg(long, value_parser = parse_pair)]
+    pub metadata: Vec<(String, String)>,
+    /// Write here instead of stdout.
+    #[arg(long, short)]
+    pub output: Option<std::path::PathBuf>,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 #[derive(Args)]
@@ -64,6 +101,11 @@ pub fn serve(registry: Registry, args: ServeArgs) -> anyhow::Result<()> {
         let store = Store::connect(&url)
             .await
             .with_context(|| format!("opening the database {url}"))?;
+        let data_dir = args
+            .data_dir
+            .unwrap_or_else(|| BlobStore::default_dir(&url));
+        let blobs = BlobStore::open(&data_dir)
+            .with_context(|| format!("opening the data directory {}", data_dir.display()))?;
         let listener = tokio::net::TcpListener::bind(args.addr)
             .await
             .with_context(|| format!("listening on {}", args.addr))?;
@@ -79,6 +121,13 @@ pub fn serve(registry: Registry, args: ServeArgs) -> anyhow::Result<()> {
                 },
             },
             api_key: args.api_key.filter(|k| !k.is_empty()),
+            blobs,
+            max_file_bytes: args.max_file_mib.max(1) << 20,
+            batch: BatchConfig {
+                lease: std::time::Duration::from_secs(args.batch_lease_secs.max(1)),
+                window: args.batch_window.max(1),
+                ..BatchConfig::default()
+            },
         };
         ferrum_server::serve(listener, registry, store, config, shutdown_signal()).await?;
         Ok(())
@@ -133,6 +182,34 @@ pub fn usage(args: UsageArgs) -> anyhow::Result<()> {
             );
         }
         println!("{:<24} {:>68.6}", "total", cost);
+        Ok(())
+    })
+}
+
+/// `ferrum export`: stored completions as fine-tuning JSONL (the distillation source).
+pub fn export(args: ExportArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let url = args.database.unwrap_or_else(Store::default_url);
+        let store = Store::connect(&url)
+            .await
+            .with_context(|| format!("opening the database {url}"))?;
+        let filter = CompletionFilter {
+            model: args.model,
+            metadata: args.metadata,
+        };
+        let written = match &args.output {
+            Some(path) => {
+                let file = std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                ferrum_server::export_completions(&store, &filter, std::io::BufWriter::new(file))
+                    .await
+            }
+            None => {
+                ferrum_server::export_completions(&store, &filter, std::io::stdout().lock()).await
+            }
+        }
+        .map_err(|e| anyhow::anyhow!(e))?;
+        eprintln!("exported {written} stored completions");
         Ok(())
     })
 }

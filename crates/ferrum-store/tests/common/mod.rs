@@ -97,4 +97,3 @@ async fn postgres_schema(base: &str) -> TestDb {
         pg_schema: Some((base.to_owned(), schema)),
     }
 }
-

@@ -1,0 +1,762 @@
+//! The Responses API: `POST /v1/responses` (one response object, a typed SSE event stream, or
+//! a background job), `GET`/`DELETE /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`
+//! and `POST /v1/responses/{id}/cancel`.
+//!
+//! A response is a chat completion underneath: the conversation (the chain of stored responses
+//! named by `previous_response_id`, then this request's `input`, with `instructions` first)
+//! becomes chat messages and goes through the chat path (`chat::submit`), so templates, tools,
+//! Structured Outputs and the prefix cache work the same. A turn that continues a stored
+//! conversation re-renders the earlier turns to the same tokens, so the prefix cache serves
+//! them (`usage.input_tokens_details.cached_tokens`).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferrum_engine::generate::Completion;
+use ferrum_engine::service::{Event, Priority};
+use ferrum_protocol::response::{ChatCompletion, Usage};
+use ferrum_protocol::responses::{
+    parse_item, parse_responses_request, to_messages, Item, ResponsesRequest,
+};
+use ferrum_protocol::{ApiError, ChatRequest};
+use ferrum_store::{Order, ResponseRecord};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::chat::{self, Endpoint, Meta};
+use crate::frontend::{engine_error, finish_reason};
+use crate::paging::{self, store_error, ListOut, Rules};
+use crate::tools::{self, ToolMode};
+use crate::{now, random_id, App, HttpError};
+
+/// Longest chain of `previous_response_id` followed (a guard, far above real conversations).
+const MAX_CHAIN: usize = 10_000;
+
+/// Background responses running in this server, by id, to cancel them.
+#[derive(Default)]
+pub struct Background(Mutex<HashMap<String, tokio::task::AbortHandle>>);
+
+pub fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/v1/responses", post(create))
+        .route("/v1/responses/{id}", get(retrieve).delete(delete))
+        .route("/v1/responses/{id}/input_items", get(input_items))
+        .route("/v1/responses/{id}/cancel", post(cancel))
+}
+
+/// What the response object repeats of its request.
+struct Ctx {
+    id: String,
+    created_at: i64,
+    model: String,
+    req: ResponsesRequest,
+    /// This request's input items with their ids, as `input_items` lists them.
+    input_json: Vec<Value>,
+}
+
+impl Ctx {
+    /// The response object; `output` and `usage` as far as known.
+    fn object(
+        &self,
+        status: &str,
+        output: &[Value],
+        usage: Option<&Usage>,
+        incomplete: bool,
+    ) -> Value {
+        let r = &self.req;
+        json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "completed_at": (status == "completed").then(now),
+            "error": null,
+            "incomplete_details": incomplete.then(|| json!({"reason": "max_output_tokens"})),
+            "instructions": r.instructions,
+            "max_output_tokens": r.max_output_tokens,
+            "max_tool_calls": null,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": r.parallel_tool_calls,
+            "previous_response_id": r.previous_response_id,
+            "reasoning": {"effort": null, "summary": null},
+            "service_tier": "default",
+            "store": r.store,
+            "background": r.background,
+            "temperature": r.temperature,
+            "text": r.echo.text,
+            "tool_choice": r.echo.tool_choice,
+            "tools": r.echo.tools,
+            "top_logprobs": r.top_logprobs,
+            "top_p": r.top_p,
+            "truncation": if r.truncate { "auto" } else { "disabled" },
+            "usage": usage.map(usage_json),
+            "user": r.user,
+            "metadata": r.metadata.clone().unwrap_or_default(),
+            "prompt_cache_key": null,
+            "safety_identifier": null,
+        })
+    }
+
+    fn failed(&self, e: &ApiError) -> Value {
+        let mut o = self.object("failed", &[], None, false);
+        o["error"] = json!({"code": e.code.clone().unwrap_or_else(|| "server_error".into()), "message": e.message});
+        o
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": u.prompt_tokens_details.cached_tokens},
+        "output_tokens": u.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+/// The output items of a finished generation: the text as a message, then the calls.
+fn output_items(c: &ChatCompletion) -> (Vec<Value>, bool) {
+    let choice = &c.choices[0];
+    let mut items = Vec::new();
+    if let Some(text) = choice
+        .message
+        .content
+        .as_deref()
+        .filter(|t| !t.is_empty() || choice.message.tool_calls.is_none())
+    {
+        items.push(message_item(&random_id("msg_"), text, "completed"));
+    }
+    for call in choice.message.tool_calls.iter().flatten() {
+        items.push(call_item(
+            &random_id("fc_"),
+            &call.id,
+            &call.function.name,
+            &call.function.arguments,
+            "completed",
+        ));
+    }
+    (items, choice.finish_reason == "length")
+}
+
+fn message_item(id: &str, text: &str, status: &str) -> Value {
+    json!({
+        "id": id,
+        "type": "message",
+        "role": "assistant",
+        "status": status,
+        "content": if status == "in_progress" && text.is_empty() { json!([]) } else { json!([text_part(text)]) },
+    })
+}
+
+fn text_part(text: &str) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+}
+
+fn call_item(id: &str, call_id: &str, name: &str, arguments: &str, status: &str) -> Value {
+    json!({
+        "id": id,
+        "type": "function_call",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    })
+}
+
+/// The items of a stored conversation, oldest first: each response's input, then its output.
+async fn history(app: &App, previous: &str) -> Result<Vec<Item>, ApiError> {
+    let mut chain = Vec::new();
+    let mut next = Some(previous.to_string());
+    while let Some(id) = next {
+        let Some(r) = app.store.get_response(&id).await.map_err(store_error)? else {
+            return Err(ApiError::not_found(format!(
+                "Previous response with id '{id}' not found."
+            ))
+            .with_param("previous_response_id"));
+        };
+        if matches!(r.status.as_str(), "queued" | "in_progress") {
+            return Err(ApiError::invalid_param(
+                "previous_response_id",
+                "invalid_value",
+                format!(
+                    "The previous response '{id}' is still {}; wait for it to finish.",
+                    r.status
+                ),
+            ));
+        }
+        next = r.previous_response_id.clone();
+        chain.push(r);
+        if chain.len() > MAX_CHAIN {
+            return Err(ApiError::invalid_param(
+                "previous_response_id",
+                "invalid_value",
+                "The conversation is too long.",
+            ));
+        }
+    }
+    let mut items = Vec::new();
+    for r in chain.iter().rev() {
+        for text in [&r.input_items, &r.output] {
+            let list: Vec<Value> = serde_json::from_str(text).map_err(|e| {
+                ApiError::internal(format!("stored response {} is corrupt: {e}", r.id))
+            })?;
+            for v in &list {
+                items.push(parse_item("previous_response_id", v)?);
+            }
+        }
+    }
+    Ok(items)
+}
+
+/// The chat request a response runs as.
+fn chat_request(req: &ResponsesRequest, items: &[Item], stream: bool) -> ChatRequest {
+    ChatRequest {
+        model: req.model.clone(),
+        messages: to_messages(req.instructions.as_deref(), items),
+        max_tokens: req.max_output_tokens,
+        max_tokens_param: "max_output_tokens",
+        temperature: req.temperature,
+        top_p: req.top_p,
+        n: 1,
+        stop: Vec::new(),
+        seed: None,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        logit_bias: Vec::new(),
+        logprobs: false,
+        top_logprobs: 0,
+        stream,
+        include_usage: false,
+        user: req.user.clone(),
+        metadata: None,
+        store: false,
+        response_format: req.format.clone(),
+        tools: req.tools.clone(),
+        tool_choice: req.tool_choice.clone(),
+        parallel_tool_calls: req.parallel_tool_calls,
+    }
+}
+
+/// Submits the conversation; with `truncation: "auto"` the oldest items are dropped (one at a
+/// time, never the instructions) until it fits the context window.
+async fn submit(
+    app: &Arc<App>,
+    req: &ResponsesRequest,
+    mut items: Vec<Item>,
+    received: Instant,
+    priority: Priority,
+) -> Result<(Meta, UnboundedReceiver<Event>), ApiError> {
+    loop {
+        let chat = chat_request(req, &items, req.stream && !req.background);
+        match chat::submit(app, chat, received, priority, Endpoint::RESPONSES).await {
+            Err(e)
+                if req.truncate
+                    && items.len() > 1
+                    && e.code.as_deref() == Some("context_length_exceeded") =>
+            {
+                items.remove(0);
+            }
+            Err(e) if e.code.as_deref() == Some("context_length_exceeded") => {
+                return Err(ApiError {
+                    param: Some("input".into()),
+                    ..e
+                })
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, HttpError> {
+    let received = Instant::now();
+    let req = parse_responses_request(&body)?;
+    if req.background && req.stream {
+        return Err(ApiError::invalid_param(
+            "background",
+            "unsupported_value",
+            "Streaming a background response is not supported by this server; poll it instead.",
+        )
+        .into());
+    }
+    let tier = app.models.resolve(&req.model)?;
+    let mut items = match &req.previous_response_id {
+        Some(prev) => history(&app, prev).await?,
+        None => Vec::new(),
+    };
+    let input_json: Vec<Value> = req
+        .input
+        .iter()
+        .map(|item| item.to_json(&random_id(item.id_prefix())))
+        .collect();
+    items.extend(req.input.iter().cloned());
+    let (meta, rx) = submit(&app, &req, items, received, Priority::Interactive).await?;
+    let ctx = Ctx {
+        id: meta.id.clone(),
+        created_at: meta.created,
+        model: tier.id.clone(),
+        req,
+        input_json,
+    };
+    if ctx.req.background {
+        let queued = ctx.object("queued", &[], None, false);
+        save(&app, &ctx, "queued", &[], &queued).await?;
+        let app2 = Arc::clone(&app);
+        let id = ctx.id.clone();
+        let task = tokio::spawn(async move {
+            let (status, output, object) = finish(meta, rx, &ctx).await;
+            match app2
+                .store
+                .finish_response(&ctx.id, status, &output, &object.to_string())
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(id = %ctx.id, "background response finished after it was cancelled")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, id = %ctx.id, "could not store a background response")
+                }
+            }
+            app2.background.0.lock().expect("lock").remove(&ctx.id);
+        });
+        app.background
+            .0
+            .lock()
+            .expect("lock")
+            .insert(id, task.abort_handle());
+        return Ok(Json(queued).into_response());
+    }
+    if ctx.req.stream {
+        return Ok(stream_response(app, meta, rx, ctx).into_response());
+    }
+    let (status, output, object) = finish(meta, rx, &ctx).await;
+    if status == "failed" {
+        // A failed generation answers with its error, as a chat completion would.
+        let message = object["error"]["message"]
+            .as_str()
+            .unwrap_or("generation failed")
+            .to_string();
+        return Err(ApiError::internal(message).into());
+    }
+    if ctx.req.store {
+        save(
+            &app,
+            &ctx,
+            status,
+            &serde_json::from_str::<Vec<Value>>(&output).unwrap_or_default(),
+            &object,
+        )
+        .await?;
+    }
+    Ok(Json(object).into_response())
+}
+
+/// A response run for a batch line, at background priority: the response object and its
+/// usage (which the caller records with the line's result), or the API error.
+pub async fn run_for_batch(app: &Arc<App>, body: &[u8]) -> Result<(Value, Usage), ApiError> {
+    let req = parse_responses_request(body)?;
+    if req.stream || req.background {
+        let param = if req.stream { "stream" } else { "background" };
+        return Err(ApiError::invalid_param(
+            param,
+            "invalid_value",
+            format!("'{param}' is not supported in batch requests."),
+        ));
+    }
+    let tier = app.models.resolve(&req.model)?;
+    let mut items = match &req.previous_response_id {
+        Some(prev) => history(app, prev).await?,
+        None => Vec::new(),
+    };
+    let input_json: Vec<Value> = req
+        .input
+        .iter()
+        .map(|item| item.to_json(&random_id(item.id_prefix())))
+        .collect();
+    items.extend(req.input.iter().cloned());
+    let (mut meta, rx) = submit(app, &req, items, Instant::now(), Priority::Background).await?;
+    meta.record = false;
+    let ctx = Ctx {
+        id: meta.id.clone(),
+        created_at: meta.created,
+        model: tier.id.clone(),
+        req,
+        input_json,
+    };
+    let (completion, usage) = chat::collect(meta, rx).await?;
+    let (output, incomplete) = output_items(&completion);
+    let status = if incomplete {
+        "incomplete"
+    } else {
+        "completed"
+    };
+    let object = ctx.object(status, &output, Some(&usage), incomplete);
+    save(app, &ctx, status, &output, &object).await?;
+    Ok((object, usage))
+}
+
+/// Runs a response to its end: (status, output items as JSON, response object).
+async fn finish(
+    meta: Meta,
+    rx: UnboundedReceiver<Event>,
+    ctx: &Ctx,
+) -> (&'static str, String, Value) {
+    match chat::collect(meta, rx).await {
+        Ok((completion, usage)) => {
+            let (output, incomplete) = output_items(&completion);
+            let status = if incomplete {
+                "incomplete"
+            } else {
+                "completed"
+            };
+            let object = ctx.object(status, &output, Some(&usage), incomplete);
+            (status, Value::Array(output).to_string(), object)
+        }
+        Err(e) => ("failed", "[]".into(), ctx.failed(&e)),
+    }
+}
+
+/// Stores a response (when the request asked for it, the default).
+async fn save(
+    app: &App,
+    ctx: &Ctx,
+    status: &str,
+    output: &[Value],
+    object: &Value,
+) -> Result<(), ApiError> {
+    if !ctx.req.store {
+        return Ok(());
+    }
+    let record = ResponseRecord {
+        id: ctx.id.clone(),
+        created_at: ctx.created_at,
+        model: ctx.model.clone(),
+        status: status.to_string(),
+        previous_response_id: ctx.req.previous_response_id.clone(),
+        input_items: Value::Array(ctx.input_json.clone()).to_string(),
+        output: Value::Array(output.to_vec()).to_string(),
+        object: object.to_string(),
+    };
+    app.store
+        .insert_response(&record)
+        .await
+        .map_err(store_error)
+}
+
+/// The typed event stream of a response (`response.created` ... `response.completed`), each
+/// event with its `sequence_number`.
+struct Streamer {
+    app: Arc<App>,
+    meta: Option<Meta>,
+    rx: UnboundedReceiver<Event>,
+    ctx: Ctx,
+    seq: u64,
+    /// The message item being streamed (text without tools): its id and text so far.
+    message: Option<(String, String)>,
+    done: Option<Completion>,
+    finished: bool,
+}
+
+impl Streamer {
+    fn event(&mut self, mut data: Value) -> SseEvent {
+        data["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        let kind = data["type"].as_str().unwrap_or("message").to_string();
+        SseEvent::default().event(kind).data(data.to_string())
+    }
+
+    fn start(&mut self) -> Vec<SseEvent> {
+        let response = self.ctx.object("in_progress", &[], None, false);
+        vec![
+            self.event(json!({"type": "response.created", "response": response})),
+            self.event(json!({"type": "response.in_progress", "response": response})),
+        ]
+    }
+
+    fn tools_on(&self) -> bool {
+        self.meta
+            .as_ref()
+            .is_some_and(|m| m.tool_mode != ToolMode::Off)
+    }
+
+    /// Opens the message item (output 0) and its text part.
+    fn open_message(&mut self, out: &mut Vec<SseEvent>, index: usize) -> String {
+        let id = random_id("msg_");
+        let item = message_item(&id, "", "in_progress");
+        out.push(self.event(
+            json!({"type": "response.output_item.added", "output_index": index, "item": item}),
+        ));
+        out.push(self.event(json!({
+            "type": "response.content_part.added", "item_id": id, "output_index": index,
+            "content_index": 0, "part": text_part(""),
+        })));
+        id
+    }
+
+    /// Closes a message item with its whole text.
+    fn close_message(
+        &mut self,
+        out: &mut Vec<SseEvent>,
+        index: usize,
+        id: &str,
+        text: &str,
+    ) -> Value {
+        out.push(self.event(json!({
+            "type": "response.output_text.done", "item_id": id, "output_index": index,
+            "content_index": 0, "text": text, "logprobs": [],
+        })));
+        out.push(self.event(json!({
+            "type": "response.content_part.done", "item_id": id, "output_index": index,
+            "content_index": 0, "part": text_part(text),
+        })));
+        let item = message_item(id, text, "completed");
+        out.push(self.event(
+            json!({"type": "response.output_item.done", "output_index": index, "item": item}),
+        ));
+        item
+    }
+
+    fn delta(&mut self, index: usize, id: &str, text: &str) -> SseEvent {
+        self.event(json!({
+            "type": "response.output_text.delta", "item_id": id, "output_index": index,
+            "content_index": 0, "delta": text, "logprobs": [],
+        }))
+    }
+
+    async fn next_events(&mut self) -> Vec<SseEvent> {
+        let Some(ev) = self.rx.recv().await else {
+            self.finished = true;
+            return self.end().await;
+        };
+        match ev {
+            Event::Started => Vec::new(),
+            Event::Token { .. } if self.tools_on() => Vec::new(),
+            Event::Token { token, .. } => {
+                let mut out = Vec::new();
+                if self.message.is_none() {
+                    let id = self.open_message(&mut out, 0);
+                    self.message = Some((id, String::new()));
+                }
+                if !token.text.is_empty() {
+                    let (id, text) = self.message.as_mut().expect("opened above");
+                    text.push_str(&token.text);
+                    let id = id.clone();
+                    out.push(self.delta(0, &id, &token.text));
+                }
+                out
+            }
+            Event::ChoiceDone { completion, .. } => {
+                self.done = Some(completion);
+                Vec::new()
+            }
+            Event::Error(e) => {
+                self.finished = true;
+                let e = engine_error(e);
+                let failed = self.ctx.failed(&e);
+                vec![
+                    self.event(json!({"type": "error", "code": e.code, "message": e.message, "param": e.param})),
+                    self.event(json!({"type": "response.failed", "response": failed})),
+                ]
+            }
+        }
+    }
+
+    /// After the engine's last event: the output items' closing events and `response.completed`
+    /// (or `response.incomplete`); the usage is recorded and the response stored.
+    async fn end(&mut self) -> Vec<SseEvent> {
+        let (Some(meta), Some(done)) = (self.meta.take(), self.done.take()) else {
+            let e = ApiError::internal("the engine stopped before the response was complete");
+            let failed = self.ctx.failed(&e);
+            return vec![self.event(json!({"type": "response.failed", "response": failed}))];
+        };
+        let usage = meta.record_usage(std::slice::from_ref(&done)).await;
+        let incomplete = finish_reason(done.finish_reason) == "length";
+        let mut out = Vec::new();
+        let mut items = Vec::new();
+        if meta.tool_mode == ToolMode::Off {
+            let (id, text) = match self.message.take() {
+                Some(m) => m,
+                None => (self.open_message(&mut out, 0), String::new()),
+            };
+            items.push(self.close_message(&mut out, 0, &id, &text));
+        } else {
+            let names = meta.tool_names();
+            let (content, calls) =
+                tools::parse(&done.text, meta.tool_mode, &names, || random_id("call_"));
+            if let Some(text) = content.filter(|t| !t.is_empty() || calls.is_empty()) {
+                let id = self.open_message(&mut out, 0);
+                if !text.is_empty() {
+                    out.push(self.delta(0, &id, &text));
+                }
+                items.push(self.close_message(&mut out, 0, &id, &text));
+            }
+            for call in calls {
+                let index = items.len();
+                let id = random_id("fc_");
+                let (name, args) = (&call.function.name, &call.function.arguments);
+                let added = call_item(&id, &call.id, name, "", "in_progress");
+                out.push(self.event(json!({"type": "response.output_item.added", "output_index": index, "item": added})));
+                out.push(self.event(json!({
+                    "type": "response.function_call_arguments.delta", "item_id": id,
+                    "output_index": index, "delta": args,
+                })));
+                out.push(self.event(json!({
+                    "type": "response.function_call_arguments.done", "item_id": id,
+                    "output_index": index, "name": name, "arguments": args,
+                })));
+                let item = call_item(&id, &call.id, name, args, "completed");
+                out.push(self.event(json!({"type": "response.output_item.done", "output_index": index, "item": item})));
+                items.push(item);
+            }
+        }
+        let status = if incomplete {
+            "incomplete"
+        } else {
+            "completed"
+        };
+        let object = self.ctx.object(status, &items, Some(&usage), incomplete);
+        if let Err(e) = save(&self.app, &self.ctx, status, &items, &object).await {
+            tracing::error!(error = %e.message, id = %self.ctx.id, "could not store a streamed response");
+        }
+        let kind = if incomplete {
+            "response.incomplete"
+        } else {
+            "response.completed"
+        };
+        out.push(self.event(json!({"type": kind, "response": object})));
+        out
+    }
+}
+
+fn stream_response(
+    app: Arc<App>,
+    meta: Meta,
+    rx: UnboundedReceiver<Event>,
+    ctx: Ctx,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let mut st = Streamer {
+        app,
+        meta: Some(meta),
+        rx,
+        ctx,
+        seq: 0,
+        message: None,
+        done: None,
+        finished: false,
+    };
+    let first = st.start();
+    let rest = stream::unfold(st, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let batch = st.next_events().await;
+        Some((stream::iter(batch), st))
+    })
+    .flatten();
+    Sse::new(stream::iter(first).chain(rest).map(Ok)).keep_alive(KeepAlive::default())
+}
+
+async fn find(app: &App, id: &str) -> Result<ResponseRecord, ApiError> {
+    app.store
+        .get_response(id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| {
+            ApiError::not_found(format!("Response with id '{id}' not found."))
+                .with_param("response_id")
+        })
+}
+
+async fn retrieve(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, HttpError> {
+    let r = find(&app, &id).await?;
+    let object: Value = serde_json::from_str(&r.object)
+        .map_err(|e| ApiError::internal(format!("stored response {id} is corrupt: {e}")))?;
+    Ok(Json(object))
+}
+
+async fn delete(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, HttpError> {
+    if let Some(task) = app.background.0.lock().expect("lock").remove(&id) {
+        task.abort();
+    }
+    if !app.store.delete_response(&id).await.map_err(store_error)? {
+        return Err(
+            ApiError::not_found(format!("Response with id '{id}' not found."))
+                .with_param("response_id")
+                .into(),
+        );
+    }
+    Ok(Json(
+        json!({"id": id, "object": "response.deleted", "deleted": true}),
+    ))
+}
+
+/// `POST /v1/responses/{id}/cancel`: stops a background response (others cannot be cancelled).
+async fn cancel(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, HttpError> {
+    let r = find(&app, &id).await?;
+    let mut object: Value = serde_json::from_str(&r.object)
+        .map_err(|e| ApiError::internal(format!("stored response {id} is corrupt: {e}")))?;
+    if object["background"] != json!(true) {
+        return Err(
+            ApiError::invalid_request("Only background responses can be cancelled.")
+                .with_param("response_id")
+                .into(),
+        );
+    }
+    if let Some(task) = app.background.0.lock().expect("lock").remove(&id) {
+        task.abort();
+    }
+    object["status"] = json!("cancelled");
+    if app
+        .store
+        .finish_response(&id, "cancelled", "[]", &object.to_string())
+        .await
+        .map_err(store_error)?
+    {
+        tracing::info!(%id, "background response cancelled");
+        return Ok(Json(object));
+    }
+    // Already finished: cancelling changes nothing (as OpenAI, which returns it as it is).
+    let r = find(&app, &id).await?;
+    Ok(Json(serde_json::from_str(&r.object).unwrap_or(Value::Null)))
+}
+
+async fn input_items(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<ListOut<Value>>, HttpError> {
+    let page = paging::page(
+        &pairs,
+        &Rules {
+            default_limit: 20,
+            max_limit: 100,
+            default_order: Order::Desc,
+            has_order: true,
+        },
+    )?;
+    let r = find(&app, &id).await?;
+    let items: Vec<Value> = serde_json::from_str(&r.input_items)
+        .map_err(|e| ApiError::internal(format!("stored response {id} is corrupt: {e}")))?;
+    Ok(Json(paging::in_memory(items, &page, |v| {
+        v["id"].as_str().unwrap_or("")
+    })?))
+}
