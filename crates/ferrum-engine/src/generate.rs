@@ -11,7 +11,15 @@ use crate::kernels::ThreadPool;
 use crate::kv::KvCache;
 use crate::model::transformer::{Logits, Transformer, Workspace};
 use crate::sampler::{Sampler, SamplingParams};
+use crate::speculative::Prediction;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Proposals verified per step when a prediction is followed (it adapts: doubled after a step
+/// that accepted all, cut back after a rejection). Each proposal is a row of the forward pass:
+/// cheap next to reading the weights on a CPU, but not free, so a rejected run costs time.
+const FIRST_DRAFT: usize = 8;
+const MAX_DRAFT: usize = 16;
+const MIN_DRAFT: usize = 2;
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -23,6 +31,9 @@ pub struct GenerateParams {
     pub ignore_eos: bool,
     /// A grammar the output must match (JSON mode, JSON Schema).
     pub constraint: Option<Constraint>,
+    /// Predicted output tokens (OpenAI `prediction`): proposals verified several per step.
+    /// They change the speed only, never the output.
+    pub prediction: Vec<u32>,
 }
 
 impl Default for GenerateParams {
@@ -33,6 +44,7 @@ impl Default for GenerateParams {
             sampling: SamplingParams::default(),
             ignore_eos: false,
             constraint: None,
+            prediction: Vec::new(),
         }
     }
 }
@@ -70,6 +82,10 @@ pub struct Completion {
     pub cached_tokens: usize,
     pub prefill_time: Duration,
     pub decode_time: Duration,
+    /// Predicted tokens that were verified and kept.
+    pub accepted_prediction_tokens: usize,
+    /// Predicted tokens that were verified and rejected (computed, then thrown away).
+    pub rejected_prediction_tokens: usize,
 }
 
 /// The per-conversation state a model lends itself: KV cache, its tokens, scratch buffers.
@@ -132,6 +148,12 @@ impl Session {
     fn extend(&mut self, tokens: &[u32]) {
         self.tokens.extend_from_slice(tokens);
     }
+
+    /// Forgets the positions from `len` on (rejected proposals).
+    fn truncate(&mut self, len: usize) {
+        self.kv.truncate(len);
+        self.tokens.truncate(len);
+    }
 }
 
 /// One sequence being generated, as a state machine a scheduler steps: feed it the tokens
@@ -153,6 +175,15 @@ pub struct Sequence<'m> {
     tokens: Vec<u32>,
     /// The last sampled token, to be fed next.
     pending: Option<u32>,
+    /// With a prediction: the next input, `pending` and then the proposals to verify.
+    spec: Vec<u32>,
+    prediction: Prediction,
+    /// Proposals per step (adaptive).
+    draft_len: usize,
+    accepted: usize,
+    rejected: usize,
+    /// Positions the session's cache can hold.
+    capacity: usize,
     started: Instant,
     prefill_time: Option<Duration>,
     finish: Option<FinishReason>,
@@ -178,6 +209,7 @@ impl<'m> Sequence<'m> {
         }
         let cached = session.reuse_prefix(&prompt);
         let stop = params.stop.clone();
+        let prediction = Prediction::new(params.prediction.clone());
         Ok(Sequence {
             tokenizer,
             sampler: Sampler::new(params.sampling.clone()),
@@ -189,6 +221,12 @@ impl<'m> Sequence<'m> {
             fed: cached,
             tokens: Vec::new(),
             pending: None,
+            spec: Vec::new(),
+            prediction,
+            draft_len: FIRST_DRAFT,
+            accepted: 0,
+            rejected: 0,
+            capacity: max,
             started: Instant::now(),
             prefill_time: None,
             finish: None,
@@ -213,9 +251,21 @@ impl<'m> Sequence<'m> {
             return (&self.context[self.fed..end], mode);
         }
         match &self.pending {
+            // The sampled token and the predicted ones after it: logits for every position.
+            Some(_) if self.spec.len() > 1 => (&self.spec, Logits::All),
             Some(tok) => (std::slice::from_ref(tok), Logits::Last),
             None => (&[], Logits::None),
         }
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Tokens the next decoding step runs: the sampled token and its proposals, if any.
+    pub fn decode_len(&self) -> usize {
+        self.spec.len().max(1)
     }
 
     /// Whether context (prompt, or tokens to recompute) is still being read.
@@ -240,7 +290,13 @@ impl<'m> Sequence<'m> {
             session.extend(&self.context[self.fed..self.fed + n]);
             self.fed += n;
         } else if let Some(tok) = self.pending.take() {
-            session.extend(&[tok]);
+            // With proposals, all of them are in the cache now; `sample_rows` keeps those
+            // sampling agrees with and drops the rest.
+            if n > 1 {
+                session.extend(&self.spec[..n]);
+            } else {
+                session.extend(&[tok]);
+            }
             self.context.push(tok);
             self.fed += 1;
         }
@@ -256,6 +312,84 @@ impl<'m> Sequence<'m> {
     /// Picks the next token from the logits of the last input; returns the events to report
     /// (the token, and the flush of held-back text when the sequence ends on a limit).
     pub fn sample(&mut self, kv: &KvCache, logits: &mut [f32]) -> Vec<TokenEvent> {
+        debug_assert_eq!(kv.len(), self.fed);
+        self.sample_rows(logits, logits.len())
+    }
+
+    /// Samples from each row of logits of the last input (one row, or one per position when
+    /// proposals were run), in order, like one row per step: a proposal is kept while the
+    /// token sampled before it equals it; the first sampled token that differs is the next
+    /// input. Call [`rollback`](Self::rollback) after it to drop the proposals that were not
+    /// kept from the cache. The tokens, and the random draws
+    /// that produce them, are exactly those of decoding one token per step (speculative
+    /// decoding with a deterministic draft: a proposal is accepted with the probability the
+    /// model gives it, and a rejection samples from the model's distribution without it).
+    pub fn sample_rows(&mut self, logits: &mut [f32], vocab: usize) -> Vec<TokenEvent> {
+        let rows = logits.len() / vocab.max(1);
+        if rows <= 1 {
+            let events = self.sample_one(self.fed, logits);
+            self.prepare_proposals();
+            return events;
+        }
+        let spec = std::mem::take(&mut self.spec);
+        let proposals = &spec[1..rows.min(spec.len())];
+        let mut events = Vec::new();
+        let mut kept = 0;
+        for (r, row) in logits.chunks_exact_mut(vocab).enumerate() {
+            events.extend(self.sample_one(self.fed, row));
+            match self.pending {
+                Some(t) if r < proposals.len() && t == proposals[r] => {
+                    // Its keys and values are already in the cache: it is context now.
+                    self.pending = None;
+                    self.context.push(t);
+                    self.fed += 1;
+                    kept += 1;
+                }
+                _ => break,
+            }
+        }
+        self.accepted += kept;
+        self.rejected += proposals.len() - kept;
+        self.draft_len = if kept == proposals.len() {
+            (self.draft_len * 2).min(MAX_DRAFT)
+        } else {
+            (kept * 2).clamp(MIN_DRAFT, MAX_DRAFT)
+        };
+        self.prepare_proposals();
+        events
+    }
+
+    /// Drops the keys and values of rejected proposals from the session (a no-op otherwise).
+    pub fn rollback(&self, session: &mut Session) {
+        if session.kv.len() > self.fed {
+            session.truncate(self.fed);
+        }
+    }
+
+    /// With a prediction, the next step's input: the pending token and the proposals after it
+    /// (no more than the token limit and the cache can still take).
+    fn prepare_proposals(&mut self) {
+        self.spec.clear();
+        let Some(p) = self.pending else {
+            return;
+        };
+        if self.prediction.is_empty() {
+            return;
+        }
+        let room = self
+            .params
+            .max_tokens
+            .saturating_sub(self.tokens.len() + 1)
+            .min(self.capacity.saturating_sub(self.fed + 2));
+        let proposals = self.prediction.propose(self.draft_len.min(room));
+        if !proposals.is_empty() {
+            self.spec.push(p);
+            self.spec.extend_from_slice(proposals);
+        }
+    }
+
+    /// One token from one row of logits, the cache holding `kv_len` positions before it.
+    fn sample_one(&mut self, kv_len: usize, logits: &mut [f32]) -> Vec<TokenEvent> {
         if self.prefill_time.is_none() {
             self.prefill_time = Some(self.started.elapsed());
         }
@@ -273,6 +407,9 @@ impl<'m> Sequence<'m> {
         }
         let s = self.sampler.sample(logits);
         self.tokens.push(s.id);
+        if !self.prediction.is_empty() {
+            self.prediction.advance(&self.tokens);
+        }
         let grammar_done = match &mut self.params.constraint {
             Some(c) => {
                 if let Err(e) = c.commit(s.id) {
@@ -299,7 +436,7 @@ impl<'m> Sequence<'m> {
                 self.flush_into(s.id, &mut events);
             }
             self.finish = Some(FinishReason::Stop);
-        } else if self.tokens.len() >= self.params.max_tokens || kv.len() + 1 > kv.capacity() {
+        } else if self.tokens.len() >= self.params.max_tokens || kv_len + 1 > self.capacity {
             self.flush_into(s.id, &mut events);
             self.finish = Some(FinishReason::Length);
         } else {
@@ -327,6 +464,7 @@ impl<'m> Sequence<'m> {
     pub fn cancel(&mut self) {
         self.finish = Some(FinishReason::Cancelled);
         self.pending = None;
+        self.spec.clear();
     }
 
     pub fn finish_reason(&self) -> Option<FinishReason> {
@@ -344,6 +482,8 @@ impl<'m> Sequence<'m> {
             prefill_time,
             tokens: self.tokens,
             text: self.text.into_text(),
+            accepted_prediction_tokens: self.accepted,
+            rejected_prediction_tokens: self.rejected,
         }
     }
 }
@@ -377,7 +517,11 @@ impl Generator<'_> {
             if mode == Logits::None {
                 continue;
             }
-            let events = seq.sample(&session.kv, session.ws.logits_mut());
+            let vocab = self.model.cfg.vocab_size;
+            let rows = if mode == Logits::All { n } else { 1 };
+            let logits = &mut session.ws.logits_mut()[..rows * vocab];
+            let events = seq.sample_rows(logits, vocab);
+            seq.rollback(session);
             for ev in &events {
                 if on_token(ev).is_break() {
                     seq.cancel();

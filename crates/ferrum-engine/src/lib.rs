@@ -15,5 +15,6 @@ pub mod kv;
 pub mod model;
 pub mod sampler;
 pub mod service;
+pub mod speculative;
 #[doc(hidden)]
 pub mod testing;

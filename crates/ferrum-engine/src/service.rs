@@ -538,8 +538,10 @@ impl<'m> Engine<'m> {
         let mut plan: Vec<Option<usize>> = vec![None; self.running.len()];
         for (i, r) in self.running.iter().enumerate() {
             if !r.seq.is_prefilling() {
-                plan[i] = Some(1);
-                budget = budget.saturating_sub(1);
+                // One token, or the token and the predicted ones to verify after it.
+                let n = r.seq.decode_len();
+                plan[i] = Some(n);
+                budget = budget.saturating_sub(n);
             }
         }
         for (i, r) in self.running.iter().enumerate() {
@@ -585,15 +587,23 @@ impl<'m> Engine<'m> {
         for &(i, n, mode) in &fed {
             let r = &mut self.running[i];
             r.seq.fed(&mut r.session, n);
-            register_full_blocks(&mut self.blocks, r, bs);
             if mode == Logits::None {
+                register_full_blocks(&mut self.blocks, r, bs);
                 continue;
             }
+            let rows = if mode == Logits::All { n } else { 1 };
+            let before = r.seq.generated();
             let events = r
                 .seq
-                .sample(&r.session.kv, &mut logits[row * vocab..(row + 1) * vocab]);
-            row += 1;
-            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                .sample_rows(&mut logits[row * vocab..(row + rows) * vocab], vocab);
+            row += rows;
+            // Rejected proposals leave the cache before any block is registered: a block in
+            // the prefix cache never changes.
+            r.seq.rollback(&mut r.session);
+            register_full_blocks(&mut self.blocks, r, bs);
+            self.stats
+                .generated_tokens
+                .fetch_add((r.seq.generated() - before) as u64, Ordering::Relaxed);
             let active = self
                 .requests
                 .get_mut(&r.req)

@@ -469,3 +469,118 @@ fn collect_rest(rx: &Receiver<Event>) -> Completion {
         })
         .expect("the request completed")
 }
+
+/// A request with a predicted output (`GenerateParams::prediction`).
+fn predicted(
+    h: &ModelHandle,
+    p: &[u32],
+    max_tokens: usize,
+    sampling: SamplingParams,
+    prediction: Vec<u32>,
+) -> Completion {
+    let mut params = params(max_tokens, sampling);
+    params.prediction = prediction;
+    complete(h, p.to_vec(), params, 1).remove(0)
+}
+
+#[test]
+fn a_prediction_changes_the_speed_never_the_output() {
+    let h = handle(8);
+    let p = prompt(&h, "Write a short poem about the sea.");
+    for sampling in [
+        SamplingParams::greedy(),
+        SamplingParams {
+            temperature: 0.9,
+            seed: Some(11),
+            ..Default::default()
+        },
+    ] {
+        let plain = predicted(&h, &p, 48, sampling.clone(), Vec::new());
+        let exact = plain.tokens.clone();
+        let mut edited = exact.clone();
+        for t in edited.iter_mut().skip(10).take(5) {
+            *t = 42;
+        }
+        edited.splice(25..25, [7, 8, 9]);
+        let unrelated = prompt(&h, "An entirely different text about mountains and goats.");
+        for (name, prediction) in [
+            ("exact", exact.clone()),
+            ("edited", edited),
+            ("unrelated", unrelated),
+            ("empty", Vec::new()),
+        ] {
+            let got = predicted(&h, &p, 48, sampling.clone(), prediction.clone());
+            assert_eq!(got.tokens, plain.tokens, "{name} prediction, {sampling:?}");
+            assert_eq!(got.text, plain.text, "{name}");
+            assert_eq!(got.finish_reason, plain.finish_reason, "{name}");
+            // Every verified proposal is either kept or rejected, and kept ones are output.
+            assert!(got.accepted_prediction_tokens <= got.tokens.len(), "{name}");
+            if prediction.is_empty() {
+                assert_eq!(
+                    (
+                        got.accepted_prediction_tokens,
+                        got.rejected_prediction_tokens
+                    ),
+                    (0, 0)
+                );
+            }
+            if name == "exact" {
+                // Each verification step keeps its proposals and samples one more token
+                // itself (and the first token has no output before it): with proposals growing
+                // 8, 16, 32 per step, nearly all tokens are accepted ones.
+                assert!(
+                    got.accepted_prediction_tokens * 10 >= got.tokens.len() * 8,
+                    "exact prediction: only {} of {} accepted",
+                    got.accepted_prediction_tokens,
+                    got.tokens.len()
+                );
+                assert_eq!(got.rejected_prediction_tokens, 0, "{got:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn predictions_in_a_batch_with_preemption_keep_every_output() {
+    let reference = handle(8);
+    // Room for about two of these sequences' caches (64 positions of nano = 1.4 MiB each), so
+    // sequences are preempted, also between a verification and the next.
+    let h = handle_with(EngineOptions {
+        kv_budget_bytes: 3 << 20,
+        step_tokens: 32,
+        ..Default::default()
+    });
+    let prompts: Vec<Vec<u32>> = [
+        "Tell me about the moon.",
+        "Write a short poem about autumn leaves.",
+        "Why is the sky blue?",
+        "Explain recursion to a child.",
+    ]
+    .iter()
+    .map(|q| prompt(&h, q))
+    .collect();
+    let plain: Vec<Completion> = prompts
+        .iter()
+        .map(|p| complete(&reference, p.clone(), endless(&reference, 40), 1).remove(0))
+        .collect();
+    let mut rxs = Vec::new();
+    for (p, c) in prompts.iter().zip(&plain) {
+        let mut params = endless(&h, 40);
+        // Right for the first half, then unrelated: acceptances and rejections.
+        params.prediction = c.tokens[..20].iter().copied().chain(5..25).collect();
+        let (r, rx) = request(p.clone(), params, 1, None);
+        h.submit(r).unwrap();
+        rxs.push(rx);
+    }
+    for (rx, want) in rxs.into_iter().zip(&plain) {
+        let got = collect(rx).remove(0);
+        assert_eq!(got.tokens, want.tokens);
+        assert!(got.accepted_prediction_tokens >= 10, "{got:?}");
+    }
+    assert!(
+        h.stats()
+            .preemptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+}

@@ -196,6 +196,9 @@ pub struct ChatRequest {
     /// `none` when there are no tools; else as given (default `auto`).
     pub tool_choice: ToolChoice,
     pub parallel_tool_calls: bool,
+    /// Predicted output (`prediction.content`, text parts joined): speeds up answers that
+    /// repeat it, never changes them.
+    pub prediction: Option<String>,
 }
 
 /// Parses and validates a request body.
@@ -269,6 +272,7 @@ impl ChatRequest {
             tool_choice: parse_tool_choice(&f, &tools)?,
             tools,
             parallel_tool_calls: f.bool("parallel_tool_calls")?.unwrap_or(true),
+            prediction: parse_prediction(&f)?,
         };
         check_accepted_fields(&f)?;
         Ok(req)
@@ -661,6 +665,26 @@ pub(crate) fn parse_json_schema(js: &Fields) -> Result<ResponseFormat> {
     })
 }
 
+/// `prediction`: `{"type": "content", "content": string or text parts}`.
+fn parse_prediction(f: &Fields) -> Result<Option<String>> {
+    let Some(p) = f.object("prediction")? else {
+        return Ok(None);
+    };
+    match p.required_str("type")? {
+        "content" => {}
+        other => return Err(invalid_value(&p.path_of("type"), other, &["content"])),
+    }
+    match p.required("content")? {
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Array(parts) => parse_parts(&p.path_of("content"), parts, Role::Assistant).map(Some),
+        other => Err(invalid_type(
+            &p.path_of("content"),
+            "a string or an array of text parts",
+            other,
+        )),
+    }
+}
+
 pub fn parse_metadata(f: &Fields) -> Result<Option<Map<String, Value>>> {
     let Some(m) = f.object("metadata")? else {
         return Ok(None);
@@ -712,10 +736,6 @@ fn check_accepted_fields(f: &Fields) -> Result<()> {
     f.str("prompt_cache_key")?;
     f.str("safety_identifier")?;
     f.choice("prompt_cache_retention", &["in_memory", "in-memory", "24h"])?;
-    if let Some(p) = f.object("prediction")? {
-        // Predicted outputs only change speed, never the output, so a prediction is accepted.
-        p.choice("type", &["content"])?;
-    }
     if let Some(modalities) = f.array("modalities")? {
         for (i, m) in modalities.iter().enumerate() {
             match m.as_str() {

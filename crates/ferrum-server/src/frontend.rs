@@ -96,6 +96,14 @@ pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ApiEr
             )),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The prediction as the model's tokens (plain text: special-token markup is not parsed).
+    let prediction = match &req.prediction {
+        Some(text) => model
+            .tokenizer
+            .encode(text, false, false)
+            .map_err(|e| ApiError::internal(format!("tokenizing the prediction failed: {e}")))?,
+        None => Vec::new(),
+    };
     // Without a seed, sampling is random; with one it is reproducible, as OpenAI's best effort.
     let seed = req
         .seed
@@ -118,6 +126,7 @@ pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ApiEr
             },
             ignore_eos: false,
             constraint: constraint(model, req, tool_mode)?,
+            prediction,
         },
         tool_mode,
     })
@@ -225,18 +234,27 @@ pub fn finish_reason(reason: FinishReason) -> &'static str {
 
 /// Usage of a whole request: the prompt counted once (as OpenAI does for `n` > 1), the cached
 /// part as the first choice saw it, and every choice's generated tokens.
+///
+/// With a prediction, rejected predicted tokens are output tokens too (they were computed), as
+/// OpenAI bills them: `completion_tokens` includes them and the details count both kinds.
 pub fn usage_of<'a>(completions: impl IntoIterator<Item = &'a Completion>) -> Usage {
     let mut prompt = 0;
     let mut cached = 0;
     let mut generated = 0;
+    let (mut accepted, mut rejected) = (0, 0);
     for (i, c) in completions.into_iter().enumerate() {
         if i == 0 {
             prompt = c.prompt_tokens as u64;
             cached = c.cached_tokens as u64;
         }
         generated += c.tokens.len() as u64;
+        accepted += c.accepted_prediction_tokens as u64;
+        rejected += c.rejected_prediction_tokens as u64;
     }
-    Usage::new(prompt, cached, generated)
+    let mut usage = Usage::new(prompt, cached, generated + rejected);
+    usage.completion_tokens_details.accepted_prediction_tokens = accepted;
+    usage.completion_tokens_details.rejected_prediction_tokens = rejected;
+    usage
 }
 
 /// The one place engine errors become API errors.

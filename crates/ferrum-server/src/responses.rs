@@ -244,6 +244,7 @@ fn chat_request(req: &ResponsesRequest, items: &[Item], stream: bool) -> ChatReq
         tools: req.tools.clone(),
         tool_choice: req.tool_choice.clone(),
         parallel_tool_calls: req.parallel_tool_calls,
+        prediction: None,
     }
 }
 

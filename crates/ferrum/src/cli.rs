@@ -89,6 +89,7 @@ impl SamplingArgs {
             },
             ignore_eos: false,
             constraint: None,
+            prediction: Vec::new(),
         }
     }
 }
