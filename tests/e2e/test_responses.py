@@ -172,6 +172,8 @@ def test_streamed_function_call_events(client):
     assert types.index("response.output_item.added") < types.index("response.function_call_arguments.delta")
     assert added.item.id == finished.item.id == done.item_id
     assert types[-1] == "response.completed"
+    # The arguments stream as they are generated.
+    assert types.count("response.function_call_arguments.delta") > 3, types
 
 
 class Verdict(BaseModel):

@@ -87,9 +87,14 @@ def test_streamed_tool_call_deltas_reassemble_to_the_call(client):
     whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
     calls: dict[int, dict] = {}
     finish = None
+    fragments = 0
     for chunk in client.chat.completions.create(stream=True, **kwargs):
         for choice in chunk.choices:
             for delta in choice.delta.tool_calls or []:
+                fragments += bool(delta.function.arguments)
+                if delta.index not in calls:
+                    # The first delta of a call carries its id, type and name.
+                    assert delta.id and delta.type == "function" and delta.function.name, delta
                 entry = calls.setdefault(delta.index, {"name": "", "arguments": "", "id": None})
                 entry["id"] = delta.id or entry["id"]
                 entry["name"] += delta.function.name or ""
@@ -99,6 +104,8 @@ def test_streamed_tool_call_deltas_reassemble_to_the_call(client):
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [
         (c.function.name, c.function.arguments) for c in whole
     ]
+    # The arguments stream as they are generated, not as one piece at the end.
+    assert fragments > 3, fragments
 
 
 def test_tool_results_round_trip(client):

@@ -49,14 +49,24 @@ pub struct FunctionCall {
     pub arguments: String,
 }
 
-/// A tool call in a stream chunk (`index` says which call a fragment belongs to).
+/// A tool call in a stream chunk (`index` says which call a fragment belongs to): the first
+/// delta of a call has its id, type and name, later ones only argument fragments.
 #[derive(Clone, Debug, Serialize)]
 pub struct ToolCallDelta {
     pub index: u32,
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub function: FunctionCall,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+/// The function part of a [`ToolCallDelta`].
+#[derive(Clone, Debug, Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -10,16 +10,17 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ferrum_engine::generate::Completion;
+use ferrum_engine::generate::{Completion, FinishReason};
 use ferrum_engine::service::{Event, Priority, Request, Sink, SubmitError};
 use ferrum_protocol::response::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
-    TokenLogprob, ToolCallDelta,
+    FunctionDelta, TokenLogprob, ToolCallDelta,
 };
 use ferrum_protocol::{parse_chat_request, ApiError, ChatRequest};
 use futures_util::stream::{self, Stream, StreamExt};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::callstream::{CallDelta, CallScanner};
 use crate::frontend::{self, engine_error, finish_reason, logprobs_of, token_logprob};
 use crate::models::Loaded;
 use crate::tools::{self, ToolMode};
@@ -390,6 +391,8 @@ struct StreamState {
     rx: UnboundedReceiver<Event>,
     /// Completions by choice index.
     done: Vec<Option<Completion>>,
+    /// Forced tool calls: per choice, the scanner that streams calls as they are generated.
+    scanners: Vec<CallScanner>,
     finished: bool,
 }
 
@@ -399,6 +402,7 @@ fn stream_response(
 ) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let state = StreamState {
         done: vec![None; meta.req.n as usize],
+        scanners: (0..meta.req.n).map(|_| CallScanner::new()).collect(),
         meta,
         rx,
         finished: false,
@@ -455,7 +459,47 @@ impl StreamState {
                     }]))
                 })
                 .collect(),
-            // With tools, whether the text is an answer or calls is known only at its end: the
+            // A forced call streams as it is generated: its name once complete, then its
+            // arguments fragment by fragment.
+            Event::Token { choice, token } if self.meta.tool_mode == ToolMode::Forced => {
+                let deltas = self.scanners[choice as usize].push(&token.text);
+                if deltas.is_empty() {
+                    return Vec::new();
+                }
+                let calls = deltas
+                    .into_iter()
+                    .map(|d| match d {
+                        CallDelta::Start { index, name } => ToolCallDelta {
+                            index: index as u32,
+                            id: Some(random_id("call_")),
+                            kind: Some("function"),
+                            function: FunctionDelta {
+                                name: Some(name),
+                                arguments: String::new(),
+                            },
+                        },
+                        CallDelta::Args { index, fragment } => ToolCallDelta {
+                            index: index as u32,
+                            id: None,
+                            kind: None,
+                            function: FunctionDelta {
+                                name: None,
+                                arguments: fragment,
+                            },
+                        },
+                    })
+                    .collect();
+                vec![Self::data(&self.chunk(vec![ChunkChoice {
+                    index: choice,
+                    delta: Delta {
+                        tool_calls: Some(calls),
+                        ..Delta::default()
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                }]))]
+            }
+            // With "auto", whether the text is an answer or calls is known only at its end: the
             // choice is sent whole then.
             Event::Token { .. } if self.meta.tool_mode != ToolMode::Off => Vec::new(),
             Event::Token { choice, token } => {
@@ -476,7 +520,22 @@ impl StreamState {
             Event::ChoiceDone { choice, completion } => {
                 let mut reason = finish_reason(completion.finish_reason);
                 let mut out = Vec::new();
-                if self.meta.tool_mode != ToolMode::Off {
+                if self.meta.tool_mode == ToolMode::Forced {
+                    // The calls were streamed; a text cut short (max_tokens) is still JSON text.
+                    if self.scanners[choice as usize].calls().is_empty() {
+                        out.push(Self::data(&self.chunk(vec![ChunkChoice {
+                            index: choice,
+                            delta: Delta {
+                                content: Some(completion.text.clone()),
+                                ..Delta::default()
+                            },
+                            logprobs: None,
+                            finish_reason: None,
+                        }])));
+                    } else if completion.finish_reason != FinishReason::Length {
+                        reason = "tool_calls";
+                    }
+                } else if self.meta.tool_mode == ToolMode::Auto {
                     let names = self.meta.tool_names();
                     let (content, calls) =
                         tools::parse(&completion.text, self.meta.tool_mode, &names, || {
@@ -500,9 +559,12 @@ impl StreamState {
                             .enumerate()
                             .map(|(i, c)| ToolCallDelta {
                                 index: i as u32,
-                                id: c.id,
-                                kind: c.kind,
-                                function: c.function,
+                                id: Some(c.id),
+                                kind: Some(c.kind),
+                                function: FunctionDelta {
+                                    name: Some(c.function.name),
+                                    arguments: c.function.arguments,
+                                },
                             })
                             .collect();
                         out.push(Self::data(&self.chunk(vec![ChunkChoice {

@@ -4,6 +4,7 @@
 
 mod admin;
 mod batches;
+mod callstream;
 mod chat;
 mod files;
 mod frontend;

@@ -32,6 +32,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::callstream::{CallDelta, CallScanner};
 use crate::chat::{self, Endpoint, Meta};
 use crate::frontend::{engine_error, finish_reason};
 use crate::paging::{self, store_error, ListOut, Rules};
@@ -464,6 +465,10 @@ struct Streamer {
     seq: u64,
     /// The message item being streamed (text without tools): its id and text so far.
     message: Option<(String, String)>,
+    /// A forced call streaming as it is generated: the scanner, and per call its item id and
+    /// call id.
+    scanner: CallScanner,
+    call_ids: Vec<(String, String)>,
     done: Option<Completion>,
     finished: bool,
 }
@@ -488,6 +493,12 @@ impl Streamer {
         self.meta
             .as_ref()
             .is_some_and(|m| m.tool_mode != ToolMode::Off)
+    }
+
+    fn forced(&self) -> bool {
+        self.meta
+            .as_ref()
+            .is_some_and(|m| m.tool_mode == ToolMode::Forced)
     }
 
     /// Opens the message item (output 0) and its text part.
@@ -541,6 +552,31 @@ impl Streamer {
         };
         match ev {
             Event::Started => Vec::new(),
+            Event::Token { token, .. } if self.forced() => {
+                let mut out = Vec::new();
+                for d in self.scanner.push(&token.text) {
+                    match d {
+                        CallDelta::Start { index, name } => {
+                            let ids = (random_id("fc_"), random_id("call_"));
+                            let added = call_item(&ids.0, &ids.1, &name, "", "in_progress");
+                            self.call_ids.push(ids);
+                            out.push(self.event(json!({
+                                "type": "response.output_item.added", "output_index": index,
+                                "item": added,
+                            })));
+                        }
+                        CallDelta::Args { index, fragment } => {
+                            let item_id = self.call_ids[index].0.clone();
+                            out.push(self.event(json!({
+                                "type": "response.function_call_arguments.delta",
+                                "item_id": item_id, "output_index": index, "delta": fragment,
+                            })));
+                        }
+                    }
+                }
+                out
+            }
+            // With "auto", whether the text is an answer or calls is known only at its end.
             Event::Token { .. } if self.tools_on() => Vec::new(),
             Event::Token { token, .. } => {
                 let mut out = Vec::new();
@@ -590,6 +626,18 @@ impl Streamer {
                 None => (self.open_message(&mut out, 0), String::new()),
             };
             items.push(self.close_message(&mut out, 0, &id, &text));
+        } else if meta.tool_mode == ToolMode::Forced && !self.call_ids.is_empty() {
+            // The calls were streamed: close each one.
+            for (index, (name, args)) in self.scanner.calls().into_iter().enumerate() {
+                let (id, call_id) = self.call_ids[index].clone();
+                out.push(self.event(json!({
+                    "type": "response.function_call_arguments.done", "item_id": id,
+                    "output_index": index, "name": name, "arguments": args,
+                })));
+                let item = call_item(&id, &call_id, &name, &args, "completed");
+                out.push(self.event(json!({"type": "response.output_item.done", "output_index": index, "item": item})));
+                items.push(item);
+            }
         } else {
             let names = meta.tool_names();
             let (content, calls) =
@@ -652,6 +700,8 @@ fn stream_response(
         ctx,
         seq: 0,
         message: None,
+        scanner: CallScanner::new(),
+        call_ids: Vec::new(),
         done: None,
         finished: false,
     };

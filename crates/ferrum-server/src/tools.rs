@@ -10,6 +10,8 @@ use ferrum_protocol::response::{FunctionCall, ToolCall};
 use ferrum_protocol::{ChatRequest, Tool, ToolChoice};
 use serde_json::{json, Value};
 
+use crate::callstream::CallScanner;
+
 /// How a request's output relates to tools.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ToolMode {
@@ -98,9 +100,22 @@ pub fn parse(
     };
     match mode {
         ToolMode::Off => (Some(text.to_string()), Vec::new()),
+        // The arguments as generated (not re-serialized), the same text a stream sends.
         ToolMode::Forced => match serde_json::from_str::<Value>(text) {
-            Ok(Value::Array(items)) => (None, items.iter().filter_map(call).collect()),
-            Ok(v @ Value::Object(_)) => (None, call(&v).into_iter().collect()),
+            Ok(Value::Array(_) | Value::Object(_)) => {
+                let mut scanner = CallScanner::new();
+                scanner.push(text);
+                let calls = scanner
+                    .calls()
+                    .into_iter()
+                    .map(|(name, arguments)| ToolCall {
+                        id: new_id(),
+                        kind: "function",
+                        function: FunctionCall { name, arguments },
+                    })
+                    .collect();
+                (None, calls)
+            }
             // Cut off by max_tokens: what was generated is returned as text.
             _ => (Some(text.to_string()), Vec::new()),
         },
@@ -187,7 +202,7 @@ mod tests {
         );
         assert_eq!(c, None);
         assert_eq!(calls[0].function.name, "f");
-        assert_eq!(calls[0].function.arguments, r#"{"a":1}"#);
+        assert_eq!(calls[0].function.arguments, r#"{"a": 1}"#, "as generated");
         let (_, calls) = parse(
             r#"[{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"b": "x"}}]"#,
             ToolMode::Forced,
