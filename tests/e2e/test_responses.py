@@ -59,7 +59,7 @@ def test_a_simple_response_has_the_spec_shape(client):
     assert u.input_tokens_details.cached_tokens >= 0
     assert u.output_tokens_details.reasoning_tokens == 0
     assert r.store is True and r.previous_response_id is None
-    assert r.text.format.type == "text" and r.tools == [] and r.tool_choice == "none"
+    assert r.text.format.type == "text" and r.tools == [] and r.tool_choice == "auto"
 
 
 def test_three_turns_through_previous_response_id_reuse_the_cache(client):

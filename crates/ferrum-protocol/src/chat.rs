@@ -563,9 +563,21 @@ pub(crate) fn parse_function(func: &Fields, tools: &[Tool], strict_default: bool
 }
 
 fn parse_tool_choice(f: &Fields, tools: &[Tool]) -> Result<ToolChoice> {
-    let choice = match f.get("tool_choice") {
-        None if tools.is_empty() => ToolChoice::None,
-        None => ToolChoice::Auto,
+    let default = if tools.is_empty() {
+        ToolChoice::None
+    } else {
+        ToolChoice::Auto
+    };
+    let choice = read_tool_choice(f, false)?.unwrap_or(default);
+    check_tool_choice(choice, tools)
+}
+
+/// `tool_choice` as given (`None` when absent): a mode, or a named function
+/// (`{"type": "function", "function": {"name"}}` here, `{"type": "function", "name"}` flat in
+/// the Responses API).
+pub(crate) fn read_tool_choice(f: &Fields, flat: bool) -> Result<Option<ToolChoice>> {
+    Ok(Some(match f.get("tool_choice") {
+        None => return Ok(None),
         Some(Value::String(s)) => match s.as_str() {
             "none" => ToolChoice::None,
             "auto" => ToolChoice::Auto,
@@ -584,14 +596,17 @@ fn parse_tool_choice(f: &Fields, tools: &[Tool]) -> Result<ToolChoice> {
                 "function" => {}
                 other => return Err(invalid_value(&c.path_of("type"), other, &["function"])),
             }
-            let func = c
-                .object("function")?
-                .ok_or_else(|| missing(&c.path_of("function")))?;
-            ToolChoice::Function(func.required_str("name")?.to_string())
+            let name = if flat {
+                c.required_str("name")?
+            } else {
+                c.object("function")?
+                    .ok_or_else(|| missing(&c.path_of("function")))?
+                    .required_str("name")?
+            };
+            ToolChoice::Function(name.to_string())
         }
         Some(other) => return Err(invalid_type("tool_choice", "a string or an object", other)),
-    };
-    check_tool_choice(choice, tools)
+    }))
 }
 
 /// A tool choice must name a defined function, and needs tools unless it is `none`/`auto`.

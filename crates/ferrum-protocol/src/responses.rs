@@ -4,8 +4,8 @@
 use serde_json::{json, Map, Value};
 
 use crate::chat::{
-    check_tool_choice, parse_function, parse_json_schema, parse_metadata, unsupported,
-    ResponseFormat, Role, Tool, ToolChoice, MAX_TOP_LOGPROBS,
+    check_tool_choice, parse_function, parse_json_schema, parse_metadata, read_tool_choice,
+    unsupported, ResponseFormat, Role, Tool, ToolChoice, MAX_TOP_LOGPROBS,
 };
 use crate::error::ApiError;
 use crate::reader::{invalid_type, invalid_value, missing, parse_object, Fields, Result};
@@ -407,32 +407,9 @@ fn parse_tools(f: &Fields) -> Result<Vec<Tool>> {
     Ok(tools)
 }
 
+/// `tool_choice`, by default `auto` (which calls nothing when there are no tools).
 fn parse_tool_choice(f: &Fields, tools: &[Tool]) -> Result<ToolChoice> {
-    let choice = match f.get("tool_choice") {
-        None if tools.is_empty() => ToolChoice::None,
-        None => ToolChoice::Auto,
-        Some(Value::String(s)) => match s.as_str() {
-            "none" => ToolChoice::None,
-            "auto" if tools.is_empty() => ToolChoice::None,
-            "auto" => ToolChoice::Auto,
-            "required" => ToolChoice::Required,
-            other => {
-                return Err(invalid_value(
-                    "tool_choice",
-                    other,
-                    &["none", "auto", "required"],
-                ))
-            }
-        },
-        Some(Value::Object(map)) => {
-            let c = Fields::new(map, "tool_choice");
-            match c.required_str("type")? {
-                "function" => ToolChoice::Function(c.required_str("name")?.to_string()),
-                other => return Err(invalid_value(&c.path_of("type"), other, &["function"])),
-            }
-        }
-        Some(other) => return Err(invalid_type("tool_choice", "a string or an object", other)),
-    };
+    let choice = read_tool_choice(f, true)?.unwrap_or(ToolChoice::Auto);
     check_tool_choice(choice, tools)
 }
 

@@ -23,7 +23,11 @@ fn a_string_input_is_one_user_message_and_defaults_follow_the_spec() {
     );
     assert!(r.store && r.parallel_tool_calls && !r.truncate && !r.background);
     assert_eq!(r.format, ResponseFormat::Text);
-    assert_eq!(r.tool_choice, ToolChoice::None);
+    assert_eq!(
+        r.tool_choice,
+        ToolChoice::Auto,
+        "OpenAI echoes auto even without tools"
+    );
     assert_eq!(r.echo.text, json!({"format": {"type": "text"}}));
 }
 

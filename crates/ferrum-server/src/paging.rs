@@ -14,6 +14,18 @@ pub struct Rules {
     pub has_order: bool,
 }
 
+impl Rules {
+    /// Lists of an object's parts and of stored completions: 20 per page (at most 100).
+    pub const fn of(default_order: Order) -> Rules {
+        Rules {
+            default_limit: 20,
+            max_limit: 100,
+            default_order,
+            has_order: true,
+        }
+    }
+}
+
 /// Reads `after`, `limit` and `order` from query pairs; other pairs are left to the caller.
 pub fn page(pairs: &[(String, String)], rules: &Rules) -> Result<Page, ApiError> {
     let mut page = Page {

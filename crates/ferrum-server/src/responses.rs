@@ -219,6 +219,25 @@ async fn history(app: &App, previous: &str) -> Result<Vec<Item>, ApiError> {
     Ok(items)
 }
 
+/// The whole conversation of a request (the stored history, then its input), and its own input
+/// items with fresh ids as `input_items` lists them.
+async fn conversation(
+    app: &App,
+    req: &ResponsesRequest,
+) -> Result<(Vec<Item>, Vec<Value>), ApiError> {
+    let mut items = match &req.previous_response_id {
+        Some(prev) => history(app, prev).await?,
+        None => Vec::new(),
+    };
+    let input_json = req
+        .input
+        .iter()
+        .map(|item| item.to_json(&random_id(item.id_prefix())))
+        .collect();
+    items.extend(req.input.iter().cloned());
+    Ok((items, input_json))
+}
+
 /// The chat request a response runs as.
 fn chat_request(req: &ResponsesRequest, items: &[Item], stream: bool) -> ChatRequest {
     ChatRequest {
@@ -291,16 +310,7 @@ async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, Ht
         .into());
     }
     let tier = app.models.resolve(&req.model)?;
-    let mut items = match &req.previous_response_id {
-        Some(prev) => history(&app, prev).await?,
-        None => Vec::new(),
-    };
-    let input_json: Vec<Value> = req
-        .input
-        .iter()
-        .map(|item| item.to_json(&random_id(item.id_prefix())))
-        .collect();
-    items.extend(req.input.iter().cloned());
+    let (items, input_json) = conversation(&app, &req).await?;
     let (meta, rx) = submit(&app, &req, items, received, Priority::Interactive).await?;
     let ctx = Ctx {
         id: meta.id.clone(),
@@ -376,16 +386,7 @@ pub async fn run_for_batch(app: &Arc<App>, body: &[u8]) -> Result<(Value, Usage)
         ));
     }
     let tier = app.models.resolve(&req.model)?;
-    let mut items = match &req.previous_response_id {
-        Some(prev) => history(app, prev).await?,
-        None => Vec::new(),
-    };
-    let input_json: Vec<Value> = req
-        .input
-        .iter()
-        .map(|item| item.to_json(&random_id(item.id_prefix())))
-        .collect();
-    items.extend(req.input.iter().cloned());
+    let (items, input_json) = conversation(app, &req).await?;
     let (mut meta, rx) = submit(app, &req, items, Instant::now(), Priority::Background).await?;
     meta.record = false;
     let ctx = Ctx {
@@ -795,15 +796,7 @@ async fn input_items(
     Path(id): Path<String>,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Json<ListOut<Value>>, HttpError> {
-    let page = paging::page(
-        &pairs,
-        &Rules {
-            default_limit: 20,
-            max_limit: 100,
-            default_order: Order::Desc,
-            has_order: true,
-        },
-    )?;
+    let page = paging::page(&pairs, &Rules::of(Order::Desc))?;
     let r = find(&app, &id).await?;
     let items: Vec<Value> = serde_json::from_str(&r.input_items)
         .map_err(|e| ApiError::internal(format!("stored response {id} is corrupt: {e}")))?;

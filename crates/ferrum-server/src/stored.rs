@@ -74,15 +74,7 @@ pub async fn list(
     State(app): State<Arc<App>>,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Json<ListOut<Value>>, HttpError> {
-    let page = paging::page(
-        &pairs,
-        &Rules {
-            default_limit: 20,
-            max_limit: 100,
-            default_order: Order::Asc,
-            has_order: true,
-        },
-    )?;
+    let page = paging::page(&pairs, &Rules::of(Order::Asc))?;
     let mut filter = CompletionFilter::default();
     for (k, v) in &pairs {
         if k == "model" {
@@ -181,15 +173,7 @@ async fn messages(
     Path(id): Path<String>,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Json<ListOut<Value>>, HttpError> {
-    let page = paging::page(
-        &pairs,
-        &Rules {
-            default_limit: 20,
-            max_limit: 100,
-            default_order: Order::Asc,
-            has_order: true,
-        },
-    )?;
+    let page = paging::page(&pairs, &Rules::of(Order::Asc))?;
     let c = find(&app, &id).await?;
     let request: Value = serde_json::from_str(&c.request).unwrap_or_else(|_| json!({}));
     let all: Vec<Value> = request["messages"]
