@@ -508,13 +508,7 @@ fn parse_tools(f: &Fields) -> Result<Vec<Tool>> {
             ),
         ));
     }
-    let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
-    for (i, v) in list.iter().enumerate() {
-        let path = format!("tools[{i}]");
-        let Value::Object(map) = v else {
-            return Err(invalid_type(&path, "an object", v));
-        };
-        let t = Fields::new(map, path.as_str());
+    parse_tool_list(list, |t, tools| {
         match t.required_str("type")? {
             "function" => {}
             other => return Err(invalid_value(&t.path_of("type"), other, &["function"])),
@@ -522,7 +516,22 @@ fn parse_tools(f: &Fields) -> Result<Vec<Tool>> {
         let func = t
             .object("function")?
             .ok_or_else(|| missing(&t.path_of("function")))?;
-        let tool = parse_function(&func, &tools, false)?;
+        parse_function(&func, tools, false)
+    })
+}
+
+/// The tools of a `tools` array, each read by `one` (given its object and the tools before it).
+pub(crate) fn parse_tool_list(
+    list: &[Value],
+    mut one: impl FnMut(&Fields, &[Tool]) -> Result<Tool>,
+) -> Result<Vec<Tool>> {
+    let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let path = format!("tools[{i}]");
+        let Value::Object(map) = v else {
+            return Err(invalid_type(&path, "an object", v));
+        };
+        let tool = one(&Fields::new(map, path.as_str()), &tools)?;
         tools.push(tool);
     }
     Ok(tools)

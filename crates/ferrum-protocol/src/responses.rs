@@ -4,8 +4,8 @@
 use serde_json::{json, Map, Value};
 
 use crate::chat::{
-    check_tool_choice, parse_function, parse_json_schema, parse_metadata, read_tool_choice,
-    unsupported, ResponseFormat, Role, Tool, ToolChoice, MAX_TOP_LOGPROBS,
+    check_tool_choice, parse_function, parse_json_schema, parse_metadata, parse_tool_list,
+    read_tool_choice, unsupported, ResponseFormat, Role, Tool, ToolChoice, MAX_TOP_LOGPROBS,
 };
 use crate::error::ApiError;
 use crate::reader::{invalid_type, invalid_value, missing, parse_object, Fields, Result};
@@ -382,29 +382,14 @@ fn parse_tools(f: &Fields) -> Result<Vec<Tool>> {
     let Some(list) = f.array("tools")? else {
         return Ok(Vec::new());
     };
-    let mut tools: Vec<Tool> = Vec::with_capacity(list.len());
-    for (i, v) in list.iter().enumerate() {
-        let path = format!("tools[{i}]");
-        let Value::Object(map) = v else {
-            return Err(invalid_type(&path, "an object", v));
-        };
-        let t = Fields::new(map, path.as_str());
-        match t.required_str("type")? {
-            "function" => {}
-            other => {
-                return Err(ApiError::invalid_param(
-                    t.path_of("type"),
-                    "unsupported_value",
-                    format!(
-                        "Tools of type '{other}' are not supported by this server; use 'function'."
-                    ),
-                ))
-            }
-        }
-        let tool = parse_function(&t, &tools, true)?;
-        tools.push(tool);
-    }
-    Ok(tools)
+    parse_tool_list(list, |t, tools| match t.required_str("type")? {
+        "function" => parse_function(t, tools, true),
+        other => Err(ApiError::invalid_param(
+            t.path_of("type"),
+            "unsupported_value",
+            format!("Tools of type '{other}' are not supported by this server; use 'function'."),
+        )),
+    })
 }
 
 /// `tool_choice`, by default `auto` (which calls nothing when there are no tools).

@@ -351,26 +351,14 @@ async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, Ht
     if ctx.req.stream {
         return Ok(stream_response(app, meta, rx, ctx).into_response());
     }
-    let (status, output, object) = finish(meta, rx, &ctx).await;
-    if status == "failed" {
-        // A failed generation answers with its error, as a chat completion would.
-        let message = object["error"]["message"]
-            .as_str()
-            .unwrap_or("generation failed")
-            .to_string();
-        return Err(ApiError::internal(message).into());
-    }
+    // A failed generation answers with its error, as a chat completion would.
+    let done = complete(meta, rx, &ctx)
+        .await
+        .map_err(|e| ApiError::internal(e.message))?;
     if ctx.req.store {
-        save(
-            &app,
-            &ctx,
-            status,
-            &serde_json::from_str::<Vec<Value>>(&output).unwrap_or_default(),
-            &object,
-        )
-        .await?;
+        save(&app, &ctx, done.status, &done.output, &done.object).await?;
     }
-    Ok(Json(object).into_response())
+    Ok(Json(done.object).into_response())
 }
 
 /// A response run for a batch line, at background priority: the response object and its
@@ -396,6 +384,21 @@ pub async fn run_for_batch(app: &Arc<App>, body: &[u8]) -> Result<(Value, Usage)
         req,
         input_json,
     };
+    let done = complete(meta, rx, &ctx).await?;
+    save(app, &ctx, done.status, &done.output, &done.object).await?;
+    Ok((done.object, done.usage))
+}
+
+/// A finished response: its status, output items, response object and usage.
+struct Done {
+    status: &'static str,
+    output: Vec<Value>,
+    object: Value,
+    usage: Usage,
+}
+
+/// Runs a response to its end.
+async fn complete(meta: Meta, rx: UnboundedReceiver<Event>, ctx: &Ctx) -> Result<Done, ApiError> {
     let (completion, usage) = chat::collect(meta, rx).await?;
     let (output, incomplete) = output_items(&completion);
     let status = if incomplete {
@@ -404,27 +407,23 @@ pub async fn run_for_batch(app: &Arc<App>, body: &[u8]) -> Result<(Value, Usage)
         "completed"
     };
     let object = ctx.object(status, &output, Some(&usage), incomplete);
-    save(app, &ctx, status, &output, &object).await?;
-    Ok((object, usage))
+    Ok(Done {
+        status,
+        output,
+        object,
+        usage,
+    })
 }
 
-/// Runs a response to its end: (status, output items as JSON, response object).
+/// Runs a response to its end: (status, output items as JSON, response object), a failure
+/// being a `failed` response.
 async fn finish(
     meta: Meta,
     rx: UnboundedReceiver<Event>,
     ctx: &Ctx,
 ) -> (&'static str, String, Value) {
-    match chat::collect(meta, rx).await {
-        Ok((completion, usage)) => {
-            let (output, incomplete) = output_items(&completion);
-            let status = if incomplete {
-                "incomplete"
-            } else {
-                "completed"
-            };
-            let object = ctx.object(status, &output, Some(&usage), incomplete);
-            (status, Value::Array(output).to_string(), object)
-        }
+    match complete(meta, rx, ctx).await {
+        Ok(d) => (d.status, Value::Array(d.output).to_string(), d.object),
         Err(e) => ("failed", "[]".into(), ctx.failed(&e)),
     }
 }
