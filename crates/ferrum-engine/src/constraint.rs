@@ -6,12 +6,13 @@
 //! marker byte first, so no grammar can produce them as text. The end-of-sequence token is
 //! allowed exactly when the grammar accepts.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, InferenceCapabilities, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::tokenizer::Tokenizer;
 
@@ -70,7 +71,17 @@ impl ConstraintFactory {
                 "the schema must be a JSON object".into(),
             ));
         };
-        let mut schema = map.clone();
+        // A recursive schema is compiled with its recursion bounded, so that a model which keeps
+        // nesting is led to close its output; one without a finite instance keeps its own.
+        if let Some(bounded) = bound_recursion(map, MAX_RECURSION) {
+            if let Ok(c) = self.compile(bounded) {
+                return Ok(c);
+            }
+        }
+        self.compile(map.clone())
+    }
+
+    fn compile(&self, mut schema: Map<String, Value>) -> Result<Constraint, ConstraintError> {
         schema.insert(
             "x-guidance".into(),
             serde_json::json!({
@@ -95,6 +106,141 @@ impl ConstraintFactory {
     pub fn json_object(&self) -> Result<Constraint, ConstraintError> {
         self.json_schema(&serde_json::json!({"type": "object"}))
     }
+}
+
+/// How deep a recursive definition may nest in an output: OpenAI's strict Structured Outputs
+/// allow 10 levels of nesting.
+pub const MAX_RECURSION: usize = 10;
+
+/// A schema equivalent to `schema` for outputs in which definitions that refer to themselves
+/// (through any cycle of `$ref`s into `$defs` or `definitions`) nest at most `limit` levels
+/// deep; `None` when nothing is recursive. Every definition is copied once per depth
+/// (`name@d`); a reference into a cycle from depth `d` points at depth `d + 1`, and past the
+/// limit it becomes `false` (no value), so an `anyOf` loses that branch and an array's items
+/// run out: what is produced is still valid against the original schema.
+///
+/// Written here because llguidance has no nesting bound, and a small model may otherwise nest
+/// a recursive structure until it runs out of tokens.
+pub fn bound_recursion(schema: &Map<String, Value>, limit: usize) -> Option<Map<String, Value>> {
+    let key = ["$defs", "definitions"]
+        .into_iter()
+        .find(|k| schema.get(*k).is_some_and(Value::is_object))?;
+    let defs = schema[key].as_object()?;
+    let prefix = format!("#/{key}/");
+    let target = |r: &str| -> Option<String> {
+        let name = r
+            .strip_prefix(&prefix)?
+            .replace("~1", "/")
+            .replace("~0", "~");
+        defs.contains_key(&name).then_some(name)
+    };
+    let edges: HashMap<&str, Vec<String>> = defs
+        .iter()
+        .map(|(name, body)| {
+            let mut refs = Vec::new();
+            collect_refs(body, &mut refs);
+            (
+                name.as_str(),
+                refs.iter().filter_map(|r| target(r)).collect(),
+            )
+        })
+        .collect();
+    let recursive: HashSet<&str> = defs
+        .keys()
+        .map(String::as_str)
+        .filter(|d| reaches(&edges, d, d))
+        .collect();
+    if recursive.is_empty() {
+        return None;
+    }
+    let escape = |n: &str| n.replace('~', "~0").replace('/', "~1");
+    let rewrite = |v: &Value, depth: usize| {
+        map_refs(v, &mut |r| match target(r) {
+            Some(name) if recursive.contains(name.as_str()) && depth + 1 > limit => None,
+            Some(name) => {
+                let d = if recursive.contains(name.as_str()) {
+                    depth + 1
+                } else {
+                    depth
+                };
+                Some(format!("{prefix}{}", escape(&format!("{name}@{d}"))))
+            }
+            None => Some(r.to_string()),
+        })
+    };
+    // References from outside the definitions enter at depth 0 (a recursive target then sits
+    // at depth 1, so depth counts the levels of nesting).
+    let mut root = schema.clone();
+    root.remove(key);
+    let Value::Object(mut out) = rewrite(&Value::Object(root), 0) else {
+        return None;
+    };
+    let mut copies = Map::new();
+    for d in 0..=limit {
+        for (name, body) in defs {
+            copies.insert(format!("{name}@{d}"), rewrite(body, d));
+        }
+    }
+    out.insert(key.to_string(), Value::Object(copies));
+    Some(out)
+}
+
+fn collect_refs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                match (k.as_str(), x) {
+                    ("$ref", Value::String(r)) => out.push(r.clone()),
+                    _ => collect_refs(x, out),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_refs(x, out)),
+        _ => {}
+    }
+}
+
+/// `v` with every `$ref` string mapped by `f`; an object whose reference maps to `None`
+/// becomes the schema `false`.
+fn map_refs(v: &Value, f: &mut dyn FnMut(&str) -> Option<String>) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut out = Map::new();
+            for (k, x) in m {
+                match (k.as_str(), x) {
+                    ("$ref", Value::String(r)) => match f(r) {
+                        Some(r) => {
+                            out.insert(k.clone(), Value::String(r));
+                        }
+                        None => return Value::Bool(false),
+                    },
+                    _ => {
+                        out.insert(k.clone(), map_refs(x, f));
+                    }
+                }
+            }
+            Value::Object(out)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(|x| map_refs(x, f)).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Whether `to` can be reached from `from` by one or more references.
+fn reaches(edges: &HashMap<&str, Vec<String>>, from: &str, to: &str) -> bool {
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut todo: Vec<&str> = vec![from];
+    while let Some(d) = todo.pop() {
+        for next in edges.get(d).into_iter().flatten() {
+            if next == to {
+                return true;
+            }
+            if seen.insert(next.as_str()) {
+                todo.push(next.as_str());
+            }
+        }
+    }
+    false
 }
 
 /// One sequence's constraint. Cloning gives an independent copy (for `n` choices).
@@ -134,5 +280,84 @@ impl Constraint {
     /// Whether the grammar is complete (nothing more may follow).
     pub fn is_stopped(&self) -> bool {
         self.matcher.is_stopped()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::bound_recursion;
+
+    fn bound(schema: Value, limit: usize) -> Option<Value> {
+        bound_recursion(schema.as_object().unwrap(), limit).map(Value::Object)
+    }
+
+    #[test]
+    fn a_schema_without_recursion_is_left_alone() {
+        let schema = json!({
+            "$defs": {"a": {"type": "object", "properties": {"b": {"$ref": "#/$defs/b"}}},
+                      "b": {"type": "string"}},
+            "$ref": "#/$defs/a"
+        });
+        assert_eq!(bound(schema, 3), None);
+        assert_eq!(bound(json!({"type": "object"}), 3), None);
+    }
+
+    #[test]
+    fn a_linked_list_is_unrolled_to_the_limit() {
+        let schema = json!({
+            "type": "object",
+            "properties": {"list": {"$ref": "#/$defs/node"}},
+            "$defs": {
+                "node": {
+                    "type": "object",
+                    "properties": {
+                        "next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]},
+                        "tag": {"$ref": "#/$defs/tag"}
+                    }
+                },
+                "tag": {"enum": ["a", "b"]}
+            }
+        });
+        let b = bound(schema, 2).unwrap();
+        assert_eq!(b["properties"]["list"]["$ref"], "#/$defs/node@1");
+        let next =
+            |d: usize| b["$defs"][format!("node@{d}")]["properties"]["next"]["anyOf"][0].clone();
+        assert_eq!(next(1), json!({"$ref": "#/$defs/node@2"}));
+        // Past the limit the recursive branch is `false`; the null branch stays.
+        assert_eq!(next(2), json!(false));
+        assert_eq!(
+            b["$defs"]["node@2"]["properties"]["next"]["anyOf"][1],
+            json!({"type": "null"})
+        );
+        // A non-recursive definition keeps its depth and is never cut.
+        assert_eq!(
+            b["$defs"]["node@2"]["properties"]["tag"],
+            json!({"$ref": "#/$defs/tag@2"})
+        );
+        assert_eq!(b["$defs"]["tag@2"], json!({"enum": ["a", "b"]}));
+    }
+
+    #[test]
+    fn mutual_recursion_and_escaped_names_count_every_step() {
+        let schema = json!({
+            "definitions": {
+                "a/b": {"type": "array", "items": {"$ref": "#/definitions/c"}},
+                "c": {"type": "object", "properties": {"x": {"$ref": "#/definitions/a~1b"}}}
+            },
+            "$ref": "#/definitions/c"
+        });
+        let b = bound(schema, 3).unwrap();
+        assert_eq!(b["$ref"], "#/definitions/c@1");
+        assert_eq!(
+            b["definitions"]["c@1"]["properties"]["x"]["$ref"],
+            "#/definitions/a~1b@2"
+        );
+        assert_eq!(
+            b["definitions"]["a/b@2"]["items"]["$ref"],
+            "#/definitions/c@3"
+        );
+        assert_eq!(b["definitions"]["c@3"]["properties"]["x"], json!(false));
     }
 }
