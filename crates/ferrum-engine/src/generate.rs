@@ -180,8 +180,14 @@ pub struct Sequence<'m> {
     prediction: Prediction,
     /// Proposals per step (adaptive).
     draft_len: usize,
+    /// Whether the proposals in `spec` come from a draft model (not from the prediction).
+    drafted: bool,
+    /// Predicted tokens kept and rejected (reported and billed).
     accepted: usize,
     rejected: usize,
+    /// Draft-model proposals kept and rejected (internal: neither reported nor billed).
+    draft_accepted: usize,
+    draft_rejected: usize,
     /// Positions the session's cache can hold.
     capacity: usize,
     started: Instant,
@@ -224,8 +230,11 @@ impl<'m> Sequence<'m> {
             spec: Vec::new(),
             prediction,
             draft_len: FIRST_DRAFT,
+            drafted: false,
             accepted: 0,
             rejected: 0,
+            draft_accepted: 0,
+            draft_rejected: 0,
             capacity: max,
             started: Instant::now(),
             prefill_time: None,
@@ -348,8 +357,13 @@ impl<'m> Sequence<'m> {
                 _ => break,
             }
         }
-        self.accepted += kept;
-        self.rejected += proposals.len() - kept;
+        if self.drafted {
+            self.draft_accepted += kept;
+            self.draft_rejected += proposals.len() - kept;
+        } else {
+            self.accepted += kept;
+            self.rejected += proposals.len() - kept;
+        }
         self.draft_len = if kept == proposals.len() {
             (self.draft_len * 2).min(MAX_DRAFT)
         } else {
@@ -370,22 +384,52 @@ impl<'m> Sequence<'m> {
     /// (no more than the token limit and the cache can still take).
     fn prepare_proposals(&mut self) {
         self.spec.clear();
-        let Some(p) = self.pending else {
-            return;
-        };
-        if self.prediction.is_empty() {
+        self.drafted = false;
+        if self.pending.is_none() || self.prediction.is_empty() {
             return;
         }
-        let room = self
-            .params
-            .max_tokens
-            .saturating_sub(self.tokens.len() + 1)
-            .min(self.capacity.saturating_sub(self.fed + 2));
-        let proposals = self.prediction.propose(self.draft_len.min(room));
-        if !proposals.is_empty() {
+        let proposals = self.prediction.propose(self.proposal_room());
+        if let (Some(p), false) = (self.pending, proposals.is_empty()) {
             self.spec.push(p);
             self.spec.extend_from_slice(proposals);
         }
+    }
+
+    /// Proposals the next step may verify: the adaptive draft length, within the token limit
+    /// and the cache's room.
+    pub fn proposal_room(&self) -> usize {
+        self.params
+            .max_tokens
+            .saturating_sub(self.tokens.len() + 1)
+            .min(self.capacity.saturating_sub(self.fed + 2))
+            .min(self.draft_len)
+    }
+
+    /// Whether a draft model should follow this sequence: it has no prediction of its own
+    /// (the prediction's proposals are free; a draft's are not) and it is not finished.
+    pub fn wants_draft(&self) -> bool {
+        self.finish.is_none() && self.prediction.is_empty()
+    }
+
+    /// The sampled token the next step feeds, once the context is all read.
+    pub fn pending_token(&self) -> Option<u32> {
+        self.pending.filter(|_| !self.is_prefilling())
+    }
+
+    /// Sets a draft model's proposals for the next step, to follow the pending token.
+    pub fn set_draft(&mut self, proposals: &[u32]) {
+        self.spec.clear();
+        self.drafted = true;
+        let proposals = &proposals[..proposals.len().min(self.proposal_room())];
+        if let (Some(p), false) = (self.pending_token(), proposals.is_empty()) {
+            self.spec.push(p);
+            self.spec.extend_from_slice(proposals);
+        }
+    }
+
+    /// Draft-model proposals kept and rejected so far.
+    pub fn draft_counts(&self) -> (usize, usize) {
+        (self.draft_accepted, self.draft_rejected)
     }
 
     /// One token from one row of logits, the cache holding `kv_len` positions before it.

@@ -3,6 +3,7 @@
 
 pub mod chat_template;
 pub mod constraint;
+pub mod draft;
 pub mod error;
 pub mod gguf;
 pub mod kernels;

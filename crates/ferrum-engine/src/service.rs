@@ -31,6 +31,7 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::draft::{Draft, DraftCache, DraftJob, Drafter};
 use crate::engine::LoadedModel;
 use crate::error::EngineError;
 use crate::generate::{Completion, GenerateParams, Sequence, Session, TokenEvent};
@@ -161,6 +162,9 @@ pub struct EngineStats {
     /// Unreferenced blocks kept for the prefix cache.
     pub kv_blocks_cached: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Draft-model proposals the target kept and rejected.
+    pub draft_accepted: AtomicU64,
+    pub draft_rejected: AtomicU64,
 }
 
 /// A loaded model and the queue of its engine thread. Cloning shares both; the thread stops
@@ -177,6 +181,15 @@ pub struct ModelHandle {
 impl ModelHandle {
     /// Starts the engine thread of `model`.
     pub fn spawn(model: LoadedModel, opts: EngineOptions) -> std::io::Result<ModelHandle> {
+        Self::spawn_with_draft(model, opts, None)
+    }
+
+    /// Starts the engine thread of `model`, with a draft model proposing tokens for it.
+    pub fn spawn_with_draft(
+        model: LoadedModel,
+        opts: EngineOptions,
+        draft: Option<Draft>,
+    ) -> std::io::Result<ModelHandle> {
         let model = Arc::new(model);
         let queue = Arc::new(Queue {
             state: Mutex::default(),
@@ -188,7 +201,9 @@ impl ModelHandle {
         let capacity = opts.queue_capacity.max(1);
         std::thread::Builder::new()
             .name("ferrum-engine".into())
-            .spawn(move || Engine::new(&engine_model, opts, engine_stats).run(&engine_queue))?;
+            .spawn(move || {
+                Engine::new(&engine_model, opts, engine_stats, draft).run(&engine_queue)
+            })?;
         Ok(ModelHandle {
             model,
             _closer: Arc::new(Closer(Arc::clone(&queue))),
@@ -201,6 +216,11 @@ impl ModelHandle {
     /// The model, for templating and tokenizing off the engine thread.
     pub fn model(&self) -> &LoadedModel {
         &self.model
+    }
+
+    /// The model, shared (another tier's engine may use it as its draft model).
+    pub fn shared_model(&self) -> Arc<LoadedModel> {
+        Arc::clone(&self.model)
     }
 
     pub fn stats(&self) -> &EngineStats {
@@ -244,6 +264,8 @@ struct Running<'m> {
     /// Leading blocks of the session registered in the prefix cache, and the hash of the last.
     registered: usize,
     parent_hash: u64,
+    /// The sequence's cache in the draft model, if the engine has one.
+    draft: Option<DraftCache>,
 }
 
 /// A sequence whose blocks were taken back to make room; it is recomputed when there is room.
@@ -271,10 +293,17 @@ struct Engine<'m> {
     next_interactive: Option<Request>,
     next_background: Option<Request>,
     next_id: u64,
+    /// Proposes tokens for decoding sequences (draft-model speculative decoding).
+    drafter: Option<Drafter>,
 }
 
 impl<'m> Engine<'m> {
-    fn new(model: &'m LoadedModel, opts: EngineOptions, stats: Arc<EngineStats>) -> Self {
+    fn new(
+        model: &'m LoadedModel,
+        opts: EngineOptions,
+        stats: Arc<EngineStats>,
+        draft: Option<Draft>,
+    ) -> Self {
         let cfg = &model.model.cfg;
         let block_size = opts.block_size.max(1);
         let per_block = KvStorage::bytes_per_block(cfg.n_layers, cfg.kv_dim(), block_size);
@@ -301,6 +330,7 @@ impl<'m> Engine<'m> {
             next_interactive: None,
             next_background: None,
             next_id: 0,
+            drafter: draft.map(Drafter::new),
         }
     }
 
@@ -422,6 +452,7 @@ impl<'m> Engine<'m> {
                 session,
                 registered,
                 parent_hash,
+                draft: None,
             });
         }
         true
@@ -475,6 +506,7 @@ impl<'m> Engine<'m> {
                         session,
                         registered,
                         parent_hash,
+                        draft: None,
                     });
                 }
                 Err(e) => {
@@ -533,6 +565,7 @@ impl<'m> Engine<'m> {
 
     /// One forward pass over the batch, then sampling and events.
     fn step(&mut self) {
+        self.draft_proposals();
         // Decoding sequences first (one token each), then prompt chunks in arrival order.
         let mut budget = self.opts.step_tokens.max(1);
         let mut plan: Vec<Option<usize>> = vec![None; self.running.len()];
@@ -593,6 +626,7 @@ impl<'m> Engine<'m> {
             }
             let rows = if mode == Logits::All { n } else { 1 };
             let before = r.seq.generated();
+            let drafted_before = r.seq.draft_counts();
             let events = r
                 .seq
                 .sample_rows(&mut logits[row * vocab..(row + rows) * vocab], vocab);
@@ -604,6 +638,13 @@ impl<'m> Engine<'m> {
             self.stats
                 .generated_tokens
                 .fetch_add((r.seq.generated() - before) as u64, Ordering::Relaxed);
+            let drafted = r.seq.draft_counts();
+            self.stats
+                .draft_accepted
+                .fetch_add((drafted.0 - drafted_before.0) as u64, Ordering::Relaxed);
+            self.stats
+                .draft_rejected
+                .fetch_add((drafted.1 - drafted_before.1) as u64, Ordering::Relaxed);
             let active = self
                 .requests
                 .get_mut(&r.req)
@@ -620,6 +661,56 @@ impl<'m> Engine<'m> {
             }
         }
         self.retire();
+    }
+
+    /// With a draft model: the draft reads along with every sequence that wants one and
+    /// proposes the next tokens of those decoding, for this step to verify. A draft failure
+    /// only costs the proposals: the sequences decode one token at a time.
+    fn draft_proposals(&mut self) {
+        let Some(drafter) = &mut self.drafter else {
+            return;
+        };
+        let k_max = drafter.draft().tokens();
+        let mut jobs: Vec<(usize, DraftJob<'_>)> = Vec::new();
+        for (i, r) in self.running.iter_mut().enumerate() {
+            if !r.seq.wants_draft() {
+                r.draft = None;
+                continue;
+            }
+            let capacity = r.session.kv.capacity();
+            let cache = r
+                .draft
+                .get_or_insert_with(|| DraftCache::new(drafter.draft(), capacity));
+            let pending = r.seq.pending_token();
+            jobs.push((
+                i,
+                DraftJob {
+                    cache,
+                    context: r.seq.context(),
+                    pending,
+                    k: pending.map_or(0, |_| r.seq.proposal_room().min(k_max)),
+                    proposals: Vec::new(),
+                },
+            ));
+        }
+        // Decoding sequences first: they need a token or two read, the others their prompt.
+        jobs.sort_by_key(|(_, j)| j.pending.is_none());
+        let (index, mut jobs): (Vec<usize>, Vec<DraftJob<'_>>) = jobs.into_iter().unzip();
+        let result = drafter.run(&self.model.pool, &mut jobs, self.opts.step_tokens.max(1));
+        let proposals: Vec<Vec<u32>> = jobs.into_iter().map(|j| j.proposals).collect();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "the draft model failed; decoding without proposals");
+            for r in &mut self.running {
+                r.draft = None;
+            }
+            return;
+        }
+        for (i, p) in index.into_iter().zip(proposals) {
+            let seq = &mut self.running[i].seq;
+            if seq.pending_token().is_some() {
+                seq.set_draft(&p);
+            }
+        }
     }
 
     /// Gives every planned sequence the blocks its new tokens need. When the pool is out of

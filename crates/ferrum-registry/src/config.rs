@@ -40,6 +40,25 @@ pub struct Tier {
     /// When the server loads this tier.
     #[serde(default)]
     pub load: LoadPolicy,
+    /// Another tier whose model proposes tokens for this one (speculative decoding).
+    #[serde(default)]
+    pub draft: Option<DraftConfig>,
+}
+
+/// Draft-model speculative decoding for a tier: a smaller tier with the same tokenizer proposes
+/// the next tokens, and this tier's model verifies several per step. The output is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DraftConfig {
+    /// The id (or alias) of the tier whose model drafts.
+    pub tier: String,
+    /// Proposals per step, at most (the engine lowers it after rejections).
+    #[serde(default = "default_draft_tokens")]
+    pub tokens: usize,
+}
+
+fn default_draft_tokens() -> usize {
+    4
 }
 
 /// Prices in USD per one million tokens.
@@ -116,6 +135,17 @@ impl Tier {
         }
         if self.context_length == Some(0) {
             return Err("`context_length` must be greater than 0".into());
+        }
+        if let Some(d) = &self.draft {
+            if !(1..=16).contains(&d.tokens) {
+                return Err(format!(
+                    "`draft.tokens` must be between 1 and 16, got {}",
+                    d.tokens
+                ));
+            }
+            if self.names().any(|n| n == d.tier) {
+                return Err("a tier cannot draft for itself".into());
+            }
         }
         self.price.validate()?;
         self.weights.validate()
@@ -218,6 +248,27 @@ fn validate_tiers(tiers: &[Tier]) -> Result<(), String> {
                     tier.id
                 ));
             }
+        }
+    }
+    for tier in tiers {
+        let Some(draft) = &tier.draft else { continue };
+        match owner
+            .get(draft.tier.as_str())
+            .and_then(|id| tiers.iter().find(|t| t.id == *id))
+        {
+            None => {
+                return Err(format!(
+                    "tier `{}`: its draft tier `{}` is not defined",
+                    tier.id, draft.tier
+                ))
+            }
+            Some(d) if d.draft.is_some() => {
+                return Err(format!(
+                    "tier `{}`: its draft tier `{}` has a draft of its own",
+                    tier.id, d.id
+                ))
+            }
+            Some(_) => {}
         }
     }
     Ok(())

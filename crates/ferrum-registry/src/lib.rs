@@ -19,7 +19,7 @@ mod fetch;
 mod progress;
 mod weights;
 
-pub use config::{LoadPolicy, Price, Registry, Tier, CONFIG_ENV, DEFAULT_CONFIG};
+pub use config::{DraftConfig, LoadPolicy, Price, Registry, Tier, CONFIG_ENV, DEFAULT_CONFIG};
 pub use error::RegistryError;
 pub use fetch::{
     ensure_weights, ensure_weights_with, ferrum_home, locate_weights, models_dir, FetchOptions,

@@ -414,3 +414,41 @@ fn describe_summarises_each_source() {
         "/m.gguf"
     );
 }
+
+#[test]
+fn a_draft_names_another_tier_without_a_draft_of_its_own() {
+    let with_draft = |id: &str, draft: &str| tier(id, "", PATH_WEIGHTS) + draft + "\n";
+    let ok = with_draft("big", "draft = { tier = \"small-alias\" }")
+        + &tier("small", r#""small-alias""#, PATH_WEIGHTS);
+    let registry = Registry::from_toml_str(&ok, None).unwrap();
+    let draft = registry.tiers()[0].draft.as_ref().unwrap();
+    assert_eq!((draft.tier.as_str(), draft.tokens), ("small-alias", 4));
+    assert!(registry.tiers()[1].draft.is_none());
+
+    let message = config_error(&with_draft("big", "draft = { tier = \"nope\" }"));
+    assert!(
+        message.contains("draft tier `nope` is not defined"),
+        "{message}"
+    );
+    let message = config_error(&with_draft("big", "draft = { tier = \"big\" }"));
+    assert!(message.contains("cannot draft for itself"), "{message}");
+    let message = config_error(
+        &(with_draft("big", "draft = { tier = \"small\", tokens = 0 }")
+            + &tier("small", "", PATH_WEIGHTS)),
+    );
+    assert!(message.contains("between 1 and 16"), "{message}");
+    let message = config_error(
+        &(with_draft("big", "draft = { tier = \"mid\" }")
+            + &with_draft("mid", "draft = { tier = \"small\" }")
+            + &tier("small", "", PATH_WEIGHTS)),
+    );
+    assert!(
+        message.contains("draft tier `mid` has a draft of its own"),
+        "{message}"
+    );
+    let message = config_error(
+        &(with_draft("big", "draft = { tier = \"small\", k = 3 }")
+            + &tier("small", "", PATH_WEIGHTS)),
+    );
+    assert!(message.contains("unknown field `k`"), "{message}");
+}

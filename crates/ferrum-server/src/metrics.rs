@@ -93,7 +93,7 @@ impl Metrics {
     /// The exposition text, with the engine counters of each loaded model.
     pub fn render(&self, models: &[(String, &EngineStats)]) -> String {
         let mut out = String::new();
-        let gauges: [EngineMetric; 11] = [
+        let gauges: [EngineMetric; 13] = [
             (
                 "ferrum_running_sequences",
                 "gauge",
@@ -159,6 +159,18 @@ impl Metrics {
                 "counter",
                 "Sequences preempted (cache dropped, recomputed later) to stay within the KV budget.",
                 |s| &s.preemptions,
+            ),
+            (
+                "ferrum_draft_accepted_tokens_total",
+                "counter",
+                "Draft-model proposals the model verified and kept (speculative decoding).",
+                |s| &s.draft_accepted,
+            ),
+            (
+                "ferrum_draft_rejected_tokens_total",
+                "counter",
+                "Draft-model proposals the model verified and rejected.",
+                |s| &s.draft_rejected,
             ),
         ];
         for (name, kind, help, get) in gauges {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
+use ferrum_engine::draft::Draft;
 use ferrum_engine::engine::{LoadOptions, LoadedModel};
 use ferrum_engine::gguf::WeightsMemory;
 use ferrum_engine::service::{EngineOptions, ModelHandle};
@@ -240,8 +241,17 @@ impl Models {
         };
         let scheduling = self.config.scheduling.clone();
         let id = tier.id.clone();
+        // The draft tier is loaded (or shared, when it is loaded already) first; it cannot
+        // have a draft of its own (the registry checks), so this recursion is one level deep.
+        let draft = match &tier.draft {
+            Some(d) => {
+                let loaded = Box::pin(self.get(&d.tier)).await?;
+                Some((loaded.handle.shared_model(), d.tokens))
+            }
+            None => None,
+        };
         let (handle, path) =
-            tokio::task::spawn_blocking(move || load_model(&weights, &opts, scheduling))
+            tokio::task::spawn_blocking(move || load_model(&weights, &opts, scheduling, draft))
                 .await
                 .map_err(|e| ApiError::internal(format!("loading `{id}` panicked: {e}")))??;
         let fingerprint = fingerprint(&path);
@@ -275,6 +285,7 @@ fn load_model(
     weights: &WeightsSource,
     opts: &LoadOptions,
     scheduling: EngineOptions,
+    draft: Option<(Arc<LoadedModel>, usize)>,
 ) -> Result<(ModelHandle, PathBuf), ApiError> {
     let progress = ferrum_registry::default_progress();
     let path = ferrum_registry::ensure_weights(weights, progress.as_ref()).map_err(|e| {
@@ -282,7 +293,14 @@ fn load_model(
     })?;
     let model = LoadedModel::load(&path, opts)
         .map_err(|e| ApiError::unavailable(format!("The model could not be loaded: {e}")))?;
-    let handle = ModelHandle::spawn(model, scheduling)
+    let draft = match draft {
+        Some((draft, tokens)) => Some(
+            Draft::new(&model, draft, tokens)
+                .map_err(|e| ApiError::unavailable(format!("The draft model is unusable: {e}")))?,
+        ),
+        None => None,
+    };
+    let handle = ModelHandle::spawn_with_draft(model, scheduling, draft)
         .map_err(|e| ApiError::internal(format!("could not start the engine thread: {e}")))?;
     Ok((handle, path))
 }
