@@ -10,7 +10,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{ApproximateTokEnv, InferenceCapabilities, TokEnv, TokRxInfo, TokTrie};
+use llguidance::toktrie::{
+    ApproximateTokEnv, InferenceCapabilities, SimpleVob, TokEnv, TokRxInfo, TokTrie,
+};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{Map, Value};
 
@@ -99,7 +101,10 @@ impl ConstraintFactory {
         if let Some(e) = matcher.get_error() {
             return Err(ConstraintError::Grammar(e));
         }
-        Ok(Constraint { matcher })
+        Ok(Constraint {
+            matcher,
+            ready: None,
+        })
     }
 
     /// JSON mode: any JSON object.
@@ -247,6 +252,8 @@ fn reaches(edges: &HashMap<&str, Vec<String>>, from: &str, to: &str) -> bool {
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
+    /// The mask of the current state, computed ahead by [`Constraint::prepare`].
+    ready: Option<SimpleVob>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -256,12 +263,24 @@ impl std::fmt::Debug for Constraint {
 }
 
 impl Constraint {
+    /// Computes the mask of the tokens allowed next, for [`Constraint::mask`] to use. The
+    /// engine calls it on a helper thread while the forward pass runs, so the grammar work
+    /// does not hold up the batch. An error is left for `mask` to report.
+    pub fn prepare(&mut self) {
+        if self.ready.is_none() {
+            self.ready = self.matcher.compute_mask().ok();
+        }
+    }
+
     /// Sets the logit of every token the grammar does not allow next to minus infinity.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError> {
-        let mask = self
-            .matcher
-            .compute_mask()
-            .map_err(|e| ConstraintError::Grammar(e.to_string()))?;
+        let mask = match self.ready.take() {
+            Some(mask) => mask,
+            None => self
+                .matcher
+                .compute_mask()
+                .map_err(|e| ConstraintError::Grammar(e.to_string()))?,
+        };
         for (id, l) in logits.iter_mut().enumerate() {
             if !mask.is_allowed(id as u32) {
                 *l = f32::NEG_INFINITY;
@@ -272,6 +291,7 @@ impl Constraint {
 
     /// Advances the grammar past a sampled token.
     pub fn commit(&mut self, token: u32) -> Result<(), ConstraintError> {
+        self.ready = None;
         self.matcher
             .consume_token(token)
             .map_err(|e| ConstraintError::Grammar(e.to_string()))

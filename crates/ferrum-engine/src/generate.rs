@@ -427,6 +427,17 @@ impl<'m> Sequence<'m> {
         }
     }
 
+    /// Takes the grammar constraint out (to prepare its mask on another thread while the
+    /// sequence's tokens are in the forward pass); [`put_constraint`](Self::put_constraint)
+    /// gives it back before sampling.
+    pub fn take_constraint(&mut self) -> Option<Constraint> {
+        self.params.constraint.take()
+    }
+
+    pub fn put_constraint(&mut self, c: Constraint) {
+        self.params.constraint = Some(c);
+    }
+
     /// Draft-model proposals kept and rejected so far.
     pub fn draft_counts(&self) -> (usize, usize) {
         (self.draft_accepted, self.draft_rejected)

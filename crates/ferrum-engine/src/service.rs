@@ -31,6 +31,7 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::constraint::Constraint;
 use crate::draft::{Draft, DraftCache, DraftJob, Drafter};
 use crate::engine::LoadedModel;
 use crate::error::EngineError;
@@ -588,8 +589,26 @@ impl<'m> Engine<'m> {
         if self.running.is_empty() {
             return;
         }
+        // Grammar masks are computed on a helper thread while the forward pass runs, so
+        // constrained sequences do not hold up the others (llguidance's matcher state is known
+        // before the logits are).
+        let mut constrained: Vec<(usize, Constraint)> = Vec::new();
+        for (i, (r, p)) in self.running.iter_mut().zip(&plan).enumerate() {
+            if p.is_some() && !r.seq.is_prefilling() {
+                if let Some(c) = r.seq.take_constraint() {
+                    constrained.push((i, c));
+                }
+            }
+        }
         let mut fed: Vec<(usize, usize, Logits)> = Vec::with_capacity(plan.len());
-        let result = {
+        let result = std::thread::scope(|scope| {
+            if !constrained.is_empty() {
+                scope.spawn(|| {
+                    for (_, c) in constrained.iter_mut() {
+                        c.prepare();
+                    }
+                });
+            }
             let mut batch = Vec::with_capacity(plan.len());
             for (i, (r, p)) in self.running.iter_mut().zip(&plan).enumerate() {
                 if let Some(n) = *p {
@@ -606,7 +625,10 @@ impl<'m> Engine<'m> {
                 .model
                 .forward_batch(&self.model.pool, &mut self.ws, &mut batch)
                 .map(|_| ())
-        };
+        });
+        for (i, c) in constrained {
+            self.running[i].seq.put_constraint(c);
+        }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = result {
             let message = e.to_string();
