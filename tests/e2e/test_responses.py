@@ -360,3 +360,37 @@ def test_a_batch_of_responses(client):
         assert line["response"]["status_code"] == 200 and body["object"] == "response", line
         assert body["usage"]["output_tokens"] > 0
         assert client.responses.retrieve(body["id"]).id == body["id"]
+
+
+@pytest.mark.parametrize(
+    "question",
+    ["What is the weather in Paris?", "Write a haiku about the sea. Do not call any tool."],
+    ids=["call", "text"],
+)
+def test_auto_streams_text_and_calls_as_generated(tiers_server, question):
+    """tool_choice "auto" streamed: text deltas and function_call_arguments deltas arrive as
+    they are generated, and the completed response equals the non-streamed output."""
+    client = tiers_server.client()
+    kwargs = dict(model="gpt-4.1-mini", input=question, tools=TOOLS, temperature=0,
+                  max_output_tokens=150)
+    plain = client.responses.create(store=False, **kwargs)
+    events = list(client.responses.create(stream=True, **kwargs))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert events[-1].type in ("response.completed", "response.incomplete")
+
+    def shape(output):
+        return [(i.type, getattr(i, "name", None), getattr(i, "arguments", None),
+                 "".join(c.text for c in i.content) if i.type == "message" else None) for i in output]
+
+    assert shape(final.output) == shape(plain.output)
+    types = [e.type for e in events]
+    calls = [i for i in plain.output if i.type == "function_call"]
+    if calls:
+        args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+        assert args == "".join(c.arguments for c in calls)
+        assert types.count("response.function_call_arguments.delta") > len(calls), types
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == plain.output_text
+    if len(text) > 40:
+        assert types.count("response.output_text.delta") > 3, types

@@ -138,3 +138,55 @@ def test_auto_answers_with_text_or_valid_calls(client):
         assert all(c.function.name in SCHEMAS for c in choice.message.tool_calls)
     else:
         assert choice.message.content and not choice.message.tool_calls
+
+
+def stream_choice(client, **kwargs):
+    """Streams a request; returns (content chunks, calls as {index: entry}, argument fragments,
+    finish_reason)."""
+    contents: list[str] = []
+    calls: dict[int, dict] = {}
+    fragments = 0
+    finish = None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            if choice.delta.content:
+                contents.append(choice.delta.content)
+            for delta in choice.delta.tool_calls or []:
+                fragments += bool(delta.function.arguments)
+                if delta.index not in calls:
+                    assert delta.id and delta.type == "function" and delta.function.name, delta
+                entry = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+                entry["name"] += delta.function.name or ""
+                entry["arguments"] += delta.function.arguments or ""
+            finish = choice.finish_reason or finish
+    return contents, calls, fragments, finish
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        ASK,
+        [{"role": "user", "content": "What is the weather in Paris and in Tokyo, in celsius?"}],
+        [{"role": "user", "content": "Write a haiku about the sea. Do not call any tool."}],
+    ],
+    ids=["weather", "two-cities", "text"],
+)
+@pytest.mark.parametrize("tier", ["gpt-4.1-mini", "gpt-4.1"])
+def test_auto_streams_text_and_calls_as_they_are_generated(tiers_server, tier, messages):
+    """With tool_choice "auto", a stream sends text as it is generated and each `<tool_call>`
+    block's name and arguments as they are written; the pieces join to the non-streamed
+    answer (content, calls and their arguments, finish_reason)."""
+    client = tiers_server.client()
+    kwargs = dict(model=tier, messages=messages, tools=TOOLS, max_tokens=150, temperature=0)
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    contents, calls, fragments, finish = stream_choice(client, **kwargs)
+    assert finish == whole.finish_reason
+    assert ("".join(contents) or None) == whole.message.content
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls or []
+    ]
+    if whole.message.tool_calls:
+        assert finish == "tool_calls"
+        assert fragments > len(calls), "arguments came whole, not as they were generated"
+    if whole.message.content and len(whole.message.content) > 40:
+        assert len(contents) > 3, "text came whole, not as it was generated"

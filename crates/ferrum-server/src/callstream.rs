@@ -250,6 +250,243 @@ impl CallScanner {
     }
 }
 
+/// What an "auto" answer adds to a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AutoDelta {
+    Content(String),
+    Call(CallDelta),
+}
+
+/// Where an "auto" answer stands.
+#[derive(Debug, Default)]
+enum AutoState {
+    /// Only whitespace so far.
+    #[default]
+    Undecided,
+    /// Text that may be a whole answer of JSON calls (it starts with `{`, `[` or a JSON
+    /// fence): held, and parsed at the end, unless its first call names
+    /// a known function, from which on the calls stream.
+    Bare {
+        scanner: CallScanner,
+        held: Vec<CallDelta>,
+        streaming: bool,
+    },
+    /// Text, streamed, watching for `<tool_call>`.
+    Text,
+    /// Inside a `<tool_call>` block that began at byte `body` of the text.
+    Call { body: usize, scanner: CallScanner },
+}
+
+const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
+
+/// Follows an answer under `tool_choice: "auto"` as it is generated: text is sent as soon as it
+/// cannot be the start of a call, and the calls of `<tool_call>` blocks (the Hermes format
+/// Qwen2.5 writes) stream their name and arguments as they are written. The pieces join to what
+/// [`crate::tools::parse`] makes of the whole text: the content trimmed, the calls in order
+/// with their arguments as generated. An answer that may be nothing but calls as JSON is held
+/// and parsed whole at the end (`finish` returns false for it).
+#[derive(Debug, Default)]
+pub struct AutoScanner {
+    text: String,
+    /// Bytes of `text` already handled.
+    pos: usize,
+    state: AutoState,
+    /// Whitespace after the content sent so far: sent only if more content follows.
+    held_ws: String,
+    started: bool,
+    /// Calls streamed by the blocks before the current one.
+    calls: usize,
+    /// The functions a bare JSON answer may call.
+    names: Vec<String>,
+}
+
+/// The length of the longest suffix of `s` that is a proper prefix of `tag`.
+fn partial_tag(s: &str, tag: &str) -> usize {
+    (1..tag.len().min(s.len() + 1))
+        .rev()
+        .find(|&n| s.is_char_boundary(s.len() - n) && s.ends_with(&tag[..n]))
+        .unwrap_or(0)
+}
+
+impl AutoScanner {
+    /// A scanner for an answer that may call the functions `names`.
+    pub fn new(names: Vec<String>) -> AutoScanner {
+        AutoScanner {
+            names,
+            ..AutoScanner::default()
+        }
+    }
+
+    /// Scans more generated text; returns what can be sent now.
+    pub fn push(&mut self, piece: &str) -> Vec<AutoDelta> {
+        self.text.push_str(piece);
+        let mut out = Vec::new();
+        loop {
+            let rest = &self.text[self.pos..];
+            match &mut self.state {
+                AutoState::Undecided => {
+                    let t = rest.trim_start();
+                    if t.is_empty() {
+                        return out;
+                    }
+                    // Where the JSON of a bare answer starts, if it may be one.
+                    let json = if t.starts_with(['{', '[']) {
+                        Some(t)
+                    } else {
+                        match t.strip_prefix("```") {
+                            None if "```".starts_with(t) => return out,
+                            None => None,
+                            Some(f) => {
+                                let f = f.trim_start();
+                                if f.is_empty() || ("json".starts_with(f) && f.len() < 4) {
+                                    return out;
+                                }
+                                match f.strip_prefix("json") {
+                                    Some(j) if j.trim_start().is_empty() => return out,
+                                    Some(j) => Some(j.trim_start()),
+                                    None => f.starts_with(['{', '[']).then_some(f),
+                                }
+                            }
+                        }
+                    };
+                    self.state = match json {
+                        Some(j) => {
+                            self.pos = self.text.len() - j.len();
+                            AutoState::Bare {
+                                scanner: CallScanner::new(),
+                                held: Vec::new(),
+                                streaming: false,
+                            }
+                        }
+                        None => AutoState::Text,
+                    };
+                }
+                AutoState::Bare {
+                    scanner,
+                    held,
+                    streaming,
+                    ..
+                } => {
+                    let deltas = scanner.push(rest);
+                    self.pos = self.text.len();
+                    if *streaming {
+                        out.extend(deltas.into_iter().map(AutoDelta::Call));
+                    } else {
+                        held.extend(deltas);
+                        let known = |d: &CallDelta| match d {
+                            CallDelta::Start { name, .. } => self.names.contains(name),
+                            CallDelta::Args { .. } => false,
+                        };
+                        if held.first().is_some_and(known) {
+                            *streaming = true;
+                            out.extend(held.drain(..).map(AutoDelta::Call));
+                        }
+                    }
+                    return out;
+                }
+                AutoState::Text => match rest.find(OPEN) {
+                    Some(at) => {
+                        let text = rest[..at].to_string();
+                        self.content(&text, &mut out);
+                        self.pos += at + OPEN.len();
+                        self.state = AutoState::Call {
+                            body: self.pos,
+                            scanner: CallScanner::new(),
+                        };
+                    }
+                    None => {
+                        let upto = rest.len() - partial_tag(rest, OPEN);
+                        let text = rest[..upto].to_string();
+                        self.content(&text, &mut out);
+                        self.pos += upto;
+                        return out;
+                    }
+                },
+                AutoState::Call { body, scanner } => {
+                    let (upto, closed) = match rest.find(CLOSE) {
+                        Some(at) => (at, true),
+                        None => (rest.len() - partial_tag(rest, CLOSE), false),
+                    };
+                    let offset = self.calls;
+                    out.extend(scanner.push(&rest[..upto]).into_iter().map(|d| {
+                        AutoDelta::Call(match d {
+                            CallDelta::Start { index, name } => CallDelta::Start {
+                                index: index + offset,
+                                name,
+                            },
+                            CallDelta::Args { index, fragment } => CallDelta::Args {
+                                index: index + offset,
+                                fragment,
+                            },
+                        })
+                    }));
+                    self.pos += upto;
+                    if !closed {
+                        return out;
+                    }
+                    let (start, n) = (*body, scanner.calls().len());
+                    let block = self.text[start - OPEN.len()..self.pos + CLOSE.len()].to_string();
+                    self.pos += CLOSE.len();
+                    self.state = AutoState::Text;
+                    self.end_block(n, &block, &mut out);
+                }
+            }
+        }
+    }
+
+    /// A block ended: its calls count, or, if it made none, it is content.
+    fn end_block(&mut self, calls: usize, block: &str, out: &mut Vec<AutoDelta>) {
+        if calls == 0 {
+            self.content(block, out);
+        }
+        self.calls += calls;
+    }
+
+    /// Content, trimmed at both ends of the whole answer.
+    fn content(&mut self, s: &str, out: &mut Vec<AutoDelta>) {
+        let s = if self.started { s } else { s.trim_start() };
+        let body = s.trim_end();
+        if body.is_empty() {
+            if self.started {
+                self.held_ws.push_str(s);
+            }
+            return;
+        }
+        self.started = true;
+        let mut text = std::mem::take(&mut self.held_ws);
+        text.push_str(body);
+        self.held_ws = s[body.len()..].to_string();
+        out.push(AutoDelta::Content(text));
+    }
+
+    /// The end of the answer: the rest to send, and whether calls were made; `None` when the
+    /// answer was held whole (it is to be parsed as a whole).
+    pub fn finish(&mut self) -> Option<(Vec<AutoDelta>, bool)> {
+        let mut out = Vec::new();
+        match std::mem::replace(&mut self.state, AutoState::Text) {
+            AutoState::Bare {
+                streaming: true,
+                scanner,
+                ..
+            } => self.calls += scanner.calls().len(),
+            AutoState::Bare { .. } => return None,
+            AutoState::Undecided => {}
+            AutoState::Text => {
+                let rest = self.text[self.pos..].to_string();
+                self.content(&rest, &mut out);
+            }
+            // A block cut short (by max_tokens): its calls count if its name was read.
+            AutoState::Call { body, scanner } => {
+                let block = self.text[body - OPEN.len()..].to_string();
+                self.end_block(scanner.calls().len(), &block, &mut out);
+            }
+        }
+        self.pos = self.text.len();
+        Some((out, self.calls > 0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{CallDelta, CallScanner};
@@ -345,5 +582,100 @@ mod tests {
             ]
         );
         let _ = text;
+    }
+
+    fn auto(pieces: &[&str]) -> (String, Vec<(usize, String, String)>, Option<bool>) {
+        let mut a = super::AutoScanner::new(vec!["get_weather".into(), "t".into()]);
+        let mut out = Vec::new();
+        for p in pieces {
+            out.extend(a.push(p));
+        }
+        let fin = a.finish().map(|(rest, calls)| {
+            out.extend(rest);
+            calls
+        });
+        let mut content = String::new();
+        let mut calls: Vec<(usize, String, String)> = Vec::new();
+        for d in out {
+            match d {
+                super::AutoDelta::Content(t) => content.push_str(&t),
+                super::AutoDelta::Call(CallDelta::Start { index, name }) => {
+                    assert_eq!(index, calls.len());
+                    calls.push((index, name, String::new()));
+                }
+                super::AutoDelta::Call(CallDelta::Args { index, fragment }) => {
+                    calls[index].2.push_str(&fragment)
+                }
+            }
+        }
+        (content, calls, fin)
+    }
+
+    fn chars(s: &str) -> Vec<String> {
+        s.chars().map(String::from).collect()
+    }
+
+    #[test]
+    fn auto_streams_text_and_hermes_calls_piece_by_piece() {
+        let text = "  Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"t\", \"arguments\": {}}\n</tool_call>\n";
+        for pieces in [vec![text.to_string()], chars(text)] {
+            let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+            let (content, calls, fin) = auto(&refs);
+            assert_eq!(content, "Let me check.");
+            assert_eq!(
+                calls,
+                [
+                    (0, "get_weather".into(), "{\"city\": \"Paris\"}".into()),
+                    (1, "t".into(), "{}".into())
+                ]
+            );
+            assert_eq!(fin, Some(true));
+        }
+    }
+
+    #[test]
+    fn auto_text_is_trimmed_and_tag_lookalikes_are_text() {
+        let text = "\n Use <tool or <b> here.  \n";
+        let (content, calls, fin) =
+            auto(&chars(text).iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(content, "Use <tool or <b> here.");
+        assert!(calls.is_empty());
+        assert_eq!(fin, Some(false));
+        // A block that is not a call stays text.
+        let (content, calls, _) = auto(&["a <tool_call>oops</tool_call> b"]);
+        assert_eq!(content, "a <tool_call>oops</tool_call> b");
+        assert!(calls.is_empty());
+    }
+
+    #[test]
+    fn auto_holds_answers_that_may_be_bare_json_calls() {
+        for text in [
+            "{\"name\": \"f\", \"arguments\": {}}",
+            "```json\n[]\n```",
+            " ```\n{}```",
+        ] {
+            assert_eq!(auto(&[text]).2, None, "{text}");
+        }
+        // Bare calls of known functions stream once the first name is read.
+        let text = "```json\n[{\"name\": \"t\", \"arguments\": {\"a\": 1}}, {\"name\": \"get_weather\", \"arguments\": {}}]\n```";
+        let (content, calls, fin) =
+            auto(&chars(text).iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(content, "");
+        assert_eq!(
+            calls,
+            [
+                (0, "t".into(), "{\"a\": 1}".into()),
+                (1, "get_weather".into(), "{}".into())
+            ]
+        );
+        assert_eq!(fin, Some(true));
+        // Other fences and text stream.
+        let (content, _, fin) = auto(&["```python\nprint(1)\n```"]);
+        assert_eq!(
+            (content.as_str(), fin),
+            ("```python\nprint(1)\n```", Some(false))
+        );
+        let (content, _, fin) = auto(&["`", "`", "`", "p", "y"]);
+        assert_eq!((content.as_str(), fin), ("```py", Some(false)));
     }
 }

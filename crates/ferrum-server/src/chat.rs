@@ -20,7 +20,7 @@ use ferrum_protocol::{parse_chat_request, ApiError, ChatRequest};
 use futures_util::stream::{self, Stream, StreamExt};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::callstream::{CallDelta, CallScanner};
+use crate::callstream::{AutoDelta, AutoScanner, CallDelta, CallScanner};
 use crate::frontend::{self, engine_error, finish_reason, logprobs_of, token_logprob};
 use crate::models::Loaded;
 use crate::tools::{self, ToolMode};
@@ -393,6 +393,8 @@ struct StreamState {
     done: Vec<Option<Completion>>,
     /// Forced tool calls: per choice, the scanner that streams calls as they are generated.
     scanners: Vec<CallScanner>,
+    /// "auto" tool choice: per choice, the scanner that streams text and calls.
+    autos: Vec<AutoScanner>,
     finished: bool,
 }
 
@@ -403,6 +405,9 @@ fn stream_response(
     let state = StreamState {
         done: vec![None; meta.req.n as usize],
         scanners: (0..meta.req.n).map(|_| CallScanner::new()).collect(),
+        autos: (0..meta.req.n)
+            .map(|_| AutoScanner::new(meta.tool_names().into_iter().map(String::from).collect()))
+            .collect(),
         meta,
         rx,
         finished: false,
@@ -431,6 +436,58 @@ impl StreamState {
             choices,
             usage: m.req.include_usage.then_some(None),
         }
+    }
+
+    /// Content and tool-call deltas of one choice as chunks: runs of content as one chunk
+    /// each, runs of call deltas as one chunk each (a call's first delta carries its id, type
+    /// and name).
+    fn auto_chunks(&self, choice: u32, deltas: Vec<AutoDelta>) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        let mut content = String::new();
+        let mut calls: Vec<ToolCallDelta> = Vec::new();
+        let flush =
+            |content: &mut String, calls: &mut Vec<ToolCallDelta>, out: &mut Vec<SseEvent>| {
+                let delta = if !content.is_empty() {
+                    Delta {
+                        content: Some(std::mem::take(content)),
+                        ..Delta::default()
+                    }
+                } else if !calls.is_empty() {
+                    Delta {
+                        tool_calls: Some(std::mem::take(calls)),
+                        ..Delta::default()
+                    }
+                } else {
+                    return;
+                };
+                out.push(Self::data(&self.chunk(vec![ChunkChoice {
+                    index: choice,
+                    delta,
+                    logprobs: None,
+                    finish_reason: None,
+                }])));
+            };
+        for d in deltas {
+            match d {
+                AutoDelta::Content(t) => {
+                    flush(&mut String::new(), &mut calls, &mut out);
+                    content.push_str(&t);
+                }
+                AutoDelta::Call(c) => {
+                    flush(&mut content, &mut Vec::new(), &mut out);
+                    let c = call_delta(c);
+                    // One entry per call in a chunk: more arguments join the call's entry.
+                    match calls.last_mut() {
+                        Some(last) if last.index == c.index && c.id.is_none() => {
+                            last.function.arguments.push_str(&c.function.arguments)
+                        }
+                        _ => calls.push(c),
+                    }
+                }
+            }
+        }
+        flush(&mut content, &mut calls, &mut out);
+        out
     }
 
     fn data(chunk: &impl serde::Serialize) -> SseEvent {
@@ -463,45 +520,15 @@ impl StreamState {
             // arguments fragment by fragment.
             Event::Token { choice, token } if self.meta.tool_mode == ToolMode::Forced => {
                 let deltas = self.scanners[choice as usize].push(&token.text);
-                if deltas.is_empty() {
-                    return Vec::new();
-                }
-                let calls = deltas
-                    .into_iter()
-                    .map(|d| match d {
-                        CallDelta::Start { index, name } => ToolCallDelta {
-                            index: index as u32,
-                            id: Some(random_id("call_")),
-                            kind: Some("function"),
-                            function: FunctionDelta {
-                                name: Some(name),
-                                arguments: String::new(),
-                            },
-                        },
-                        CallDelta::Args { index, fragment } => ToolCallDelta {
-                            index: index as u32,
-                            id: None,
-                            kind: None,
-                            function: FunctionDelta {
-                                name: None,
-                                arguments: fragment,
-                            },
-                        },
-                    })
-                    .collect();
-                vec![Self::data(&self.chunk(vec![ChunkChoice {
-                    index: choice,
-                    delta: Delta {
-                        tool_calls: Some(calls),
-                        ..Delta::default()
-                    },
-                    logprobs: None,
-                    finish_reason: None,
-                }]))]
+                let deltas = deltas.into_iter().map(AutoDelta::Call).collect();
+                self.auto_chunks(choice, deltas)
             }
-            // With "auto", whether the text is an answer or calls is known only at its end: the
-            // choice is sent whole then.
-            Event::Token { .. } if self.meta.tool_mode != ToolMode::Off => Vec::new(),
+            // With "auto", text streams as soon as it cannot be the start of a call, and the
+            // calls of `<tool_call>` blocks as they are written.
+            Event::Token { choice, token } if self.meta.tool_mode == ToolMode::Auto => {
+                let deltas = self.autos[choice as usize].push(&token.text);
+                self.auto_chunks(choice, deltas)
+            }
             Event::Token { choice, token } => {
                 let lp = self.meta.logprob(&token);
                 if token.text.is_empty() && lp.is_none() {
@@ -523,59 +550,46 @@ impl StreamState {
                 if self.meta.tool_mode == ToolMode::Forced {
                     // The calls were streamed; a text cut short (max_tokens) is still JSON text.
                     if self.scanners[choice as usize].calls().is_empty() {
-                        out.push(Self::data(&self.chunk(vec![ChunkChoice {
-                            index: choice,
-                            delta: Delta {
-                                content: Some(completion.text.clone()),
-                                ..Delta::default()
-                            },
-                            logprobs: None,
-                            finish_reason: None,
-                        }])));
+                        let text = vec![AutoDelta::Content(completion.text.clone())];
+                        out.extend(self.auto_chunks(choice, text));
                     } else if completion.finish_reason != FinishReason::Length {
                         reason = "tool_calls";
                     }
                 } else if self.meta.tool_mode == ToolMode::Auto {
-                    let names = self.meta.tool_names();
-                    let (content, calls) =
-                        tools::parse(&completion.text, self.meta.tool_mode, &names, || {
-                            random_id("call_")
-                        });
-                    if let Some(text) = content.filter(|t| !t.is_empty()) {
-                        out.push(Self::data(&self.chunk(vec![ChunkChoice {
-                            index: choice,
-                            delta: Delta {
-                                content: Some(text),
-                                ..Delta::default()
-                            },
-                            logprobs: None,
-                            finish_reason: None,
-                        }])));
-                    }
-                    if !calls.is_empty() {
-                        reason = "tool_calls";
-                        let deltas = calls
-                            .into_iter()
-                            .enumerate()
-                            .map(|(i, c)| ToolCallDelta {
-                                index: i as u32,
-                                id: Some(c.id),
-                                kind: Some(c.kind),
-                                function: FunctionDelta {
-                                    name: Some(c.function.name),
-                                    arguments: c.function.arguments,
-                                },
-                            })
-                            .collect();
-                        out.push(Self::data(&self.chunk(vec![ChunkChoice {
-                            index: choice,
-                            delta: Delta {
-                                tool_calls: Some(deltas),
-                                ..Delta::default()
-                            },
-                            logprobs: None,
-                            finish_reason: None,
-                        }])));
+                    match self.autos[choice as usize].finish() {
+                        Some((rest, calls)) => {
+                            out.extend(self.auto_chunks(choice, rest));
+                            if calls {
+                                reason = "tool_calls";
+                            }
+                        }
+                        // An answer that may be only calls as JSON was held: parsed whole now.
+                        None => {
+                            let names = self.meta.tool_names();
+                            let (content, calls) =
+                                tools::parse(&completion.text, self.meta.tool_mode, &names, || {
+                                    random_id("call_")
+                                });
+                            let mut deltas: Vec<AutoDelta> = content
+                                .filter(|t| !t.is_empty())
+                                .map(AutoDelta::Content)
+                                .into_iter()
+                                .collect();
+                            if !calls.is_empty() {
+                                reason = "tool_calls";
+                            }
+                            for (index, c) in calls.into_iter().enumerate() {
+                                deltas.push(AutoDelta::Call(CallDelta::Start {
+                                    index,
+                                    name: c.function.name,
+                                }));
+                                deltas.push(AutoDelta::Call(CallDelta::Args {
+                                    index,
+                                    fragment: c.function.arguments,
+                                }));
+                            }
+                            out.extend(self.auto_chunks(choice, deltas));
+                        }
                     }
                 }
                 self.done[choice as usize] = Some(completion);
@@ -621,5 +635,29 @@ impl StreamState {
         }
         out.push(SseEvent::default().data("[DONE]"));
         out
+    }
+}
+
+/// A scanned call delta in OpenAI's chunk shape: a new call with a fresh id, or more arguments.
+fn call_delta(d: CallDelta) -> ToolCallDelta {
+    match d {
+        CallDelta::Start { index, name } => ToolCallDelta {
+            index: index as u32,
+            id: Some(random_id("call_")),
+            kind: Some("function"),
+            function: FunctionDelta {
+                name: Some(name),
+                arguments: String::new(),
+            },
+        },
+        CallDelta::Args { index, fragment } => ToolCallDelta {
+            index: index as u32,
+            id: None,
+            kind: None,
+            function: FunctionDelta {
+                name: None,
+                arguments: fragment,
+            },
+        },
     }
 }

@@ -32,7 +32,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::callstream::{CallDelta, CallScanner};
+use crate::callstream::{AutoDelta, AutoScanner, CallDelta, CallScanner};
 use crate::chat::{self, Endpoint, Meta};
 use crate::frontend::{engine_error, finish_reason};
 use crate::paging::{self, store_error, ListOut, Rules};
@@ -463,8 +463,15 @@ struct Streamer {
     rx: UnboundedReceiver<Event>,
     ctx: Ctx,
     seq: u64,
-    /// The message item being streamed (text without tools): its id and text so far.
+    /// The message item being streamed: its id and text so far, at output index
+    /// `message_index`.
     message: Option<(String, String)>,
+    message_index: usize,
+    /// With "auto": the scanner, the calls streamed (output index, item id, call id, name,
+    /// arguments so far) and the output items opened.
+    auto: AutoScanner,
+    auto_calls: Vec<(usize, String, String, String, String)>,
+    opened: usize,
     /// A forced call streaming as it is generated: the scanner, and per call its item id and
     /// call id.
     scanner: CallScanner,
@@ -545,6 +552,48 @@ impl Streamer {
         }))
     }
 
+    /// The events of an "auto" answer's deltas: a message item opened with the first text,
+    /// a function_call item per call, in the order they appear.
+    fn auto_events(&mut self, deltas: Vec<AutoDelta>, out: &mut Vec<SseEvent>) {
+        for d in deltas {
+            match d {
+                AutoDelta::Content(t) => {
+                    if self.message.is_none() {
+                        self.message_index = self.opened;
+                        self.opened += 1;
+                        let id = self.open_message(out, self.message_index);
+                        self.message = Some((id, String::new()));
+                    }
+                    let (id, text) = self.message.as_mut().expect("opened above");
+                    text.push_str(&t);
+                    let id = id.clone();
+                    out.push(self.delta(self.message_index, &id, &t));
+                }
+                AutoDelta::Call(CallDelta::Start { name, .. }) => {
+                    let (index, id, call_id) = (self.opened, random_id("fc_"), random_id("call_"));
+                    self.opened += 1;
+                    let added = call_item(&id, &call_id, &name, "", "in_progress");
+                    out.push(self.event(json!({
+                        "type": "response.output_item.added", "output_index": index, "item": added,
+                    })));
+                    self.auto_calls
+                        .push((index, id, call_id, name, String::new()));
+                }
+                AutoDelta::Call(CallDelta::Args { index, fragment }) => {
+                    let Some(call) = self.auto_calls.get_mut(index) else {
+                        continue;
+                    };
+                    call.4.push_str(&fragment);
+                    let (output_index, id) = (call.0, call.1.clone());
+                    out.push(self.event(json!({
+                        "type": "response.function_call_arguments.delta",
+                        "item_id": id, "output_index": output_index, "delta": fragment,
+                    })));
+                }
+            }
+        }
+    }
+
     async fn next_events(&mut self) -> Vec<SseEvent> {
         let Some(ev) = self.rx.recv().await else {
             self.finished = true;
@@ -576,8 +625,14 @@ impl Streamer {
                 }
                 out
             }
-            // With "auto", whether the text is an answer or calls is known only at its end.
-            Event::Token { .. } if self.tools_on() => Vec::new(),
+            // With "auto", text streams as soon as it cannot be the start of a call, and calls
+            // as they are written.
+            Event::Token { token, .. } if self.tools_on() => {
+                let deltas = self.auto.push(&token.text);
+                let mut out = Vec::new();
+                self.auto_events(deltas, &mut out);
+                out
+            }
             Event::Token { token, .. } => {
                 let mut out = Vec::new();
                 if self.message.is_none() {
@@ -620,6 +675,10 @@ impl Streamer {
         let incomplete = finish_reason(done.finish_reason) == "length";
         let mut out = Vec::new();
         let mut items = Vec::new();
+        let auto = match meta.tool_mode {
+            ToolMode::Auto => self.auto.finish(),
+            _ => None,
+        };
         if meta.tool_mode == ToolMode::Off {
             let (id, text) = match self.message.take() {
                 Some(m) => m,
@@ -638,6 +697,28 @@ impl Streamer {
                 out.push(self.event(json!({"type": "response.output_item.done", "output_index": index, "item": item})));
                 items.push(item);
             }
+        } else if let Some((rest, _)) = auto {
+            // "auto", streamed: close what was opened, in output order.
+            self.auto_events(rest, &mut out);
+            if self.message.is_none() && self.auto_calls.is_empty() {
+                self.message = Some((self.open_message(&mut out, 0), String::new()));
+            }
+            let mut closing: Vec<(usize, Value)> = Vec::new();
+            if let Some((id, text)) = self.message.take() {
+                let index = self.message_index;
+                closing.push((index, self.close_message(&mut out, index, &id, &text)));
+            }
+            for (index, id, call_id, name, args) in std::mem::take(&mut self.auto_calls) {
+                out.push(self.event(json!({
+                    "type": "response.function_call_arguments.done", "item_id": id,
+                    "output_index": index, "name": name, "arguments": args,
+                })));
+                let item = call_item(&id, &call_id, &name, &args, "completed");
+                out.push(self.event(json!({"type": "response.output_item.done", "output_index": index, "item": item})));
+                closing.push((index, item));
+            }
+            closing.sort_by_key(|c| c.0);
+            items.extend(closing.into_iter().map(|c| c.1));
         } else {
             let names = meta.tool_names();
             let (content, calls) =
@@ -693,6 +774,7 @@ fn stream_response(
     rx: UnboundedReceiver<Event>,
     ctx: Ctx,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let names = meta.tool_names().into_iter().map(String::from).collect();
     let mut st = Streamer {
         app,
         meta: Some(meta),
@@ -700,6 +782,10 @@ fn stream_response(
         ctx,
         seq: 0,
         message: None,
+        message_index: 0,
+        auto: AutoScanner::new(names),
+        auto_calls: Vec::new(),
+        opened: 0,
         scanner: CallScanner::new(),
         call_ids: Vec::new(),
         done: None,

@@ -141,7 +141,17 @@ pub fn parse(
                     .as_ref()
                     .and_then(call)
                 {
-                    Some(c) => calls.push(c),
+                    Some(mut c) => {
+                        // Object arguments as generated, the text a stream sends.
+                        let mut scanner = CallScanner::new();
+                        scanner.push(body);
+                        if let Some((_, raw)) = scanner.calls().into_iter().next() {
+                            if raw.starts_with(['{', '[']) {
+                                c.function.arguments = raw;
+                            }
+                        }
+                        calls.push(c)
+                    }
                     None => content.push_str(&rest[start..rest.len() - next.len()]),
                 }
                 rest = next;
@@ -181,7 +191,19 @@ fn bare_calls(
     if items.is_empty() || !items.iter().all(known) {
         return None;
     }
-    items.iter().map(call).collect()
+    // Object arguments as generated, the text a stream sends.
+    let mut scanner = CallScanner::new();
+    scanner.push(t);
+    let raw = scanner.calls();
+    let mut calls: Vec<ToolCall> = items.iter().map(call).collect::<Option<_>>()?;
+    if raw.len() == calls.len() {
+        for (c, (_, args)) in calls.iter_mut().zip(raw) {
+            if args.starts_with(['{', '[']) {
+                c.function.arguments = args;
+            }
+        }
+    }
+    Some(calls)
 }
 
 #[cfg(test)]
@@ -221,7 +243,8 @@ mod tests {
         let (c, calls) = parse(text, ToolMode::Auto, &["weather", "time"], id);
         assert_eq!(c.as_deref(), Some("Let me check."));
         assert_eq!(calls.len(), 2);
-        assert_eq!(calls[0].function.arguments, r#"{"city":"Paris"}"#);
+        // Arguments as generated (the text a stream sends), not re-serialized.
+        assert_eq!(calls[0].function.arguments, r#"{"city": "Paris"}"#);
         let (c, calls) = parse(
             "Just text <tool_call>not json</tool_call>",
             ToolMode::Auto,
@@ -237,6 +260,7 @@ mod tests {
         let fenced = "```json\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Paris\"}}\n```";
         let (c, calls) = parse(fenced, ToolMode::Auto, &["weather"], id);
         assert_eq!((c, calls.len()), (None, 1));
+        assert_eq!(calls[0].function.arguments, r#"{"city": "Paris"}"#);
         let (c, calls) = parse(fenced, ToolMode::Auto, &["other"], id);
         assert!(calls.is_empty() && c.is_some());
     }
