@@ -76,6 +76,20 @@ def test_upload_returns_file_object(http):
     assert body["expires_at"] is None, body
 
 
+def test_expires_after_sets_expires_at(client):
+    """`expires_after` (anchor created_at, seconds) gives `expires_at`; the file is served until
+    then (expired files are hidden at once and deleted by the server's reaper)."""
+    f = client.files.create(
+        file=("notes.txt", b"short-lived\n"),
+        purpose="user_data",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    assert f.expires_at == f.created_at + 3600, f
+    assert client.files.retrieve(f.id).expires_at == f.expires_at
+    assert f.id in {x.id for x in client.files.list(purpose="user_data")}
+    assert client.files.content(f.id).read() == b"short-lived\n"
+
+
 @pytest.mark.parametrize("purpose", PURPOSES)
 def test_every_upload_purpose_is_accepted(client, purpose):
     """Each purpose a client may upload with is accepted and kept on the file."""

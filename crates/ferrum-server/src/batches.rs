@@ -303,6 +303,9 @@ pub async fn run_worker(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bo
                     tracing::warn!(error = %e, "could not renew the batch leases");
                 }
                 stop_cancelled(&app, &worker, &mut in_flight).await;
+                if let Err(e) = crate::files::reap_expired(&app).await {
+                    tracing::warn!(error = %e.message, "could not delete expired files");
+                }
             }
             Some(done) = running.join_next_with_id() => {
                 match done {

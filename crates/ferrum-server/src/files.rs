@@ -325,18 +325,44 @@ async fn list(
         .map(|(_, v)| v.as_str());
     let listed = app
         .store
-        .list_files(purpose, &page)
+        .list_files(purpose, &page, crate::now())
         .await
         .map_err(store_error)?;
     Ok(Json(ListOut::new(listed.map(object), |f| &f.id)))
 }
 
+/// A file that exists and has not expired (an expired one is gone for clients at once, and
+/// deleted by [`reap_expired`] soon after).
 pub async fn find(app: &App, id: &str) -> Result<FileRecord, ApiError> {
     app.store
         .get_file(id)
         .await
         .map_err(store_error)?
+        .filter(|f| f.expires_at.is_none_or(|at| at > crate::now()))
         .ok_or_else(|| ApiError::not_found(format!("No such File object: {id}")).with_param("id"))
+}
+
+/// Deletes files whose `expires_after` has passed: the record first (so no client sees a file
+/// without content), then the content. Idempotent, so several servers may reap together.
+pub async fn reap_expired(app: &App) -> Result<usize, ApiError> {
+    let ids = app
+        .store
+        .expired_files(crate::now(), 100)
+        .await
+        .map_err(store_error)?;
+    let mut deleted = 0;
+    for id in ids {
+        if app.store.delete_file(&id).await.map_err(store_error)? {
+            deleted += 1;
+            if let Err(e) = app.blobs.remove(&id) {
+                tracing::warn!(%id, error = %e, "could not remove an expired file's content");
+            }
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(files = deleted, "expired files deleted");
+    }
+    Ok(deleted)
 }
 
 async fn retrieve(

@@ -33,13 +33,18 @@ impl Store {
         row.as_ref().map(file).transpose()
     }
 
-    /// Files, optionally of one purpose, one page at a time.
+    /// Files, optionally of one purpose, one page at a time; files expired at `now` (Unix
+    /// seconds) are left out.
     pub async fn list_files(
         &self,
         purpose: Option<&str>,
         page: &Page,
+        now: i64,
     ) -> Result<Listed<FileRecord>, StoreError> {
-        let mut q = Sql::new(&format!("SELECT {COLUMNS} FROM files WHERE 1 = 1"));
+        let mut q = Sql::new(&format!(
+            "SELECT {COLUMNS} FROM files WHERE (expires_at IS NULL OR expires_at > "
+        ));
+        q.bind(now).push(")");
         if let Some(p) = purpose {
             q.push(" AND purpose = ").bind(p.to_string());
         }
@@ -47,6 +52,22 @@ impl Store {
         let rows = q.query().fetch_all(&self.pool).await?;
         let items = rows.iter().map(file).collect::<Result<Vec<_>, _>>()?;
         Ok(listed(items, page.limit))
+    }
+
+    /// The ids of up to `limit` files whose `expires_at` is at or before `now`, oldest expiry
+    /// first: the server deletes them (record, then content).
+    pub async fn expired_files(&self, now: i64, limit: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= $1
+             ORDER BY expires_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get("id").map_err(StoreError::from))
+            .collect()
     }
 
     /// Deletes a file's record; returns whether it existed.

@@ -100,14 +100,14 @@ async fn files_page_by_cursor_in_both_orders_and_filter_by_purpose() {
         store.insert_file(&file("file-0", "batch")).await.unwrap();
 
         let first = store
-            .list_files(None, &page(None, 2, Order::Desc))
+            .list_files(None, &page(None, 2, Order::Desc), 0)
             .await
             .unwrap();
         let ids: Vec<_> = first.items.iter().map(|f| f.id.as_str()).collect();
         assert_eq!(ids, ["file-4", "file-3"], "{:?}", db.backend);
         assert!(first.has_more);
         let next = store
-            .list_files(None, &page(Some("file-3"), 10, Order::Desc))
+            .list_files(None, &page(Some("file-3"), 10, Order::Desc), 0)
             .await
             .unwrap();
         let ids: Vec<_> = next.items.iter().map(|f| f.id.as_str()).collect();
@@ -115,7 +115,7 @@ async fn files_page_by_cursor_in_both_orders_and_filter_by_purpose() {
         assert!(!next.has_more);
 
         let asc = store
-            .list_files(Some("batch"), &page(None, 10, Order::Asc))
+            .list_files(Some("batch"), &page(None, 10, Order::Asc), 0)
             .await
             .unwrap();
         let ids: Vec<_> = asc.items.iter().map(|f| f.id.as_str()).collect();
@@ -129,10 +129,45 @@ async fn files_page_by_cursor_in_both_orders_and_filter_by_purpose() {
         assert!(!store.delete_file("file-1").await.unwrap());
         assert_eq!(store.get_file("file-1").await.unwrap(), None);
         let err = store
-            .list_files(None, &page(Some("file-1"), 10, Order::Desc))
+            .list_files(None, &page(Some("file-1"), 10, Order::Desc), 0)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("file-1"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn expired_files_are_listed_for_deletion_and_hidden_from_lists() {
+    for db in databases().await {
+        let store = Store::connect(&db.url).await.unwrap();
+        for (id, expires_at) in [
+            ("f-a", Some(100)),
+            ("f-b", Some(50)),
+            ("f-c", Some(500)),
+            ("f-d", None),
+        ] {
+            store
+                .insert_file(&FileRecord {
+                    expires_at,
+                    ..file(id, "user_data")
+                })
+                .await
+                .unwrap();
+        }
+        // At 100: a and b have expired, oldest expiry first; c and d have not.
+        assert_eq!(store.expired_files(100, 10).await.unwrap(), ["f-b", "f-a"]);
+        assert_eq!(store.expired_files(100, 1).await.unwrap(), ["f-b"]);
+        let listed = store
+            .list_files(None, &page(None, 10, Order::Asc), 100)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = listed.items.iter().map(|f| f.id.as_str()).collect();
+        assert_eq!(ids, ["f-c", "f-d"]);
+        for id in ["f-b", "f-a"] {
+            assert!(store.delete_file(id).await.unwrap());
+        }
+        assert!(store.expired_files(100, 10).await.unwrap().is_empty());
+        assert_eq!(store.expired_files(1000, 10).await.unwrap(), ["f-c"]);
     }
 }
 
