@@ -394,3 +394,33 @@ def test_auto_streams_text_and_calls_as_generated(tiers_server, question):
     assert text == plain.output_text
     if len(text) > 40:
         assert types.count("response.output_text.delta") > 3, types
+
+
+def test_output_text_logprobs_when_included(client):
+    """`include: ["message.output_text.logprobs"]` with `top_logprobs` gives each output_text
+    part its tokens' log-probabilities, equal to chat completions' for the same conversation;
+    streamed deltas carry them too. Without `include` the list stays empty."""
+    kwargs = dict(model=NANO, input="Say hello.", temperature=0, max_output_tokens=20)
+    plain = client.responses.create(**kwargs)
+    assert plain.output[0].content[0].logprobs == []
+    r = client.responses.create(include=["message.output_text.logprobs"], top_logprobs=3, **kwargs)
+    part = r.output[0].content[0]
+    assert part.text == plain.output_text
+    assert len(part.logprobs) == r.usage.output_tokens
+    assert "".join(lp.token for lp in part.logprobs) == part.text
+    for lp in part.logprobs:
+        assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
+        assert lp.top_logprobs[0].logprob >= lp.top_logprobs[-1].logprob
+    chat = client.chat.completions.create(
+        model=NANO, messages=[{"role": "user", "content": "Say hello."}], temperature=0,
+        max_tokens=20, logprobs=True, top_logprobs=3,
+    )
+    assert [(t.token, round(t.logprob, 4)) for t in chat.choices[0].logprobs.content] == [
+        (t.token, round(t.logprob, 4)) for t in part.logprobs
+    ]
+    events = list(client.responses.create(
+        stream=True, include=["message.output_text.logprobs"], top_logprobs=3, **kwargs))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [t.token for t in streamed] == [t.token for t in part.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [t.token for t in done.logprobs] == [t.token for t in part.logprobs]

@@ -144,6 +144,9 @@ pub struct ResponsesRequest {
     pub background: bool,
     pub stream: bool,
     pub top_logprobs: u8,
+    /// `include` has `message.output_text.logprobs`: output text parts carry their tokens'
+    /// log-probabilities (with `top_logprobs` alternatives each).
+    pub output_logprobs: bool,
     pub user: Option<String>,
     /// The request's `tools`, `tool_choice` and `text` as the response object echoes them.
     pub echo: Echo,
@@ -206,6 +209,13 @@ pub fn parse_responses_request(body: &[u8]) -> Result<ResponsesRequest> {
     let top_logprobs = f
         .integer("top_logprobs", 0, i64::from(MAX_TOP_LOGPROBS))?
         .unwrap_or(0) as u8;
+    let mut output_logprobs = false;
+    for (i, v) in f.array("include")?.into_iter().flatten().enumerate() {
+        match v.as_str() {
+            Some(s) => output_logprobs |= s == "message.output_text.logprobs",
+            None => return Err(invalid_type(&format!("include[{i}]"), "a string", v)),
+        }
+    }
     check_unsupported(&f)?;
     if let Some(id) = f.str("previous_response_id")? {
         if id.is_empty() {
@@ -244,6 +254,7 @@ pub fn parse_responses_request(body: &[u8]) -> Result<ResponsesRequest> {
         background,
         stream: f.bool("stream")?.unwrap_or(false),
         top_logprobs,
+        output_logprobs,
         user: f.str("user")?.map(str::to_string),
     })
 }

@@ -271,7 +271,7 @@ impl Meta {
         self.req.tools.iter().map(|t| t.name.as_str()).collect()
     }
 
-    fn logprob(&self, ev: &ferrum_engine::generate::TokenEvent) -> Option<TokenLogprob> {
+    pub(crate) fn logprob(&self, ev: &ferrum_engine::generate::TokenEvent) -> Option<TokenLogprob> {
         if !self.req.logprobs {
             return None;
         }

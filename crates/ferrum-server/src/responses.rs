@@ -135,7 +135,17 @@ fn output_items(c: &ChatCompletion) -> (Vec<Value>, bool) {
         .as_deref()
         .filter(|t| !t.is_empty() || choice.message.tool_calls.is_none())
     {
-        items.push(message_item(&random_id("msg_"), text, "completed"));
+        // Token log-probabilities belong to the text when the text is the whole output.
+        let logprobs: Vec<Value> = match (&choice.logprobs, &choice.message.tool_calls) {
+            (Some(lp), None) => lp.content.iter().map(|t| json!(t)).collect(),
+            _ => Vec::new(),
+        };
+        items.push(message_item(
+            &random_id("msg_"),
+            text,
+            "completed",
+            &logprobs,
+        ));
     }
     for call in choice.message.tool_calls.iter().flatten() {
         items.push(call_item(
@@ -149,18 +159,20 @@ fn output_items(c: &ChatCompletion) -> (Vec<Value>, bool) {
     (items, choice.finish_reason == "length")
 }
 
-fn message_item(id: &str, text: &str, status: &str) -> Value {
+fn message_item(id: &str, text: &str, status: &str, logprobs: &[Value]) -> Value {
     json!({
         "id": id,
         "type": "message",
         "role": "assistant",
         "status": status,
-        "content": if status == "in_progress" && text.is_empty() { json!([]) } else { json!([text_part(text)]) },
+        "content": if status == "in_progress" && text.is_empty() { json!([]) } else { json!([text_part(text, logprobs)]) },
     })
 }
 
-fn text_part(text: &str) -> Value {
-    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+/// An `output_text` part; `logprobs` are its tokens' (with `include:
+/// ["message.output_text.logprobs"]`), in the chat completions' shape, which the spec shares.
+fn text_part(text: &str, logprobs: &[Value]) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs})
 }
 
 fn call_item(id: &str, call_id: &str, name: &str, arguments: &str, status: &str) -> Value {
@@ -253,8 +265,12 @@ fn chat_request(req: &ResponsesRequest, items: &[Item], stream: bool) -> ChatReq
         presence_penalty: 0.0,
         frequency_penalty: 0.0,
         logit_bias: Vec::new(),
-        logprobs: false,
-        top_logprobs: 0,
+        logprobs: req.output_logprobs,
+        top_logprobs: if req.output_logprobs {
+            req.top_logprobs
+        } else {
+            0
+        },
         stream,
         include_usage: false,
         user: req.user.clone(),
@@ -472,6 +488,10 @@ struct Streamer {
     auto: AutoScanner,
     auto_calls: Vec<(usize, String, String, String, String)>,
     opened: usize,
+    /// Token log-probabilities of the text (when asked for): all so far, and those not sent
+    /// with a delta yet.
+    logprobs: Vec<Value>,
+    delta_logprobs: Vec<Value>,
     /// A forced call streaming as it is generated: the scanner, and per call its item id and
     /// call id.
     scanner: CallScanner,
@@ -511,13 +531,13 @@ impl Streamer {
     /// Opens the message item (output 0) and its text part.
     fn open_message(&mut self, out: &mut Vec<SseEvent>, index: usize) -> String {
         let id = random_id("msg_");
-        let item = message_item(&id, "", "in_progress");
+        let item = message_item(&id, "", "in_progress", &[]);
         out.push(self.event(
             json!({"type": "response.output_item.added", "output_index": index, "item": item}),
         ));
         out.push(self.event(json!({
             "type": "response.content_part.added", "item_id": id, "output_index": index,
-            "content_index": 0, "part": text_part(""),
+            "content_index": 0, "part": text_part("", &[]),
         })));
         id
     }
@@ -530,15 +550,16 @@ impl Streamer {
         id: &str,
         text: &str,
     ) -> Value {
+        let logprobs = std::mem::take(&mut self.logprobs);
         out.push(self.event(json!({
             "type": "response.output_text.done", "item_id": id, "output_index": index,
-            "content_index": 0, "text": text, "logprobs": [],
+            "content_index": 0, "text": text, "logprobs": logprobs,
         })));
         out.push(self.event(json!({
             "type": "response.content_part.done", "item_id": id, "output_index": index,
-            "content_index": 0, "part": text_part(text),
+            "content_index": 0, "part": text_part(text, &logprobs),
         })));
-        let item = message_item(id, text, "completed");
+        let item = message_item(id, text, "completed", &logprobs);
         out.push(self.event(
             json!({"type": "response.output_item.done", "output_index": index, "item": item}),
         ));
@@ -546,9 +567,10 @@ impl Streamer {
     }
 
     fn delta(&mut self, index: usize, id: &str, text: &str) -> SseEvent {
+        let logprobs = std::mem::take(&mut self.delta_logprobs);
         self.event(json!({
             "type": "response.output_text.delta", "item_id": id, "output_index": index,
-            "content_index": 0, "delta": text, "logprobs": [],
+            "content_index": 0, "delta": text, "logprobs": logprobs,
         }))
     }
 
@@ -635,6 +657,11 @@ impl Streamer {
             }
             Event::Token { token, .. } => {
                 let mut out = Vec::new();
+                if let Some(lp) = self.meta.as_ref().and_then(|m| m.logprob(&token)) {
+                    // A token that completes no text yet goes with the next delta.
+                    self.delta_logprobs.push(json!(lp));
+                    self.logprobs.push(json!(lp));
+                }
                 if self.message.is_none() {
                     let id = self.open_message(&mut out, 0);
                     self.message = Some((id, String::new()));
@@ -786,6 +813,8 @@ fn stream_response(
         auto: AutoScanner::new(names),
         auto_calls: Vec::new(),
         opened: 0,
+        logprobs: Vec::new(),
+        delta_logprobs: Vec::new(),
         scanner: CallScanner::new(),
         call_ids: Vec::new(),
         done: None,
