@@ -151,15 +151,7 @@ fn drafted_sequences_in_a_batch_with_preemption_keep_every_output() {
         ..Default::default()
     };
     let (plain, h) = handles("nano", "nano", 6, opts);
-    let mut no_eos = SamplingParams::greedy();
-    no_eos.logit_bias = h
-        .model()
-        .tokenizer
-        .eog_ids()
-        .iter()
-        .map(|&id| (id, -100.0))
-        .collect();
-    let params = params(40, no_eos);
+    let params = params(40, common::greedy_without_eos(h.model()));
     let prompts: Vec<Vec<u32>> = [
         "Tell me about the moon.",
         "Write a short poem about autumn leaves.",

@@ -100,15 +100,7 @@ fn params(max_tokens: usize, sampling: SamplingParams) -> GenerateParams {
 
 /// Never ends on its own before `max_tokens`: end-of-generation tokens are banned.
 fn endless(h: &ModelHandle, max_tokens: usize) -> GenerateParams {
-    let mut sampling = SamplingParams::greedy();
-    sampling.logit_bias = h
-        .model()
-        .tokenizer
-        .eog_ids()
-        .iter()
-        .map(|&id| (id, -100.0))
-        .collect();
-    params(max_tokens, sampling)
+    params(max_tokens, common::greedy_without_eos(h.model()))
 }
 
 #[test]

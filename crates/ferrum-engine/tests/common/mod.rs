@@ -105,3 +105,17 @@ pub fn chat_tokens(m: &ferrum_engine::engine::LoadedModel, msgs: &[serde_json::V
 pub fn user_prompt(m: &ferrum_engine::engine::LoadedModel, user: &str) -> Vec<u32> {
     chat_tokens(m, &[serde_json::json!({"role": "user", "content": user})])
 }
+
+/// Greedy sampling that never ends on its own: the model's end-of-generation tokens are banned.
+pub fn greedy_without_eos(
+    m: &ferrum_engine::engine::LoadedModel,
+) -> ferrum_engine::sampler::SamplingParams {
+    let mut sampling = ferrum_engine::sampler::SamplingParams::greedy();
+    sampling.logit_bias = m
+        .tokenizer
+        .eog_ids()
+        .iter()
+        .map(|&id| (id, -100.0))
+        .collect();
+    sampling
+}
