@@ -59,13 +59,7 @@ fn submit(h: &ModelHandle, prompt: Vec<u32>, params: GenerateParams) -> Receiver
 }
 
 fn finish(rx: Receiver<Event>) -> Completion {
-    rx.iter()
-        .find_map(|e| match e {
-            Event::ChoiceDone { completion, .. } => Some(completion),
-            Event::Error(e) => panic!("request failed: {e}"),
-            _ => None,
-        })
-        .expect("the request completed")
+    common::completion_of(&rx)
 }
 
 fn complete(h: &ModelHandle, prompt: &[u32], params: &GenerateParams) -> Completion {

@@ -453,13 +453,7 @@ fn interactive_requests_preempt_background_ones_without_changing_any_output() {
 
 /// The completion of a single-choice request whose channel may already be partly read.
 fn collect_rest(rx: &Receiver<Event>) -> Completion {
-    rx.iter()
-        .find_map(|e| match e {
-            Event::ChoiceDone { completion, .. } => Some(completion),
-            Event::Error(e) => panic!("request failed: {e}"),
-            _ => None,
-        })
-        .expect("the request completed")
+    common::completion_of(rx)
 }
 
 /// A request with a predicted output (`GenerateParams::prediction`).

@@ -119,3 +119,17 @@ pub fn greedy_without_eos(
         .collect();
     sampling
 }
+
+/// The completion of a one-choice request from its events; panics on an error event.
+pub fn completion_of(
+    rx: &std::sync::mpsc::Receiver<ferrum_engine::service::Event>,
+) -> ferrum_engine::generate::Completion {
+    use ferrum_engine::service::Event;
+    rx.iter()
+        .find_map(|e| match e {
+            Event::ChoiceDone { completion, .. } => Some(completion),
+            Event::Error(e) => panic!("request failed: {e}"),
+            _ => None,
+        })
+        .expect("the request completed")
+}
