@@ -238,6 +238,31 @@ pub struct QMatrix {
     dot: DotFn,
     /// Four rows at a time against one activation row, where the CPU has a kernel for it.
     dot4: Option<simd::Dot4Fn>,
+    /// The single- and four-row kernels for the activation rows that llama.cpp multiplies in
+    /// a batch, where it sums those in another order (see [`MatmulScratch::set_rows`]), and
+    /// which rows those are.
+    batched: Option<Batched>,
+}
+
+/// The kernels in llama.cpp's batched summation order for one weight type, and which
+/// activation rows llama.cpp multiplies with them.
+#[derive(Clone, Copy)]
+struct Batched {
+    dot: DotFn,
+    dot4: simd::Dot4Fn,
+    applies: fn(RowKind) -> bool,
+}
+
+/// How llama.cpp would multiply one activation row of a forward pass; see
+/// [`MatmulScratch::set_rows`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowKind {
+    /// The row is one of a whole group of four prompt rows (aligned to positions that are
+    /// multiples of four): llama.cpp's repacked GEMM takes it (Q4_K).
+    pub in_group_of_4: bool,
+    /// The row belongs to a prompt micro-batch of at least 8 rows: llama.cpp's tiled GEMM
+    /// takes it (Q6_K).
+    pub in_batch_of_8: bool,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -255,6 +280,14 @@ impl QMatrix {
             cols,
             dot: best_dot(tensor.dtype),
             dot4: simd::dot4_fn(tensor.dtype),
+            batched: simd::batched_fns(tensor.dtype).map(|(dot, dot4)| Batched {
+                dot,
+                dot4,
+                applies: match tensor.dtype {
+                    GgmlDType::Q4K => |k| k.in_group_of_4,
+                    _ => |k| k.in_batch_of_8,
+                },
+            }),
             tensor,
         }
     }
@@ -321,9 +354,26 @@ pub struct MatmulScratch {
     /// The chunk table of the current call: (job, first row, end row); kept to avoid a
     /// per-call allocation on the decode path.
     chunks: Vec<(usize, usize, usize)>,
+    /// How llama.cpp would multiply each activation row (empty: each on its own).
+    rows: Vec<RowKind>,
 }
 
 impl MatmulScratch {
+    /// Says how llama.cpp would multiply each activation row of the following [`matmul`]
+    /// calls.
+    ///
+    /// llama.cpp multiplies the rows of a prompt micro-batch with batched kernels where it has
+    /// them, and for some weight types those sum in another order than its one-row kernels
+    /// (Q4_K: its repacked GEMM, for groups of four rows; Q6_K: its tiled GEMM, for micro-
+    /// batches of 8 rows or more), so the same token gets slightly different numbers in a
+    /// prompt than when decoded alone. The rows marked here get kernels in the batched order,
+    /// and a prompt then evaluates exactly as in llama.cpp. The caller leaves single-token
+    /// steps unmarked, so decoding stays independent of what else is in the batch.
+    pub fn set_rows(&mut self, rows: impl IntoIterator<Item = RowKind>) {
+        self.rows.clear();
+        self.rows.extend(rows);
+    }
+
     fn quantize(&mut self, dtype: GgmlDType, x: &[f32], n_tokens: usize, cols: usize) -> usize {
         let idx = match self.quantized.iter().position(|(d, _)| *d == dtype) {
             Some(i) => i,
@@ -418,6 +468,9 @@ pub fn matmul(
         .collect();
     let ws: Vec<&QMatrix> = jobs.iter().map(|j| j.w).collect();
     let quantized = &scratch.quantized;
+    let kinds = &scratch.rows;
+    assert!(kinds.is_empty() || kinds.len() == n_tokens);
+    let kind = |t: usize| kinds.get(t).copied().unwrap_or_default();
     pool.run(chunks.len(), &|c| {
         let (j, r0, r1) = chunks[c];
         let w = ws[j];
@@ -431,6 +484,10 @@ pub fn matmul(
             while r + 4 <= r1 {
                 let rows = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
                 for t in 0..n_tokens {
+                    let dot4 = match w.batched {
+                        Some(b) if (b.applies)(kind(t)) => b.dot4,
+                        _ => dot4,
+                    };
                     let v = dot4(cols, rows, &xq[t * xrb..(t + 1) * xrb]);
                     for (k, v) in v.into_iter().enumerate() {
                         // SAFETY: as below; rows r..r+4 belong to this chunk.
@@ -443,7 +500,11 @@ pub fn matmul(
         for r in r..r1 {
             let wrow = w.row(r);
             for t in 0..n_tokens {
-                let v = (w.dot)(cols, wrow, &xq[t * xrb..(t + 1) * xrb]);
+                let dot = match w.batched {
+                    Some(b) if (b.applies)(kind(t)) => b.dot,
+                    _ => w.dot,
+                };
+                let v = dot(cols, wrow, &xq[t * xrb..(t + 1) * xrb]);
                 // SAFETY: row r of token t belongs to this chunk alone; in bounds by the
                 // length assertion above.
                 unsafe { *out.0.add(t * w.rows + r) = v };

@@ -157,6 +157,24 @@ pub fn dot4_fn_for(w: GgmlDType, tier: Tier) -> Option<Dot4Fn> {
     }
 }
 
+/// For weight types whose products llama.cpp sums in another order when it multiplies a
+/// batch of activation rows (Q4_K: its repacked GEMM, for rows in groups of four; Q6_K: its
+/// tiled GEMM, for micro-batches of 8 rows or more), the single- and four-row kernels in that
+/// order. The matmul uses them for the rows llama.cpp would batch, so that prompts are
+/// evaluated exactly as llama.cpp evaluates them.
+pub fn batched_fns(w: GgmlDType) -> Option<(DotFn, Dot4Fn)> {
+    let tier = Tier::best()?;
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::batched_fns(w, tier)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, tier);
+        None
+    }
+}
+
 /// The SIMD quantizer for activation format `dtype`, if this CPU has one.
 pub fn quantize_fn(dtype: GgmlDType) -> Option<QuantizeFn> {
     // The quantizers need only AVX2 and gain nothing from the wider tiers.

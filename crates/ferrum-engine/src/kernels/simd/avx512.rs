@@ -16,8 +16,8 @@ use std::arch::x86_64::*;
 use candle_core::quantized::GgmlDType;
 
 use super::x86::{
-    blocks4, f16_table, h, hs, k4_scales_mins, rd_f32, rd_u32, K4_SCALE, Q4K, Q4_0, Q4_1, Q5_0,
-    Q8K, Q8_0, Q8_1,
+    blocks4, f16_table, h, hs, hsum4, hsum_i32, hsum_i32x4, k4_scales_mins, q4k_block, rd_f32,
+    rd_u32, K4_SCALE, Q4K, Q4_0, Q4_1, Q5_0, Q8K, Q8_0, Q8_1,
 };
 use super::Dot4Fn;
 
@@ -73,27 +73,19 @@ unsafe fn scales(t: *const f32, a: *const u8, b: *const u8) -> __m512 {
 }
 
 /// The sums of the low and high 256-bit halves of `acc[0]` and `acc[1]`, scaled lane-wise by
-/// `scale` first: rows 0, 1, 2, 3.
+/// `scale` first: rows 0, 1, 2, 3, each summed in the single-row kernels' order (`hsum4`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn finish(acc: [__m512; 2], scale: __m512) -> [f32; 4] {
     let [a, b] = acc.map(|v| _mm512_mul_ps(v, scale));
     // AVX-512 F has the 256-bit extract for doubles only; the bits are the same.
     let high = |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-    let halves = [
+    hsum4([
         _mm512_castps512_ps256(a),
         high(a),
         _mm512_castps512_ps256(b),
         high(b),
-    ];
-    let s01 = _mm256_hadd_ps(halves[0], halves[1]);
-    let s23 = _mm256_hadd_ps(halves[2], halves[3]);
-    let s = _mm256_hadd_ps(s01, s23);
-    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-    let mut out = [0f32; 4];
-    // SAFETY: `out` has room for four floats.
-    unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
-    out
+    ])
 }
 
 /// The lane factors of the nibble layout of [`super::x86`]'s `nibbles16`, in both halves: the
@@ -155,8 +147,9 @@ pub(super) unsafe fn q4_0_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32
                 let (a, b) = (w[2 * pair].add(i * Q4_0), w[2 * pair + 1].add(i * Q4_0));
                 let u = _mm512_and_si512(pair128(a.add(2), b.add(2)), mask);
                 let p = _mm512_dpbusd_epi32(corr, u, xv);
-                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(p), xd);
-                *acc = _mm512_fmadd_ps(f, scales(t, a, b), *acc);
+                // ggml's order: the scales' product, then one fused multiply-add.
+                let d = _mm512_mul_ps(scales(t, a, b), xd);
+                *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), *acc);
             }
         }
     }
@@ -185,8 +178,9 @@ pub(super) unsafe fn q4_1_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32
                 let (a, b) = (w[2 * pair].add(i * Q4_1), w[2 * pair + 1].add(i * Q4_1));
                 let u = _mm512_and_si512(pair128(a.add(4), b.add(4)), mask);
                 let p = _mm512_dpbusd_epi32(zero, u, xv);
-                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(p), xd);
-                *acc = _mm512_fmadd_ps(f, scales(t, a, b), *acc);
+                // ggml's order: the scales' product, then one fused multiply-add.
+                let d = _mm512_mul_ps(scales(t, a, b), xd);
+                *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), *acc);
                 // The min times the activation block's sum, which Q8_1 stores premultiplied.
                 mins[2 * pair] = _mm_fmadd_ps(hs(t, a.add(2)), xs, mins[2 * pair]);
                 mins[2 * pair + 1] = _mm_fmadd_ps(hs(t, b.add(2)), xs, mins[2 * pair + 1]);
@@ -223,8 +217,9 @@ pub(super) unsafe fn q5_0_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32
                 let qh = (rd_u32(a.add(2)) as u64) | ((rd_u32(b.add(2)) as u64) << 32);
                 let q = _mm512_mask_add_epi8(q, qh, q, bit);
                 let p = _mm512_dpbusd_epi32(corr, q, xv);
-                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(p), xd);
-                *acc = _mm512_fmadd_ps(f, scales(t, a, b), *acc);
+                // ggml's order: the scales' product, then one fused multiply-add.
+                let d = _mm512_mul_ps(scales(t, a, b), xd);
+                *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), *acc);
             }
         }
     }
@@ -253,8 +248,9 @@ pub(super) unsafe fn q8_0_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32
                 let (a, b) = (w[2 * pair].add(i * Q8_0), w[2 * pair + 1].add(i * Q8_0));
                 let u = _mm512_xor_si512(pair256(a.add(2), b.add(2)), flip);
                 let p = _mm512_dpbusd_epi32(corr, u, xv);
-                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(p), xd);
-                *acc = _mm512_fmadd_ps(f, scales(t, a, b), *acc);
+                // ggml's order: the scales' product, then one fused multiply-add.
+                let d = _mm512_mul_ps(scales(t, a, b), xd);
+                *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), *acc);
             }
         }
     }
@@ -275,8 +271,7 @@ pub(super) unsafe fn q4k_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32;
     let masks: [__m512i; 8] = std::array::from_fn(|j| unsafe {
         _mm512_broadcast_i64x4(_mm256_loadu_si256(K4_SCALE.as_ptr().add(j).cast()))
     });
-    let mut acc = [_mm512_setzero_ps(); 2];
-    let mut acc_m = [_mm_setzero_ps(); 4];
+    let mut acc = [[0f32; 2]; 4];
     for i in 0..nb {
         // SAFETY: block `i` is in bounds of every row.
         unsafe {
@@ -287,15 +282,9 @@ pub(super) unsafe fn q4k_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32;
                 _mm256_castsi256_si128(bsums),
                 _mm256_extracti128_si256::<1>(bsums),
             );
-            for (pair, acc) in acc.iter_mut().enumerate() {
+            for pair in 0..2 {
                 let (a, b) = (w[2 * pair].add(i * Q4K), w[2 * pair + 1].add(i * Q4K));
                 let (sm_a, sm_b) = (k4_scales_mins(a.add(4)), k4_scales_mins(b.add(4)));
-                for (r, (wb, sm)) in [(a, sm_a), (b, sm_b)].into_iter().enumerate() {
-                    let pm = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), bs);
-                    let dmin = _mm_set1_ps(yd * h(t, wb.add(2)));
-                    let m = &mut acc_m[2 * pair + r];
-                    *m = _mm_fmadd_ps(dmin, _mm_cvtepi32_ps(pm), *m);
-                }
                 // The scales of both rows as 128-bit lanes [a | a | b | b].
                 let sab = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(sm_a), sm_b);
                 let sc = _mm512_shuffle_i64x2::<0b10_10_00_00>(sab, sab);
@@ -310,17 +299,21 @@ pub(super) unsafe fn q4k_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32;
                     s1 = _mm512_dpwssd_epi32(s1, _mm512_shuffle_epi8(sc, masks[2 * j + 1]), ph);
                 }
                 let sumi = _mm512_add_epi32(s0, s1);
-                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(yd));
-                *acc = _mm512_fmadd_ps(f, scales(t, a, b), *acc);
+                let halves = [
+                    _mm512_castsi512_si256(sumi),
+                    _mm512_extracti64x4_epi64::<1>(sumi),
+                ];
+                // Each row's block in llama.cpp's repacked order (see `q4k_block`).
+                for (r, (wb, sm)) in [(a, sm_a), (b, sm_b)].into_iter().enumerate() {
+                    let pm = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), bs);
+                    let (d, dmin) = (yd * h(t, wb), yd * h(t, wb.add(2)));
+                    let acc = &mut acc[2 * pair + r];
+                    *acc = q4k_block(*acc, hsum_i32(halves[r]), hsum_i32x4(pm), d, dmin);
+                }
             }
         }
     }
-    let s = finish(acc, _mm512_set1_ps(1.0));
-    let m = acc_m.map(|v| {
-        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-        _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
-    });
-    [0, 1, 2, 3].map(|r| s[r] - m[r])
+    acc.map(|[a, m]| a - m)
 }
 
 // The safe entry points. Only `dot4_fn` hands them out, after the caller checked that the CPU

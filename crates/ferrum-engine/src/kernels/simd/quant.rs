@@ -54,7 +54,7 @@ pub(super) fn q8_0(x: &[f32], out: &mut [u8]) {
 }
 
 /// Quantizes `x` into Q8_1 blocks: Q8_0 plus `s`, `d` times the sum of the quants, computed in
-/// `f16` arithmetic as candle does.
+/// f32 and rounded to f16 as ggml's x86 `quantize_row_q8_1` does.
 pub(super) fn q8_1(x: &[f32], out: &mut [u8]) {
     let nb = check(x, out, 32, 36);
     for b in 0..nb {
@@ -62,9 +62,8 @@ pub(super) fn q8_1(x: &[f32], out: &mut [u8]) {
         let ys = &mut out[36 * b..36 * (b + 1)];
         let mut tmp = [0u8; 34];
         // SAFETY: as in `q8_0`; `tmp` is one Q8_0 block.
-        let sum = unsafe { q8_32(xs.as_ptr(), tmp.as_mut_ptr()) };
-        let d = f16::from_le_bytes([tmp[0], tmp[1]]);
-        let s = f16::from_f32(sum as f32) * d;
+        let (sum, d) = unsafe { q8_32(xs.as_ptr(), tmp.as_mut_ptr()) };
+        let s = f16::from_f32(d * sum as f32);
         ys[..2].copy_from_slice(&tmp[..2]);
         ys[2..4].copy_from_slice(&s.to_le_bytes());
         ys[4..].copy_from_slice(&tmp[2..]);
@@ -123,17 +122,13 @@ unsafe fn abs_max(x: *const f32, n: usize) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// `(v * scale).round()` clamped to `i8`, NaN to 0: exactly Rust's `f32::round(..) as i8`.
+/// `v * scale` rounded to the nearest integer, ties to even, clamped to `i8`, NaN to 0: ggml's
+/// x86 quantizers (`_mm256_round_ps` with `_MM_ROUND_NEAREST`, and `nearest_int` for Q8_K).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn round_i8(v: __m256, scale: __m256) -> __m256i {
     let v = _mm256_mul_ps(v, scale);
-    let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
-    // The fractional part is exact; a half or more rounds away from zero.
-    let frac = _mm256_andnot_ps(_mm256_set1_ps(-0.0), _mm256_sub_ps(v, t));
-    let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, _mm256_set1_ps(0.5));
-    let one = _mm256_or_ps(_mm256_and_ps(v, _mm256_set1_ps(-0.0)), _mm256_set1_ps(1.0));
-    let r = _mm256_add_ps(t, _mm256_and_ps(up, one));
+    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
     let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(v, v));
     let r = _mm256_min_ps(
         _mm256_max_ps(r, _mm256_set1_ps(-128.0)),
@@ -171,21 +166,22 @@ unsafe fn quantize_32(x: *const f32, scale: f32, q: *mut u8) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// Quantizes one 32-value block into Q8_0 bytes at `y` (`d`, then the quants); returns the sum
-/// of the quants for Q8_1.
+/// Quantizes one 32-value block into Q8_0 bytes at `y` (`d`, then the quants) as ggml's x86
+/// `quantize_row_q8_0` does (scaled by `127 / amax`); returns the sum of the quants and the f32
+/// scale, for Q8_1.
 ///
 /// # Safety
 /// AVX2 must be present; `x` must point to 32 readable values and `y` to 34 writable bytes.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn q8_32(x: *const f32, y: *mut u8) -> i32 {
+unsafe fn q8_32(x: *const f32, y: *mut u8) -> (i32, f32) {
     // SAFETY: in bounds by the contract.
     let amax = unsafe { abs_max(x, 32) };
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     // SAFETY: in bounds by the contract.
     unsafe {
         y.cast::<[u8; 2]>()
             .write_unaligned(f16::from_f32(d).to_le_bytes());
-        quantize_32(x, id, y.add(2))
+        (quantize_32(x, id, y.add(2)), d)
     }
 }

@@ -101,7 +101,8 @@ unsafe fn ld(p: *const u8) -> __m256i {
     unsafe { _mm256_loadu_si256(p.cast()) }
 }
 
-/// Sums the eight lanes of `v`.
+/// Sums the eight lanes of `v`, in ggml's order (`hsum_float_8`): lane `i` plus lane `i + 4`,
+/// then lanes 0 + 2 and 1 + 3 of that, then those two.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn hsum(v: __m256) -> f32 {
@@ -111,27 +112,82 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Sums the eight lanes of each of four vectors.
+/// Sums the eight lanes of each of four vectors, each in [`hsum`]'s order: the four-row kernels
+/// give every row exactly the single-row kernel's result.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn hsum4(v: [__m256; 4]) -> [f32; 4] {
-    let s01 = _mm256_hadd_ps(v[0], v[1]);
-    let s23 = _mm256_hadd_ps(v[2], v[3]);
-    let s = _mm256_hadd_ps(s01, s23);
-    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+pub(super) fn hsum4(v: [__m256; 4]) -> [f32; 4] {
+    let [t0, t1, t2, t3] =
+        v.map(|x| _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x)));
+    // Transpose, so that vector `c[j]` holds lane `j` of every row.
+    let (lo01, hi01) = (_mm_unpacklo_ps(t0, t1), _mm_unpackhi_ps(t0, t1));
+    let (lo23, hi23) = (_mm_unpacklo_ps(t2, t3), _mm_unpackhi_ps(t2, t3));
+    let c0 = _mm_movelh_ps(lo01, lo23);
+    let c1 = _mm_movehl_ps(lo23, lo01);
+    let c2 = _mm_movelh_ps(hi01, hi23);
+    let c3 = _mm_movehl_ps(hi23, hi01);
+    let s = _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3));
     let mut out = [0f32; 4];
     // SAFETY: `out` has room for four floats.
     unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
     out
 }
 
-/// Sums the four lanes of `v`.
+/// `acc + (dw · dx) · float(p)`: one block of a 32-weight format added to its row's accumulator
+/// the way ggml's x86 `ggml_vec_dot_*` kernels do it (the two f16 scales multiplied first, then
+/// one fused multiply-add per lane, blocks in order). Following ggml's order exactly keeps
+/// ferrum's logits bit-close to llama.cpp's: a one-ulp difference in a dot product can flip the
+/// rounding of the next activation quantization and grow from layer to layer.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn hsum128(v: __m128) -> f32 {
-    let s = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
+pub(super) fn ggml_fma(dw: __m256, dx: __m256, p: __m256i, acc: __m256) -> __m256 {
+    _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(p), acc)
+}
+
+/// The sum of the eight `i32` lanes of `v` (exact).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    hsum_i32x4(s)
+}
+
+/// The sum of the four `i32` lanes of `v` (exact).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn hsum_i32x4(s: __m128i) -> i32 {
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// One Q4_K super-block of one row added the way llama.cpp's repacked Q4_K kernels
+/// (`ggml_gemv_q4_K_8x8_q8_K`, which llama.cpp uses for every Q4_K matrix on AVX2 CPUs) add it:
+/// the block's whole integer sum and its whole min correction, each converted once and
+/// accumulated with one fused multiply-add, `acc += isum · (d · dx)`, `acc_m += msum · (dmin ·
+/// dx)`. The row's result is `acc - acc_m`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn q4k_block(acc: [f32; 2], isum: i32, msum: i32, d: f32, dmin: f32) -> [f32; 2] {
+    let f = |a: f32, i: i32, s: f32| {
+        let r = _mm_fmadd_ss(
+            _mm_cvtsi32_ss(_mm_setzero_ps(), i),
+            _mm_set_ss(s),
+            _mm_set_ss(a),
+        );
+        _mm_cvtss_f32(r)
+    };
+    [f(acc[0], isum, d), f(acc[1], msum, dmin)]
+}
+
+/// One Q6_K super-block of one row added as llama.cpp's tiled K-quant GEMM adds it (`ggml-cpu/
+/// tiled`, used for Q6_K when a micro-batch has 8 rows or more): the block's whole integer sum
+/// times the weight scale, then one fused multiply-add with the activation scale.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn q6k_tiled_block(acc: f32, isum: i32, wd: f32, xd: f32) -> f32 {
+    let res = _mm_mul_ss(_mm_cvtsi32_ss(_mm_setzero_ps(), isum), _mm_set_ss(wd));
+    _mm_cvtss_f32(_mm_fmadd_ss(res, _mm_set_ss(xd), _mm_set_ss(acc)))
 }
 
 /// Unpacks the 16 bytes at `p` into 32 nibbles: the low nibbles in bytes 0..16 and the high ones
@@ -470,8 +526,7 @@ macro_rules! tier_kernels {
                 unsafe {
                     let xv = ld(xb.add(2));
                     let p = $dpx($nib(wb.add(2)), xv, $xcorr(q4_zero(), xv));
-                    let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
-                    _mm256_fmadd_ps(f, hb(t, wb), acc)
+                    ggml_fma(hb(t, wb), hb(t, xb), p, acc)
                 }
             }
 
@@ -492,9 +547,8 @@ macro_rules! tier_kernels {
                 // SAFETY: whole blocks by the contract.
                 unsafe {
                     let p = $dp(_mm256_setzero_si256(), $nib(wb.add(4)), ld(xb.add(4)));
-                    let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
                     (
-                        _mm256_fmadd_ps(f, hb(t, wb), acc),
+                        ggml_fma(hb(t, wb), hb(t, xb), p, acc),
                         _mm_fmadd_ps(hs(t, wb.add(2)), hs(t, xb.add(2)), m),
                     )
                 }
@@ -517,8 +571,7 @@ macro_rules! tier_kernels {
                     let xv = ld(xb.add(2));
                     let q = $hibits(nibbles(wb.add(6)), rd_u32(wb.add(2)));
                     let p = $dpx(q, xv, $xcorr(_mm256_set1_epi8(16), xv));
-                    let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
-                    _mm256_fmadd_ps(f, hb(t, wb), acc)
+                    ggml_fma(hb(t, wb), hb(t, xb), p, acc)
                 }
             }
 
@@ -540,8 +593,7 @@ macro_rules! tier_kernels {
                     // Signed times signed: move the weight's sign onto the activation.
                     let u = _mm256_sign_epi8(qw, qw);
                     let p = $dp(_mm256_setzero_si256(), u, _mm256_sign_epi8(qx, qw));
-                    let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), hb(t, xb));
-                    _mm256_fmadd_ps(f, hb(t, wb), acc)
+                    ggml_fma(hb(t, wb), hb(t, xb), p, acc)
                 }
             }
 
@@ -550,20 +602,13 @@ macro_rules! tier_kernels {
             #[target_feature(enable = $feat)]
             unsafe fn q4_0_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
                 let t = f16_table();
-                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let mut i = 0;
-                // SAFETY (all blocks below): `i + 1 < nb`, or `i < nb` for the last one.
-                while i + 1 < nb {
-                    unsafe {
-                        a0 = q4_0_step(t, w.add(i * Q4_0), x.add(i * Q8_0), a0);
-                        a1 = q4_0_step(t, w.add((i + 1) * Q4_0), x.add((i + 1) * Q8_0), a1);
-                    }
-                    i += 2;
-                }
-                if i < nb {
+                // One accumulator, blocks in order: ggml's summation order (see `ggml_fma`).
+                let mut a0 = _mm256_setzero_ps();
+                for i in 0..nb {
+                    // SAFETY: `i < nb`.
                     a0 = unsafe { q4_0_step(t, w.add(i * Q4_0), x.add(i * Q8_0), a0) };
                 }
-                hsum(_mm256_mul_ps(_mm256_add_ps(a0, a1), nib_scale()))
+                hsum(_mm256_mul_ps(a0, nib_scale()))
             }
 
             /// # Safety
@@ -571,23 +616,14 @@ macro_rules! tier_kernels {
             #[target_feature(enable = $feat)]
             unsafe fn q4_1_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
                 let t = f16_table();
-                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let (mut m0, mut m1) = (_mm_setzero_ps(), _mm_setzero_ps());
-                let mut i = 0;
-                // SAFETY (all blocks below): as in `q4_0_k`.
-                while i + 1 < nb {
-                    unsafe {
-                        (a0, m0) = q4_1_step(t, w.add(i * Q4_1), x.add(i * Q8_1), a0, m0);
-                        (a1, m1) =
-                            q4_1_step(t, w.add((i + 1) * Q4_1), x.add((i + 1) * Q8_1), a1, m1);
-                    }
-                    i += 2;
-                }
-                if i < nb {
+                // As in `q4_0_k`; the min corrections are summed apart and added last, as ggml
+                // does.
+                let (mut a0, mut m0) = (_mm256_setzero_ps(), _mm_setzero_ps());
+                for i in 0..nb {
+                    // SAFETY: `i < nb`.
                     (a0, m0) = unsafe { q4_1_step(t, w.add(i * Q4_1), x.add(i * Q8_1), a0, m0) };
                 }
-                hsum(_mm256_mul_ps(_mm256_add_ps(a0, a1), nib_scale()))
-                    + _mm_cvtss_f32(_mm_add_ss(m0, m1))
+                hsum(_mm256_mul_ps(a0, nib_scale())) + _mm_cvtss_f32(m0)
             }
 
             /// # Safety
@@ -595,20 +631,13 @@ macro_rules! tier_kernels {
             #[target_feature(enable = $feat)]
             unsafe fn q5_0_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
                 let t = f16_table();
-                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let mut i = 0;
-                // SAFETY (all blocks below): as in `q4_0_k`.
-                while i + 1 < nb {
-                    unsafe {
-                        a0 = q5_0_step(t, w.add(i * Q5_0), x.add(i * Q8_0), a0);
-                        a1 = q5_0_step(t, w.add((i + 1) * Q5_0), x.add((i + 1) * Q8_0), a1);
-                    }
-                    i += 2;
-                }
-                if i < nb {
+                // One accumulator, blocks in order: ggml's summation order (see `ggml_fma`).
+                let mut a0 = _mm256_setzero_ps();
+                for i in 0..nb {
+                    // SAFETY: `i < nb`.
                     a0 = unsafe { q5_0_step(t, w.add(i * Q5_0), x.add(i * Q8_0), a0) };
                 }
-                hsum(_mm256_add_ps(a0, a1))
+                hsum(a0)
             }
 
             /// # Safety
@@ -616,30 +645,26 @@ macro_rules! tier_kernels {
             #[target_feature(enable = $feat)]
             unsafe fn q8_0_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
                 let t = f16_table();
-                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let mut i = 0;
-                // SAFETY (all blocks below): as in `q4_0_k`.
-                while i + 1 < nb {
-                    unsafe {
-                        a0 = q8_0_step(t, w.add(i * Q8_0), x.add(i * Q8_0), a0);
-                        a1 = q8_0_step(t, w.add((i + 1) * Q8_0), x.add((i + 1) * Q8_0), a1);
-                    }
-                    i += 2;
-                }
-                if i < nb {
+                // One accumulator, blocks in order: ggml's summation order (see `ggml_fma`).
+                let mut a0 = _mm256_setzero_ps();
+                for i in 0..nb {
+                    // SAFETY: `i < nb`.
                     a0 = unsafe { q8_0_step(t, w.add(i * Q8_0), x.add(i * Q8_0), a0) };
                 }
-                hsum(_mm256_add_ps(a0, a1))
+                hsum(a0)
             }
 
+            /// Q4_K · Q8_K in llama.cpp's repacked order: `GROUPED` gives its GEMM's order (one
+            /// fused multiply-add per 64 weights, for activation rows in groups of four), else
+            /// its GEMV's (one per super-block); see `q4k_block`.
+            ///
             /// # Safety
             /// As [`q4_0_k`].
             #[target_feature(enable = $feat)]
-            unsafe fn q4k_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
+            unsafe fn q4k_k<const GROUPED: bool>(nb: usize, w: *const u8, x: *const u8) -> f32 {
                 let t = f16_table();
                 let m4 = _mm256_set1_epi8(0x0F);
-                let mut acc = _mm256_setzero_ps();
-                let mut acc_m = _mm_setzero_ps();
+                let mut acc = [0f32; 2];
                 for i in 0..nb {
                     // SAFETY: block `i` is in bounds of both rows; the scale masks are indexed
                     // below 8.
@@ -657,35 +682,50 @@ macro_rules! tier_kernels {
                             _mm256_extracti128_si256::<1>(bsums),
                         );
                         let pm = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), bs);
-                        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(pm), acc_m);
 
                         let sc = _mm256_permute2x128_si256::<0>(sm, sm);
                         // Two integer sums, so that the `vpdpwssd` latency chains overlap.
                         let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                        let mut pms = [0i32; 4];
+                        _mm_storeu_si128(pms.as_mut_ptr().cast(), pm);
                         for j in 0..4 {
                             let q = ld(wb.add(16 + 32 * j));
                             let lo = _mm256_and_si256(q, m4);
                             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
                             let pl = _mm256_maddubs_epi16(lo, ld(xb.add(4 + 64 * j)));
                             let ph = _mm256_maddubs_epi16(hi, ld(xb.add(36 + 64 * j)));
-                            s0 = $dpw(s0, _mm256_shuffle_epi8(sc, k4_scale(2 * j)), pl);
-                            s1 = $dpw(s1, _mm256_shuffle_epi8(sc, k4_scale(2 * j + 1)), ph);
+                            if GROUPED {
+                                let z = _mm256_setzero_si256();
+                                let p = $dpw(z, _mm256_shuffle_epi8(sc, k4_scale(2 * j)), pl);
+                                let p = $dpw(p, _mm256_shuffle_epi8(sc, k4_scale(2 * j + 1)), ph);
+                                acc = q4k_block(acc, hsum_i32(p), pms[j], d, dmin);
+                            } else {
+                                s0 = $dpw(s0, _mm256_shuffle_epi8(sc, k4_scale(2 * j)), pl);
+                                s1 = $dpw(s1, _mm256_shuffle_epi8(sc, k4_scale(2 * j + 1)), ph);
+                            }
                         }
-                        let sumi = _mm256_add_epi32(s0, s1);
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+                        if !GROUPED {
+                            let isum = hsum_i32(_mm256_add_epi32(s0, s1));
+                            acc = q4k_block(acc, isum, hsum_i32x4(pm), d, dmin);
+                        }
                     }
                 }
-                hsum(acc) - hsum128(acc_m)
+                acc[0] - acc[1]
             }
 
+            /// Q6_K · Q8_K: `TILED` gives the order of llama.cpp's tiled K-quant GEMM (which it
+            /// uses for micro-batches of 8 rows or more, see `q6k_tiled_block`), else that of its
+            /// `ggml_vec_dot_q6_K_q8_K`.
+            ///
             /// # Safety
             /// As [`q4_0_k`].
             #[target_feature(enable = $feat)]
-            unsafe fn q6k_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
+            unsafe fn q6k_k<const TILED: bool>(nb: usize, w: *const u8, x: *const u8) -> f32 {
                 let t = f16_table();
                 let m4 = _mm256_set1_epi8(0x0F);
                 let m30 = _mm256_set1_epi8(0x30);
                 let mut acc = _mm256_setzero_ps();
+                let mut tiled = 0f32;
                 for i in 0..nb {
                     // SAFETY: block `i` is in bounds of both rows; the scale masks are indexed
                     // below 4.
@@ -733,10 +773,19 @@ macro_rules! tier_kernels {
                         }
                         let sumi = _mm256_add_epi32(sumi[0], sumi[1]);
                         let sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32::<5>(corr));
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+                        if TILED {
+                            let (wd, xd) = (h(t, wb.add(208)), rd_f32(xb));
+                            tiled = q6k_tiled_block(tiled, hsum_i32(sumi), wd, xd);
+                        } else {
+                            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+                        }
                     }
                 }
-                hsum(acc)
+                if TILED {
+                    tiled
+                } else {
+                    hsum(acc)
+                }
             }
 
             // Four weight rows against one activation row: the activation block, its scale and
@@ -759,8 +808,7 @@ macro_rules! tier_kernels {
                         for r in 0..4 {
                             let wb = w[r].add(i * Q4_0);
                             let p = $dpx($nib(wb.add(2)), xv, corr);
-                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
-                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
+                            acc[r] = ggml_fma(hb(t, wb), xd, p, acc[r]);
                         }
                     }
                 }
@@ -785,8 +833,7 @@ macro_rules! tier_kernels {
                         for r in 0..4 {
                             let wb = w[r].add(i * Q4_1);
                             let p = $dp(zero, $nib(wb.add(4)), xv);
-                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
-                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
+                            acc[r] = ggml_fma(hb(t, wb), xd, p, acc[r]);
                             mins[r] = _mm_fmadd_ps(hs(t, wb.add(2)), xs, mins[r]);
                         }
                     }
@@ -813,8 +860,7 @@ macro_rules! tier_kernels {
                             let wb = w[r].add(i * Q5_0);
                             let q = $hibits(nibbles(wb.add(6)), rd_u32(wb.add(2)));
                             let p = $dpx(q, xv, corr);
-                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
-                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
+                            acc[r] = ggml_fma(hb(t, wb), xd, p, acc[r]);
                         }
                     }
                 }
@@ -839,8 +885,7 @@ macro_rules! tier_kernels {
                             let qw = ld(wb.add(2));
                             let u = _mm256_sign_epi8(qw, qw);
                             let p = $dp(zero, u, _mm256_sign_epi8(qx, qw));
-                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), xd);
-                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
+                            acc[r] = ggml_fma(hb(t, wb), xd, p, acc[r]);
                         }
                     }
                 }
@@ -853,17 +898,20 @@ macro_rules! tier_kernels {
             /// # Safety
             /// As [`q4_0_x4`].
             #[target_feature(enable = $feat)]
-            unsafe fn q4k_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32; 4] {
+            unsafe fn q4k_x4<const GROUPED: bool>(
+                nb: usize,
+                w: [*const u8; 4],
+                x: *const u8,
+            ) -> [f32; 4] {
                 let t = f16_table();
                 let m4 = _mm256_set1_epi8(0x0F);
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut acc_m = [_mm_setzero_ps(); 4];
+                let mut acc = [[0f32; 2]; 4];
                 for i in 0..nb {
                     // SAFETY: block `i` is in bounds of every row; the scale masks are indexed
                     // below 8.
                     unsafe {
                         let xb = x.add(i * Q8K);
-                        let yd = _mm256_set1_ps(rd_f32(xb));
+                        let yd = rd_f32(xb);
                         let bsums = ld(xb.add(260));
                         let bs = _mm_hadd_epi16(
                             _mm256_castsi256_si128(bsums),
@@ -874,9 +922,9 @@ macro_rules! tier_kernels {
                             let wb = w[r].add(i * Q4K);
                             let sm = k4_scales_mins(wb.add(4));
                             let pm = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), bs);
-                            let dmin = _mm_mul_ps(hs(t, wb.add(2)), _mm256_castps256_ps128(yd));
-                            let dmin = _mm_broadcastss_ps(dmin);
-                            acc_m[r] = _mm_fmadd_ps(dmin, _mm_cvtepi32_ps(pm), acc_m[r]);
+                            let (d, dmin) = (yd * h(t, wb), yd * h(t, wb.add(2)));
+                            let mut pms = [0i32; 4];
+                            _mm_storeu_si128(pms.as_mut_ptr().cast(), pm);
 
                             let sc = _mm256_permute2x128_si256::<0>(sm, sm);
                             let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
@@ -886,16 +934,25 @@ macro_rules! tier_kernels {
                                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
                                 let pl = _mm256_maddubs_epi16(lo, xq(2 * j));
                                 let ph = _mm256_maddubs_epi16(hi, xq(2 * j + 1));
-                                s0 = $dpw(s0, _mm256_shuffle_epi8(sc, k4_scale(2 * j)), pl);
-                                s1 = $dpw(s1, _mm256_shuffle_epi8(sc, k4_scale(2 * j + 1)), ph);
+                                if GROUPED {
+                                    let z = _mm256_setzero_si256();
+                                    let p = $dpw(z, _mm256_shuffle_epi8(sc, k4_scale(2 * j)), pl);
+                                    let p =
+                                        $dpw(p, _mm256_shuffle_epi8(sc, k4_scale(2 * j + 1)), ph);
+                                    acc[r] = q4k_block(acc[r], hsum_i32(p), pms[j], d, dmin);
+                                } else {
+                                    s0 = $dpw(s0, _mm256_shuffle_epi8(sc, k4_scale(2 * j)), pl);
+                                    s1 = $dpw(s1, _mm256_shuffle_epi8(sc, k4_scale(2 * j + 1)), ph);
+                                }
                             }
-                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), yd);
-                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb), acc[r]);
+                            if !GROUPED {
+                                let isum = hsum_i32(_mm256_add_epi32(s0, s1));
+                                acc[r] = q4k_block(acc[r], isum, hsum_i32x4(pm), d, dmin);
+                            }
                         }
                     }
                 }
-                let s = hsum4(acc);
-                [0, 1, 2, 3].map(|r| s[r] - hsum128(acc_m[r]))
+                acc.map(|[a, m]| a - m)
             }
 
             /// Q6_K · Q8_K for four rows: the activation block's quants, its scale and its
@@ -905,11 +962,16 @@ macro_rules! tier_kernels {
             /// # Safety
             /// As [`q4_0_x4`].
             #[target_feature(enable = $feat)]
-            unsafe fn q6k_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32; 4] {
+            unsafe fn q6k_x4<const TILED: bool>(
+                nb: usize,
+                w: [*const u8; 4],
+                x: *const u8,
+            ) -> [f32; 4] {
                 let t = f16_table();
                 let m4 = _mm256_set1_epi8(0x0F);
                 let m30 = _mm256_set1_epi8(0x30);
                 let mut acc = [_mm256_setzero_ps(); 4];
+                let mut tiled = [0f32; 4];
                 for i in 0..nb {
                     // SAFETY: block `i` is in bounds of every row; the scale masks are indexed
                     // below 4.
@@ -957,12 +1019,22 @@ macro_rules! tier_kernels {
                             }
                             let sumi = _mm256_add_epi32(sumi[0], sumi[1]);
                             let sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32::<5>(corr));
-                            let f = _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), yd);
-                            acc[r] = _mm256_fmadd_ps(f, hb(t, wb.add(208)), acc[r]);
+                            if TILED {
+                                let (wd, xd) = (h(t, wb.add(208)), rd_f32(xb));
+                                tiled[r] = q6k_tiled_block(tiled[r], hsum_i32(sumi), wd, xd);
+                            } else {
+                                // ggml's order, as in `q6k_k`: the scales' product first.
+                                let d = _mm256_mul_ps(yd, hb(t, wb.add(208)));
+                                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc[r]);
+                            }
                         }
                     }
                 }
-                hsum4(acc)
+                if TILED {
+                    tiled
+                } else {
+                    hsum4(acc)
+                }
             }
 
             // The safe entry points. Only `dot_fn` hands them out, after checking that the CPU
@@ -995,13 +1067,25 @@ macro_rules! tier_kernels {
             pub(in super::super) fn q4k(n: usize, w: &[u8], x: &[u8]) -> f32 {
                 let nb = blocks(n, 256, w, Q4K, x, Q8K);
                 // SAFETY: as in `q4_0`.
-                unsafe { q4k_k(nb, w.as_ptr(), x.as_ptr()) }
+                unsafe { q4k_k::<false>(nb, w.as_ptr(), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q4k_grouped(n: usize, w: &[u8], x: &[u8]) -> f32 {
+                let nb = blocks(n, 256, w, Q4K, x, Q8K);
+                // SAFETY: as in `q4_0`.
+                unsafe { q4k_k::<true>(nb, w.as_ptr(), x.as_ptr()) }
             }
 
             pub(in super::super) fn q6k(n: usize, w: &[u8], x: &[u8]) -> f32 {
                 let nb = blocks(n, 256, w, Q6K, x, Q8K);
                 // SAFETY: as in `q4_0`.
-                unsafe { q6k_k(nb, w.as_ptr(), x.as_ptr()) }
+                unsafe { q6k_k::<false>(nb, w.as_ptr(), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q6k_tiled(n: usize, w: &[u8], x: &[u8]) -> f32 {
+                let nb = blocks(n, 256, w, Q6K, x, Q8K);
+                // SAFETY: as in `q4_0`.
+                unsafe { q6k_k::<true>(nb, w.as_ptr(), x.as_ptr()) }
             }
 
             pub(in super::super) fn q4_0x4(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
@@ -1031,13 +1115,25 @@ macro_rules! tier_kernels {
             pub(in super::super) fn q4kx4(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
                 let nb = blocks4(n, 256, &w, Q4K, x, Q8K);
                 // SAFETY: as in `q4_0x4`.
-                unsafe { q4k_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+                unsafe { q4k_x4::<false>(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q4kx4_grouped(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+                let nb = blocks4(n, 256, &w, Q4K, x, Q8K);
+                // SAFETY: as in `q4_0`.
+                unsafe { q4k_x4::<true>(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
             }
 
             pub(in super::super) fn q6kx4(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
                 let nb = blocks4(n, 256, &w, Q6K, x, Q8K);
                 // SAFETY: as in `q4_0x4`.
-                unsafe { q6k_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+                unsafe { q6k_x4::<false>(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+            }
+
+            pub(in super::super) fn q6kx4_tiled(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+                let nb = blocks4(n, 256, &w, Q6K, x, Q8K);
+                // SAFETY: as in `q4_0`.
+                unsafe { q6k_x4::<true>(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
             }
 
             pub(in super::super) fn dot4_fn(w: GgmlDType) -> Option<Dot4Fn> {
@@ -1050,6 +1146,15 @@ macro_rules! tier_kernels {
                     GgmlDType::Q6K => q6kx4,
                     _ => return None,
                 })
+            }
+
+            /// The batched-order kernels (see `q4k_k` and `q6k_k`).
+            pub(in super::super) fn batched_fns(w: GgmlDType) -> Option<(DotFn, Dot4Fn)> {
+                match w {
+                    GgmlDType::Q4K => Some((q4k_grouped, q4kx4_grouped)),
+                    GgmlDType::Q6K => Some((q6k_tiled, q6kx4_tiled)),
+                    _ => None,
+                }
             }
 
             pub(in super::super) fn dot_fn(w: GgmlDType) -> Option<DotFn> {
@@ -1110,6 +1215,16 @@ pub(super) fn dot_fn(w: GgmlDType, tier: Tier) -> Option<DotFn> {
         Tier::Avx2 => avx2::dot_fn(w),
         Tier::AvxVnni => avxvnni::dot_fn(w),
         Tier::Avx512 => avx512::dot_fn(w),
+    }
+}
+
+/// The single- and four-row dot products in the order llama.cpp uses for batched rows, for
+/// weight type `w` in `tier`, where that order differs from its one-row order; as [`dot_fn`].
+pub(super) fn batched_fns(w: GgmlDType, tier: Tier) -> Option<(DotFn, Dot4Fn)> {
+    match tier {
+        Tier::Avx2 => avx2::batched_fns(w),
+        Tier::AvxVnni => avxvnni::batched_fns(w),
+        Tier::Avx512 => avx512::batched_fns(w),
     }
 }
 
