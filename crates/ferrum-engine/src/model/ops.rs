@@ -59,15 +59,13 @@ impl Rope {
                 RopeStyle::Interleaved => {
                     for i in 0..half {
                         let (a, b) = (head[2 * i], head[2 * i + 1]);
-                        head[2 * i] = a * cos[i] - b * sin[i];
-                        head[2 * i + 1] = a * sin[i] + b * cos[i];
+                        (head[2 * i], head[2 * i + 1]) = rotate(a, b, cos[i], sin[i]);
                     }
                 }
                 RopeStyle::Neox => {
                     for i in 0..half {
                         let (a, b) = (head[i], head[i + half]);
-                        head[i] = a * cos[i] - b * sin[i];
-                        head[i + half] = a * sin[i] + b * cos[i];
+                        (head[i], head[i + half]) = rotate(a, b, cos[i], sin[i]);
                     }
                 }
             }
@@ -75,23 +73,84 @@ impl Rope {
     }
 }
 
-/// In-place softmax of `x`, returning nothing; the maximum is subtracted first for stability.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    x.iter_mut().for_each(|v| *v *= inv);
+/// One RoPE rotation of the pair `(a, b)`, rounded as llama.cpp's CPU build computes it: GCC
+/// contracts `a*cos - b*sin` and `a*sin + b*cos` into fused multiply-adds on the first product.
+#[inline]
+fn rotate(a: f32, b: f32, cos: f32, sin: f32) -> (f32, f32) {
+    (a.mul_add(cos, -(b * sin)), a.mul_add(sin, b * cos))
 }
 
-/// `gate = silu(gate) * up`, the SwiGLU activation.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+/// `gate = silu(gate) * up` (SwiGLU) for rows of `width` values, as ggml's
+/// `ggml_vec_swiglu_f32` computes it: `x / (1 + exp(-x)) * g` with ggml's vectorised `expf`
+/// ([`ggml_expf`]) on whole 16-lane vectors and libm's `expf` on a row's last `width % 16`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32], width: usize) {
+    let simd = width - width % 16;
+    for (g, u) in gate.chunks_exact_mut(width).zip(up.chunks_exact(width)) {
+        let (gv, gt) = g.split_at_mut(simd);
+        silu_mul_vec(gv, &u[..simd]);
+        for (g, &u) in gt.iter_mut().zip(&u[simd..]) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
     }
+}
+
+/// [`silu_mul`]'s vector part (whole 16-lane vectors).
+fn silu_mul_vec(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() {
+        // SAFETY: features checked above; the slices have equal lengths, multiples of 16.
+        return unsafe { x86::silu_mul(gate, up) };
+    }
+    silu_mul_scalar(gate, up);
+}
+
+/// [`silu_mul`]'s vector part, lane by lane.
+fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + ggml_expf(-*g)) * u;
+    }
+}
+
+// ggml_v_expf's constants (vec.h), as bits: 0x1.8p23, 0x1.715476p+0, 0x1.62e4p-1,
+// 0x1.7f7d1cp-20, then the polynomial's 0x1.0e4020p-7, 0x1.573e2ep-5, 0x1.555e66p-3,
+// 0x1.fffdb6p-2, 0x1.ffffecp-1.
+const EXP_SHIFT: u32 = 0x4b40_0000;
+const EXP_LOG2E: u32 = 0x3fb8_aa3b;
+const EXP_LN2_HI: u32 = 0x3f31_7200;
+const EXP_LN2_LO: u32 = 0x35bf_be8e;
+const EXP_POLY: [u32; 5] = [
+    0x3c07_2010,
+    0x3d2b_9f17,
+    0x3e2a_af33,
+    0x3eff_fedb,
+    0x3f7f_fff6,
+];
+
+/// ggml's vectorised `expf` (`ggml_v_expf`, the AVX-512 version llama.cpp's x86 build uses),
+/// lane by lane: `2^n · p(b)` with `n = round(x · log2 e)`, `b = x - n · ln 2` and a degree-5
+/// polynomial; `|n| > 192` gives 0 or infinity.
+pub fn ggml_expf(x: f32) -> f32 {
+    let c = |b: u32| f32::from_bits(b);
+    let r = c(EXP_SHIFT);
+    let n = x.mul_add(c(EXP_LOG2E), r) - r;
+    let b = (-n).mul_add(c(EXP_LN2_LO), (-n).mul_add(c(EXP_LN2_HI), x));
+    let u = b * b;
+    let j = c(EXP_POLY[0])
+        .mul_add(b, c(EXP_POLY[1]))
+        .mul_add(u, c(EXP_POLY[2]).mul_add(b, c(EXP_POLY[3])))
+        .mul_add(u, c(EXP_POLY[4]).mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    // `_mm512_scalef_ps(j, n)`: two exact power-of-two factors, so only the last product rounds.
+    let ni = n as i32;
+    let (n1, n2) = (ni >> 1, ni - (ni >> 1));
+    j * pow2(n1) * pow2(n2)
+}
+
+/// `2^n` for `-126 <= n <= 127`.
+fn pow2(n: i32) -> f32 {
+    f32::from_bits(((n + 127) as u32) << 23)
 }
 
 /// `x += y`.
@@ -99,25 +158,125 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, &b)| *a += b);
 }
 
-/// Dot product of two f32 slices, with 8 independent accumulators so the compiler vectorises.
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
+/// Scratch of [`attend_f16`], reused across calls.
+#[derive(Default)]
+pub struct AttnScratch {
+    /// The query rounded to f16 (held as f32).
+    q: Vec<f32>,
+    /// The running weighted sum of values, every element an f16 value (held as f32).
+    acc: Vec<f32>,
 }
 
-/// `y += a * x`.
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
+/// One query's attention over f16 keys and values, computed exactly as llama.cpp's CPU flash
+/// attention computes it (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`, x86 AVX2/AVX-512
+/// build, as made ../shared/reference): the query rounded to f16; each score an f16 dot product
+/// ([`dot_f16_ggml`]) times `scale`; an online softmax over the positions in order, with glibc's
+/// `expf`; and the weighted sum of values kept in f16: each step is an f32 fused multiply-add
+/// rounded to f16. (A build for CPUs with AVX-512 FP16 does that step in f16 arithmetic and
+/// differs slightly.)
+///
+/// Matching llama.cpp's rounding bit for bit is what makes ferrum's greedy outputs equal
+/// llama.cpp's (issue #2's fidelity target): with f32 attention, ulp-level differences flip
+/// near-ties a few times in a hundred tokens.
+pub fn attend_f16<'a>(
+    q: &[f32],
+    kv: impl Iterator<Item = (&'a [half::f16], &'a [half::f16])>,
+    scale: f32,
+    scratch: &mut AttnScratch,
+    out: &mut [f32],
+) {
+    let d = q.len();
+    let AttnScratch { q: q16, acc } = scratch;
+    q16.clear();
+    q16.extend(q.iter().map(|&x| round_f16(x)));
+    acc.clear();
+    acc.resize(d, 0.0);
+    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for (k, v) in kv {
+        let s = dot_f16_ggml(k, q16) * scale;
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if s > m {
+            let old = m;
+            m = s;
+            ms = (old - m).exp();
+            scale_f16(acc, ms);
+        } else {
+            vs = (s - m).exp();
+        }
+        mad_f16(acc, v, vs);
+        sum = sum.mul_add(ms, vs);
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = a * inv;
+    }
+}
+
+/// `x` rounded to the nearest f16 (ties to even), as f32.
+fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// `acc[i] = round_f16(acc[i] · s)`.
+fn scale_f16(acc: &mut [f32], s: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() {
+        // SAFETY: features checked above.
+        return unsafe { x86::scale_f16(acc, s) };
+    }
+    acc.iter_mut().for_each(|a| *a = round_f16(*a * s));
+}
+
+/// `acc[i] = round_f16(fma_f32(v[i], w, acc[i]))`: ggml's `ggml_vec_mad_f16`.
+fn mad_f16(acc: &mut [f32], v: &[half::f16], w: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() {
+        // SAFETY: features checked above.
+        return unsafe { x86::mad_f16(acc, v, w) };
+    }
+    for (a, v) in acc.iter_mut().zip(v) {
+        *a = round_f16(v.to_f32().mul_add(w, *a));
+    }
+}
+
+/// `ggml_vec_dot_f16` of an f16 key and an f16 query (held as f32), as llama.cpp's AVX-512
+/// build computes it: four 16-lane f32 accumulators over each 64 elements, added as (0 + 2) +
+/// (1 + 3), then reduced by `_mm512_reduce_add_ps`; a tail of `n % 64` is added in f64.
+pub fn dot_f16_ggml(k: &[half::f16], q: &[f32]) -> f32 {
+    assert_eq!(k.len(), q.len());
+    let n = k.len();
+    let np = n - n % 64;
+    #[cfg(target_arch = "x86_64")]
+    let head = if has_f16c() {
+        // SAFETY: features checked above; `np` is a multiple of 64 within both slices.
+        unsafe { x86::dot_f16_64(&k[..np], &q[..np]) }
+    } else {
+        dot_f16_64_scalar(&k[..np], &q[..np])
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let head = dot_f16_64_scalar(&k[..np], &q[..np]);
+    let mut sum = head as f64;
+    for i in np..n {
+        sum += (k[i].to_f32() * q[i]) as f64;
+    }
+    sum as f32
+}
+
+/// [`dot_f16_ggml`] over whole 64-element groups, lane by lane.
+fn dot_f16_64_scalar(k: &[half::f16], q: &[f32]) -> f32 {
+    let mut acc = [[0f32; 16]; 4];
+    for i in (0..k.len()).step_by(64) {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            for (e, a) in acc.iter_mut().enumerate() {
+                let idx = i + 16 * j + e;
+                *a = k[idx].to_f32().mul_add(q[idx], *a);
+            }
+        }
+    }
+    let v: [f32; 16] = std::array::from_fn(|e| (acc[0][e] + acc[2][e]) + (acc[1][e] + acc[3][e]));
+    let t: [f32; 8] = std::array::from_fn(|i| v[i] + v[i + 8]);
+    let t: [f32; 4] = std::array::from_fn(|i| t[i] + t[i + 4]);
+    (t[0] + t[2]) + (t[1] + t[3])
 }
 
 /// Whether the CPU has AVX2, FMA and F16C (checked once).
@@ -137,74 +296,150 @@ fn has_f16c() -> bool {
     }
 }
 
-/// Dot product of an f16 row (a cached key) with an f32 row (a query), in f32.
-pub fn dot_f16(k: &[half::f16], q: &[f32]) -> f32 {
-    assert_eq!(k.len(), q.len());
-    #[cfg(target_arch = "x86_64")]
-    if has_f16c() && k.len().is_multiple_of(8) {
-        // SAFETY: features checked above; lengths are equal multiples of 8.
-        return unsafe { x86::dot_f16(k, q) };
-    }
-    k.iter().zip(q).map(|(k, q)| k.to_f32() * q).sum()
-}
-
-/// `y += a * v` for an f16 row `v` (a cached value).
-pub fn axpy_f16(a: f32, v: &[half::f16], y: &mut [f32]) {
-    assert_eq!(v.len(), y.len());
-    #[cfg(target_arch = "x86_64")]
-    if has_f16c() && v.len().is_multiple_of(8) {
-        // SAFETY: features checked above; lengths are equal multiples of 8.
-        return unsafe { x86::axpy_f16(a, v, y) };
-    }
-    y.iter_mut().zip(v).for_each(|(y, v)| *y += a * v.to_f32());
-}
-
-/// F16C kernels for attention over the f16 KV cache: keys and values are widened in registers,
-/// never copied to an f32 buffer.
+/// AVX2 + FMA + F16C versions of the attention and activation kernels above, with the same
+/// results lane for lane.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// Rounds every lane to f16 and back.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f16(k: &[half::f16], q: &[f32]) -> f32 {
-        let (kp, qp) = (k.as_ptr() as *const __m128i, q.as_ptr());
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let n8 = k.len() / 8;
-        let mut i = 0;
-        // SAFETY (whole body): indices stay below n8 * 8 == len of both slices.
+    fn r16(v: __m256) -> __m256 {
+        _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+    }
+
+    /// Eight f16 values at `p`, widened.
+    ///
+    /// # Safety
+    /// `p` must point to eight readable f16 values.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn ld16(p: *const half::f16) -> __m256 {
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16_64(k: &[half::f16], q: &[f32]) -> f32 {
+        let (kp, qp) = (k.as_ptr(), q.as_ptr());
+        // acc[2j] and acc[2j + 1]: lanes 0..8 and 8..16 of ggml's accumulator j.
+        let mut acc = [_mm256_setzero_ps(); 8];
+        // SAFETY (whole body): indices stay below k.len() == q.len(), a multiple of 64.
         unsafe {
-            while i + 2 <= n8 {
-                let k0 = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(i)));
-                let k1 = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(i + 1)));
-                acc0 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(qp.add(i * 8)), acc0);
-                acc1 = _mm256_fmadd_ps(k1, _mm256_loadu_ps(qp.add(i * 8 + 8)), acc1);
-                i += 2;
-            }
-            if i < n8 {
-                let k0 = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(i)));
-                acc0 = _mm256_fmadd_ps(k0, _mm256_loadu_ps(qp.add(i * 8)), acc0);
+            for i in (0..k.len()).step_by(64) {
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * h;
+                    *a = _mm256_fmadd_ps(ld16(kp.add(o)), _mm256_loadu_ps(qp.add(o)), *a);
+                }
             }
         }
-        let acc = _mm256_add_ps(acc0, acc1);
-        let lo = _mm256_castps256_ps128(acc);
-        let hi = _mm256_extractf128_ps(acc, 1);
-        let s = _mm_add_ps(lo, hi);
+        let half = |h: usize| {
+            _mm256_add_ps(
+                _mm256_add_ps(acc[h], acc[4 + h]),
+                _mm256_add_ps(acc[2 + h], acc[6 + h]),
+            )
+        };
+        // _mm512_reduce_add_ps: lanes (i, i + 8), then (i, i + 4), (0, 2) and (1, 3), (0, 1).
+        let t = _mm256_add_ps(half(0), half(1));
+        let s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn axpy_f16(a: f32, v: &[half::f16], y: &mut [f32]) {
-        let (vp, yp) = (v.as_ptr() as *const __m128i, y.as_mut_ptr());
-        let av = _mm256_set1_ps(a);
-        // SAFETY: indices stay below len / 8 blocks of 8 for both slices.
-        unsafe {
-            for i in 0..v.len() / 8 {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(i)));
-                let yv = _mm256_loadu_ps(yp.add(i * 8));
-                _mm256_storeu_ps(yp.add(i * 8), _mm256_fmadd_ps(av, x, yv));
+    pub unsafe fn scale_f16(acc: &mut [f32], s: f32) {
+        let sv = _mm256_set1_ps(s);
+        let mut chunks = acc.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: `c` holds eight floats.
+            unsafe {
+                let v = _mm256_loadu_ps(c.as_ptr());
+                _mm256_storeu_ps(c.as_mut_ptr(), r16(_mm256_mul_ps(v, sv)));
+            }
+        }
+        for a in chunks.into_remainder() {
+            *a = super::round_f16(*a * s);
+        }
+    }
+
+    /// `acc = round_f16(fma_f32(v, w, acc))`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn mad_f16(acc: &mut [f32], v: &[half::f16], w: f32) {
+        assert_eq!(acc.len(), v.len());
+        let wv = _mm256_set1_ps(w);
+        let n8 = acc.len() - acc.len() % 8;
+        for i in (0..n8).step_by(8) {
+            // SAFETY: `i + 8 <= n8 <= len` of both slices.
+            unsafe {
+                let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+                let x = ld16(v.as_ptr().add(i));
+                _mm256_storeu_ps(acc.as_mut_ptr().add(i), r16(_mm256_fmadd_ps(x, wv, a)));
+            }
+        }
+        for i in n8..acc.len() {
+            let x = v[i].to_f32();
+            acc[i] = super::round_f16(x.mul_add(w, acc[i]));
+        }
+    }
+
+    /// `ggml_v_expf` (see `super::ggml_expf`) on eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn expf(x: __m256) -> __m256 {
+        let c = |b: u32| _mm256_set1_ps(f32::from_bits(b));
+        let r = c(super::EXP_SHIFT);
+        let n = _mm256_sub_ps(_mm256_fmadd_ps(x, c(super::EXP_LOG2E), r), r);
+        let b = _mm256_fnmadd_ps(
+            n,
+            c(super::EXP_LN2_LO),
+            _mm256_fnmadd_ps(n, c(super::EXP_LN2_HI), x),
+        );
+        let u = _mm256_mul_ps(b, b);
+        let p = super::EXP_POLY;
+        let j = _mm256_fmadd_ps(
+            _mm256_fmadd_ps(
+                _mm256_fmadd_ps(c(p[0]), b, c(p[1])),
+                u,
+                _mm256_fmadd_ps(c(p[2]), b, c(p[3])),
+            ),
+            u,
+            _mm256_fmadd_ps(c(p[4]), b, _mm256_set1_ps(1.0)),
+        );
+        // scalef(j, n) for |n| <= 192: two exact power-of-two factors.
+        let ni = _mm256_cvtps_epi32(n);
+        let n1 = _mm256_srai_epi32::<1>(ni);
+        let n2 = _mm256_sub_epi32(ni, n1);
+        let pow2 = |e: __m256i| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                e,
+                _mm256_set1_epi32(127),
+            )))
+        };
+        let res = _mm256_mul_ps(_mm256_mul_ps(j, pow2(n1)), pow2(n2));
+        let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+        let big = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(192.0));
+        if _mm256_movemask_ps(big) == 0 {
+            return res;
+        }
+        let neg = _mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps());
+        let alt = _mm256_andnot_ps(neg, _mm256_set1_ps(f32::INFINITY));
+        _mm256_blendv_ps(res, alt, big)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        assert_eq!(gate.len(), up.len());
+        assert!(gate.len().is_multiple_of(8));
+        let one = _mm256_set1_ps(1.0);
+        for i in (0..gate.len()).step_by(8) {
+            // SAFETY: `i + 8 <= len` of both slices.
+            unsafe {
+                let x = _mm256_loadu_ps(gate.as_ptr().add(i));
+                let e = expf(_mm256_sub_ps(_mm256_setzero_ps(), x));
+                let s = _mm256_div_ps(x, _mm256_add_ps(one, e));
+                let y = _mm256_mul_ps(s, _mm256_loadu_ps(up.as_ptr().add(i)));
+                _mm256_storeu_ps(gate.as_mut_ptr().add(i), y);
             }
         }
     }
@@ -213,14 +448,6 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn softmax_sums_to_one_and_keeps_order() {
-        let mut x = vec![1.0, 3.0, 2.0, -100.0];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(x[1] > x[2] && x[2] > x[0] && x[3] < 1e-30);
-    }
 
     #[test]
     fn rope_at_position_zero_is_identity_and_preserves_norm() {
@@ -240,19 +467,132 @@ mod tests {
         }
     }
 
+    /// Deterministic test values of widely varying magnitude.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2654435761) | 1;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let unit = (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                unit * [0.01f32, 1.0, 30.0][i % 3]
+            })
+            .collect()
+    }
+
+    fn f16s(x: &[f32]) -> Vec<half::f16> {
+        x.iter().map(|&v| half::f16::from_f32(v)).collect()
+    }
+
     #[test]
-    fn f16_attention_kernels_match_scalar() {
-        for n in [8usize, 16, 24, 64, 128, 12] {
-            let k: Vec<half::f16> = (0..n)
-                .map(|i| half::f16::from_f32((i as f32 * 0.37).sin()))
+    fn f16_dot_is_exact_and_simd_matches_scalar() {
+        for n in [64usize, 128, 192, 80, 8] {
+            let k = f16s(&values(n, 1));
+            let q: Vec<f32> = f16s(&values(n, 2)).iter().map(|v| v.to_f32()).collect();
+            let exact: f64 = k.iter().zip(&q).map(|(k, q)| k.to_f64() * *q as f64).sum();
+            let got = dot_f16_ggml(&k, &q);
+            let mag: f64 = k
+                .iter()
+                .zip(&q)
+                .map(|(k, q)| (k.to_f64() * *q as f64).abs())
+                .sum();
+            assert!(
+                (got as f64 - exact).abs() <= mag * 1e-6,
+                "n={n}: {got} vs {exact}"
+            );
+            let np = n - n % 64;
+            assert_eq!(
+                dot_f16_64_scalar(&k[..np], &q[..np]).to_bits(),
+                dot_f16_ggml(&k[..np], &q[..np]).to_bits(),
+                "n={n}"
+            );
+        }
+    }
+
+    #[test]
+    fn f16_accumulation_kernels_match_scalar() {
+        let v = f16s(&values(203, 6));
+        for w in [0.731f32, 1.0, 3.5e-3, 17.0] {
+            let mut acc: Vec<f32> = f16s(&values(203, 7)).iter().map(|v| v.to_f32()).collect();
+            let mut want = acc.clone();
+            for (a, v) in want.iter_mut().zip(&v) {
+                *a = round_f16(v.to_f32().mul_add(w, *a));
+            }
+            mad_f16(&mut acc, &v, w);
+            assert_eq!(acc, want, "w={w}");
+            let mut scaled = acc.clone();
+            scale_f16(&mut scaled, w);
+            let want: Vec<f32> = acc.iter().map(|a| round_f16(a * w)).collect();
+            assert_eq!(scaled, want);
+        }
+    }
+
+    #[test]
+    fn ggml_expf_is_accurate_and_simd_silu_matches_scalar() {
+        let mut xs = values(4096, 8);
+        xs.extend([
+            0.0, -0.0, 88.0, -87.0, 100.0, -104.0, 150.0, -150.0, 300.0, -300.0,
+        ]);
+        for &x in &xs {
+            let want = (x as f64).exp();
+            let got = ggml_expf(x) as f64;
+            if want < 1e30 && want > 1e-30 {
+                assert!(
+                    (got - want).abs() <= want * 4e-7,
+                    "exp({x}) = {got}, want {want}"
+                );
+            }
+        }
+        let n = xs.len() - xs.len() % 16;
+        let up = values(n, 9);
+        let mut simd = xs[..n].to_vec();
+        silu_mul(&mut simd, &up, n);
+        let mut scalar = xs[..n].to_vec();
+        silu_mul_scalar(&mut scalar, &up);
+        for i in 0..n {
+            assert_eq!(simd[i].to_bits(), scalar[i].to_bits(), "x={}", xs[i]);
+        }
+    }
+
+    #[test]
+    fn attention_matches_exact_softmax_within_f16_rounding() {
+        for d in [64usize, 128, 96] {
+            let n = 37;
+            let q = values(d, 10);
+            let ks: Vec<Vec<half::f16>> =
+                (0..n).map(|i| f16s(&values(d, 100 + i as u32))).collect();
+            let vs: Vec<Vec<half::f16>> =
+                (0..n).map(|i| f16s(&values(d, 200 + i as u32))).collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut out = vec![0f32; d];
+            let kv = ks.iter().zip(&vs).map(|(k, v)| (&k[..], &v[..]));
+            attend_f16(&q, kv, scale, &mut AttnScratch::default(), &mut out);
+            let s: Vec<f64> = ks
+                .iter()
+                .map(|k| {
+                    k.iter()
+                        .zip(&q)
+                        .map(|(k, q)| k.to_f64() * *q as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
                 .collect();
-            let q: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let want: f32 = k.iter().zip(&q).map(|(k, q)| k.to_f32() * q).sum();
-            assert!((dot_f16(&k, &q) - want).abs() < 1e-4, "n={n}");
-            let mut y = q.clone();
-            axpy_f16(0.5, &k, &mut y);
-            for i in 0..n {
-                assert!((y[i] - (q[i] + 0.5 * k[i].to_f32())).abs() < 1e-6);
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = s.iter().map(|s| (s - m).exp()).collect();
+            let total: f64 = w.iter().sum();
+            for e in 0..d {
+                let want: f64 = w
+                    .iter()
+                    .zip(&vs)
+                    .map(|(w, v)| w * v[e].to_f64())
+                    .sum::<f64>()
+                    / total;
+                assert!(
+                    (out[e] as f64 - want).abs() < 0.02 + want.abs() * 0.01,
+                    "d={d} e={e}: {} vs {want}",
+                    out[e]
+                );
             }
         }
     }

@@ -10,7 +10,7 @@ use super::ops::{self, Rope};
 use super::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, TensorView};
-use crate::kernels::{self, MatmulJob, MatmulScratch, QMatrix, ThreadPool};
+use crate::kernels::{self, MatmulJob, MatmulScratch, QMatrix, RowKind, ThreadPool};
 use crate::kv::KvCache;
 
 struct Layer {
@@ -253,20 +253,29 @@ impl Transformer {
         }
         let t_len = ws.tok.len();
         self.prepare(ws, t_len);
+        // How llama.cpp would batch a prompt's rows (see `MatmulScratch::set_rows`), taking each
+        // sequence's prompt chunk as its micro-batch: groups of four rows from the chunk's
+        // start, and chunks of 8 tokens or more. Single-token steps and verification passes (`Logits::All`,
+        // which must reproduce decoding exactly) are never batched.
+        ws.scratch.set_rows(seqs.iter().flat_map(|seq| {
+            let (start, end) = (seq.kv.len(), seq.kv.len() + seq.tokens.len());
+            let prompt = seq.tokens.len() > 1 && seq.logits != Logits::All;
+            let grouped_end = end - (end - start) % 4;
+            (start..end).map(move |pos| RowKind {
+                in_group_of_4: prompt && pos < grouped_end,
+                in_batch_of_8: prompt && end - start >= 8,
+            })
+        }));
         let ids = seqs.iter().flat_map(|s| s.tokens.iter());
         for (t, &id) in ids.enumerate() {
             self.embed
                 .dequantize_row(id as usize, &mut ws.x[t * d..(t + 1) * d]);
         }
-        for (l, layer) in self.layers.iter().enumerate() {
-            self.attention_block(pool, ws, seqs, l, layer);
-            self.ffn_block(pool, ws, layer, t_len);
-        }
+        // The tokens that need logits.
         let mut rows = Vec::new();
         let mut first = 0;
-        for seq in seqs.iter_mut() {
+        for seq in seqs.iter() {
             let n = seq.tokens.len();
-            seq.kv.set_len(seq.kv.len() + n);
             match seq.logits {
                 Logits::None => {}
                 Logits::Last => rows.push(first + n - 1),
@@ -274,14 +283,30 @@ impl Transformer {
             }
             first += n;
         }
+        let last = self.layers.len() - 1;
+        for (l, layer) in self.layers.iter().enumerate() {
+            self.attention_block(pool, ws, seqs, l, layer);
+            if l < last {
+                self.ffn_block(pool, ws, layer, t_len);
+            } else if !rows.is_empty() {
+                // The other tokens' last feed-forward feeds nothing (their keys and values are
+                // cached), so only the rows that need logits go on, packed at the front. This is
+                // also what llama.cpp does, and it multiplies those rows one by one.
+                for (i, &t) in rows.iter().enumerate() {
+                    ws.x.copy_within(t * d..(t + 1) * d, i * d);
+                }
+                ws.scratch.set_rows([]);
+                self.ffn_block(pool, ws, layer, rows.len());
+            }
+        }
+        for seq in seqs.iter_mut() {
+            seq.kv.set_len(seq.kv.len() + seq.tokens.len());
+        }
         if rows.is_empty() {
             return Ok(&ws.logits[..0]);
         }
-        for (i, &t) in rows.iter().enumerate() {
-            let (x, h) = (&ws.x[t * d..(t + 1) * d], &mut ws.h[i * d..(i + 1) * d]);
-            ops::rms_norm(x, &self.norm, cfg.rms_eps, h);
-        }
         let n = rows.len();
+        norm_rows(&ws.x[..n * d], &self.norm, cfg.rms_eps, &mut ws.h[..n * d]);
         resize(&mut ws.logits, n * cfg.vocab_size);
         kernels::matmul(
             pool,
@@ -394,62 +419,56 @@ impl Transformer {
             let kvh = h / group;
             let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
             ATTN_SCRATCH.with(|cell| {
-                let mut bufs = cell.borrow_mut();
-                let (scores, acc) = &mut *bufs;
-                scores.resize(n_ctx, 0.0);
-                acc.clear();
-                acc.resize(hd, 0.0);
+                let mut scratch = cell.borrow_mut();
                 let head = kvh * hd..(kvh + 1) * hd;
                 let keys = cache.key_blocks(l, n_ctx).flat_map(|b| b.chunks_exact(kvd));
-                for (s, k) in scores.iter_mut().zip(keys) {
-                    *s = ops::dot_f16(&k[head.clone()], qh) * scale;
-                }
-                ops::softmax(scores);
                 let values = cache
                     .value_blocks(l, n_ctx)
                     .flat_map(|b| b.chunks_exact(kvd));
-                for (&s, v) in scores.iter().zip(values) {
-                    ops::axpy_f16(s, &v[head.clone()], acc);
-                }
+                let kv = keys
+                    .zip(values)
+                    .map(|(k, v)| (&k[head.clone()], &v[head.clone()]));
                 // SAFETY: each (token, head) chunk owns its own `hd` outputs.
                 let dst =
                     unsafe { std::slice::from_raw_parts_mut(out.get().add((t * nh + h) * hd), hd) };
-                dst.copy_from_slice(acc);
+                ops::attend_f16(qh, kv, scale, &mut scratch, dst);
             });
         });
     }
 
-    fn ffn_block(&self, pool: &ThreadPool, ws: &mut Workspace, layer: &Layer, t_len: usize) {
+    /// The feed-forward block of `layer` over the first `n` rows of `ws.x`.
+    fn ffn_block(&self, pool: &ThreadPool, ws: &mut Workspace, layer: &Layer, n: usize) {
         let c = &self.cfg;
-        norm_rows(&ws.x, &layer.ffn_norm, c.rms_eps, &mut ws.h);
+        let (d, ff) = (n * c.d_model, n * c.d_ff);
+        norm_rows(&ws.x[..d], &layer.ffn_norm, c.rms_eps, &mut ws.h[..d]);
         kernels::matmul(
             pool,
             &mut ws.scratch,
-            &ws.h,
-            t_len,
+            &ws.h[..d],
+            n,
             &mut [
                 MatmulJob {
                     w: &layer.w_gate,
-                    out: &mut ws.gate,
+                    out: &mut ws.gate[..ff],
                 },
                 MatmulJob {
                     w: &layer.w_up,
-                    out: &mut ws.up,
+                    out: &mut ws.up[..ff],
                 },
             ],
         );
-        ops::silu_mul(&mut ws.gate, &ws.up);
+        ops::silu_mul(&mut ws.gate[..ff], &ws.up[..ff], c.d_ff);
         kernels::matmul(
             pool,
             &mut ws.scratch,
-            &ws.gate,
-            t_len,
+            &ws.gate[..ff],
+            n,
             &mut [MatmulJob {
                 w: &layer.w_down,
-                out: &mut ws.proj,
+                out: &mut ws.proj[..d],
             }],
         );
-        ops::add_assign(&mut ws.x, &ws.proj);
+        ops::add_assign(&mut ws.x[..d], &ws.proj[..d]);
     }
 }
 
@@ -461,11 +480,9 @@ fn norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-type AttnBufs = (Vec<f32>, Vec<f32>);
-
 thread_local! {
-    /// Per-thread attention scratch (scores and the output accumulator).
-    static ATTN_SCRATCH: RefCell<AttnBufs> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Per-thread attention scratch (the rounded query and the output accumulator).
+    static ATTN_SCRATCH: RefCell<ops::AttnScratch> = RefCell::new(ops::AttnScratch::default());
 }
 
 #[derive(Clone, Copy)]
