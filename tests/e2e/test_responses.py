@@ -182,9 +182,14 @@ class Verdict(BaseModel):
 
 
 def test_json_schema_text_format(client):
+    # The bounds matter: unbounded, the nano model greedily writes "1111..." until the token
+    # limit (status "incomplete", truncated JSON); the grammar enforces them.
     schema = {
         "type": "object",
-        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "properties": {
+            "city": {"type": "string"},
+            "population": {"type": "integer", "minimum": 0, "maximum": 100000000},
+        },
         "required": ["city", "population"],
         "additionalProperties": False,
     }
@@ -192,6 +197,7 @@ def test_json_schema_text_format(client):
         model=NANO, input="Describe Paris as JSON.", temperature=0, max_output_tokens=200,
         text={"format": {"type": "json_schema", "name": "city", "schema": schema, "strict": True}},
     )
+    assert r.status == "completed", r.incomplete_details
     jsonschema.validate(json.loads(r.output_text), schema)
     assert r.text.format.type == "json_schema" and r.text.format.name == "city"
 
