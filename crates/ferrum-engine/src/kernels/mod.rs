@@ -279,7 +279,10 @@ impl QMatrix {
             rows,
             cols,
             dot: best_dot(tensor.dtype),
-            dot4: simd::dot4_fn(tensor.dtype),
+            // Q6_K's four-row kernel measured slower than its one-row kernel on gpt-4.1's
+            // 8960 x 1536 at 1 to 64 tokens (`kernel_bench`); gpt-4.1's pp512 is no slower
+            // without it.
+            dot4: simd::dot4_fn(tensor.dtype).filter(|_| tensor.dtype != GgmlDType::Q6K),
             batched: simd::batched_fns(tensor.dtype).map(|(dot, dot4)| Batched {
                 dot,
                 dot4,
@@ -409,6 +412,14 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+/// The fewest activation rows for which [`matmul`] takes the four-row kernels. They save
+/// activation loads when many tokens pass over the same weight rows, but streaming four weight
+/// rows at once from memory is much slower than one: measured on the dev VM (AMD EPYC, AVX-512),
+/// mini's 151936 x 896 Q8_0 and Q5_0 output-sized matrices ran 2.5-3.5x slower with them for
+/// one token, 2x for two, about even at four, faster from eight (`kernel_bench`); taking them
+/// for every decode step had held mini's decode at ~28 tok/s, one-row kernels give ~48.
+const X4_MIN_TOKENS: usize = 8;
+
 /// Rows per chunk: small enough that a descheduled thread holds up little work, large enough
 /// that dispatch overhead stays small.
 fn rows_per_chunk(rows: usize, n_threads: usize) -> usize {
@@ -479,7 +490,7 @@ pub fn matmul(
         let xq = buf.as_slice();
         let out = outs[j];
         let mut r = r0;
-        if let Some(dot4) = w.dot4 {
+        if let Some(dot4) = w.dot4.filter(|_| n_tokens >= X4_MIN_TOKENS) {
             // Four weight rows stay in L1 while every token's activations pass over them.
             while r + 4 <= r1 {
                 let rows = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
