@@ -295,6 +295,16 @@ impl QMatrix {
         }
     }
 
+    /// The one-row kernel, and the four-row kernel where [`matmul`] takes one, for an
+    /// activation row of `kind` in a call over `n_tokens` rows.
+    fn kernels(&self, kind: RowKind, n_tokens: usize) -> (DotFn, Option<simd::Dot4Fn>) {
+        let dot4 = self.dot4.filter(|_| n_tokens >= X4_MIN_TOKENS);
+        match self.batched {
+            Some(b) if (b.applies)(kind) => (b.dot, dot4.map(|_| b.dot4)),
+            _ => (self.dot, dot4),
+        }
+    }
+
     pub fn dtype(&self) -> GgmlDType {
         self.tensor.dtype
     }
@@ -481,24 +491,30 @@ pub fn matmul(
     let quantized = &scratch.quantized;
     let kinds = &scratch.rows;
     assert!(kinds.is_empty() || kinds.len() == n_tokens);
-    let kind = |t: usize| kinds.get(t).copied().unwrap_or_default();
+    // Each job's kernels for each token, chosen once per call rather than per row.
+    let kernels: Vec<(DotFn, Option<simd::Dot4Fn>)> = ws
+        .iter()
+        .flat_map(|w| {
+            (0..n_tokens)
+                .map(move |t| w.kernels(kinds.get(t).copied().unwrap_or_default(), n_tokens))
+        })
+        .collect();
     pool.run(chunks.len(), &|c| {
         let (j, r0, r1) = chunks[c];
         let w = ws[j];
+        let ks = &kernels[j * n_tokens..(j + 1) * n_tokens];
         let (dtype, buf) = &quantized[quant_idx[j]];
         let xrb = row_bytes(*dtype, cols);
         let xq = buf.as_slice();
         let out = outs[j];
         let mut r = r0;
-        if let Some(dot4) = w.dot4.filter(|_| n_tokens >= X4_MIN_TOKENS) {
+        // Four-row kernels are chosen for all of a job's tokens or for none.
+        if ks.first().is_some_and(|k| k.1.is_some()) {
             // Four weight rows stay in L1 while every token's activations pass over them.
             while r + 4 <= r1 {
                 let rows = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
-                for t in 0..n_tokens {
-                    let dot4 = match w.batched {
-                        Some(b) if (b.applies)(kind(t)) => b.dot4,
-                        _ => dot4,
-                    };
+                for (t, &(_, dot4)) in ks.iter().enumerate() {
+                    let Some(dot4) = dot4 else { continue };
                     let v = dot4(cols, rows, &xq[t * xrb..(t + 1) * xrb]);
                     for (k, v) in v.into_iter().enumerate() {
                         // SAFETY: as below; rows r..r+4 belong to this chunk.
@@ -510,11 +526,7 @@ pub fn matmul(
         }
         for r in r..r1 {
             let wrow = w.row(r);
-            for t in 0..n_tokens {
-                let dot = match w.batched {
-                    Some(b) if (b.applies)(kind(t)) => b.dot,
-                    _ => w.dot,
-                };
+            for (t, &(dot, _)) in ks.iter().enumerate() {
                 let v = dot(cols, wrow, &xq[t * xrb..(t + 1) * xrb]);
                 // SAFETY: row r of token t belongs to this chunk alone; in bounds by the
                 // length assertion above.
