@@ -9,6 +9,7 @@
 //! block types is chosen at run time ([`simd`] for AVX2/AVX-512, candle's implementation as the
 //! portable fallback and as the reference the SIMD kernels are tested against).
 
+pub mod gemm;
 pub mod pool;
 pub mod simd;
 
@@ -369,6 +370,8 @@ pub struct MatmulScratch {
     chunks: Vec<(usize, usize, usize)>,
     /// How llama.cpp would multiply each activation row (empty: each on its own).
     rows: Vec<RowKind>,
+    /// Activations packed for the prefill GEMM, reused between calls.
+    panels: Vec<gemm::Panels>,
 }
 
 impl MatmulScratch {
@@ -439,9 +442,26 @@ fn rows_per_chunk(rows: usize, n_threads: usize) -> usize {
         .clamp(4, 256)
 }
 
+/// How one job of a [`matmul`] call is computed: which tokens go through the prefill GEMM
+/// (`panels`: an index into `MatmulScratch::panels`) and which through the one-row kernels.
+struct JobPlan {
+    panels: Option<usize>,
+    /// The tokens for the one-row kernels.
+    rest: Vec<usize>,
+}
+
+thread_local! {
+    /// Each thread's decoded weight tile for the GEMM.
+    static TILE: std::cell::RefCell<gemm::Tile> = std::cell::RefCell::new(gemm::Tile::default());
+}
+
 /// Computes `job.out = x · job.wᵀ` for every job, all sharing the input `x` (`n_tokens` rows of
 /// `cols` floats), in one parallel dispatch. Fusing e.g. the Q, K and V projections into one
 /// call saves two dispatches and two activation quantizations per layer.
+///
+/// With enough tokens (a prompt chunk, or many sequences decoding together), the tokens a
+/// weight format's GEMM covers (`gemm::covers`) are multiplied by the prefill GEMM, which gives
+/// the same numbers as the one-row kernels; the others take the one-row kernels.
 pub fn matmul(
     pool: &ThreadPool,
     scratch: &mut MatmulScratch,
@@ -472,10 +492,57 @@ pub fn matmul(
                 .unwrap()
         })
         .collect();
+    let kinds = std::mem::take(&mut scratch.rows);
+    assert!(kinds.is_empty() || kinds.len() == n_tokens);
+    let kind = |t: usize| kinds.get(t).copied().unwrap_or_default();
+    // Which tokens each job sends through the GEMM; panels are packed once per activation
+    // format and token set.
+    let mut n_panels = 0;
+    let plans: Vec<JobPlan> = jobs
+        .iter()
+        .enumerate()
+        .map(|(j, job)| {
+            let dtype = job.w.dtype();
+            let all = || JobPlan {
+                panels: None,
+                rest: (0..n_tokens).collect(),
+            };
+            if n_tokens < gemm::MIN_TOKENS || !gemm::enabled() {
+                return all();
+            }
+            let (covered, rest): (Vec<usize>, Vec<usize>) =
+                (0..n_tokens).partition(|&t| gemm::covers(dtype, kind(t)));
+            if covered.len() < gemm::MIN_TOKENS {
+                return all();
+            }
+            let act = vec_dot_dtype(dtype);
+            let tokens: Vec<u32> = covered.iter().map(|&t| t as u32).collect();
+            let existing = scratch.panels[..n_panels]
+                .iter()
+                .position(|p| p.dtype == Some(act) && p.tokens[..p.n_real] == tokens[..]);
+            let idx = existing.unwrap_or_else(|| {
+                if scratch.panels.len() == n_panels {
+                    scratch.panels.push(gemm::Panels::default());
+                }
+                let (_, buf) = &scratch.quantized[quant_idx[j]];
+                scratch.panels[n_panels].pack(act, cols, buf.as_slice(), &tokens, &kinds);
+                n_panels += 1;
+                n_panels - 1
+            });
+            JobPlan {
+                panels: Some(idx),
+                rest,
+            }
+        })
+        .collect();
     let mut chunks = std::mem::take(&mut scratch.chunks);
     chunks.clear();
     for (j, job) in jobs.iter().enumerate() {
-        let rpc = rows_per_chunk(job.w.rows, pool.n_threads());
+        let rpc = if plans[j].panels.is_some() {
+            gemm::TILE_ROWS
+        } else {
+            rows_per_chunk(job.w.rows, pool.n_threads())
+        };
         let mut r = 0;
         while r < job.w.rows {
             let end = (r + rpc).min(job.w.rows);
@@ -489,31 +556,51 @@ pub fn matmul(
         .collect();
     let ws: Vec<&QMatrix> = jobs.iter().map(|j| j.w).collect();
     let quantized = &scratch.quantized;
-    let kinds = &scratch.rows;
-    assert!(kinds.is_empty() || kinds.len() == n_tokens);
-    // Each job's kernels for each token, chosen once per call rather than per row.
-    let kernels: Vec<(DotFn, Option<simd::Dot4Fn>)> = ws
+    let panels = &scratch.panels;
+    // Each job's one-row kernels for each of its remaining tokens, chosen once per call.
+    let kernels: Vec<Vec<(usize, DotFn, Option<simd::Dot4Fn>)>> = ws
         .iter()
-        .flat_map(|w| {
-            (0..n_tokens)
-                .map(move |t| w.kernels(kinds.get(t).copied().unwrap_or_default(), n_tokens))
+        .zip(&plans)
+        .map(|(w, plan)| {
+            plan.rest
+                .iter()
+                .map(|&t| {
+                    let (dot, dot4) = w.kernels(kind(t), plan.rest.len());
+                    (t, dot, dot4)
+                })
+                .collect()
         })
         .collect();
     pool.run(chunks.len(), &|c| {
         let (j, r0, r1) = chunks[c];
         let w = ws[j];
-        let ks = &kernels[j * n_tokens..(j + 1) * n_tokens];
+        let out = outs[j];
+        if let Some(pi) = plans[j].panels {
+            TILE.with(|tile| {
+                let mut tile = tile.borrow_mut();
+                let rows: Vec<&[u8]> = (r0..r1).map(|r| w.row(r)).collect();
+                tile.unpack(w.dtype(), cols, &rows);
+                gemm::run(w.dtype(), &tile, &panels[pi], |t, r, v| {
+                    // SAFETY: row r0 + r of token t belongs to this chunk alone; in bounds by
+                    // the length assertion above.
+                    unsafe { *out.0.add(t * w.rows + r0 + r) = v };
+                });
+            });
+        }
+        let ks = &kernels[j];
+        if ks.is_empty() {
+            return;
+        }
         let (dtype, buf) = &quantized[quant_idx[j]];
         let xrb = row_bytes(*dtype, cols);
         let xq = buf.as_slice();
-        let out = outs[j];
         let mut r = r0;
         // Four-row kernels are chosen for all of a job's tokens or for none.
-        if ks.first().is_some_and(|k| k.1.is_some()) {
+        if ks.first().is_some_and(|k| k.2.is_some()) {
             // Four weight rows stay in L1 while every token's activations pass over them.
             while r + 4 <= r1 {
                 let rows = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
-                for (t, &(_, dot4)) in ks.iter().enumerate() {
+                for &(t, _, dot4) in ks.iter() {
                     let Some(dot4) = dot4 else { continue };
                     let v = dot4(cols, rows, &xq[t * xrb..(t + 1) * xrb]);
                     for (k, v) in v.into_iter().enumerate() {
@@ -526,7 +613,7 @@ pub fn matmul(
         }
         for r in r..r1 {
             let wrow = w.row(r);
-            for (t, &(dot, _)) in ks.iter().enumerate() {
+            for &(t, dot, _) in ks.iter() {
                 let v = dot(cols, wrow, &xq[t * xrb..(t + 1) * xrb]);
                 // SAFETY: row r of token t belongs to this chunk alone; in bounds by the
                 // length assertion above.
@@ -535,4 +622,5 @@ pub fn matmul(
         }
     });
     scratch.chunks = chunks;
+    scratch.rows = kinds;
 }

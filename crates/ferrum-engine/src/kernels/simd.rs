@@ -37,6 +37,10 @@ use super::DotFn;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
+mod gemm512;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod gemm_tests;
+#[cfg(target_arch = "x86_64")]
 mod quant;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests;
@@ -187,5 +191,32 @@ pub fn quantize_fn(dtype: GgmlDType) -> Option<QuantizeFn> {
     {
         let _ = dtype;
         None
+    }
+}
+
+/// The prefill GEMM's micro-kernel (see `super::gemm`): rows `rows` of `tile` against panel `p`
+/// of `panels`, for weight type `w`, into `out[row][lane]`.
+///
+/// # Panics
+/// If the GEMM is not enabled on this CPU (`super::gemm::enabled`), or the tile and panels
+/// disagree on their columns.
+pub fn gemm_pair(
+    w: GgmlDType,
+    tile: &super::gemm::Tile,
+    rows: [usize; 2],
+    panels: &super::gemm::Panels,
+    p: usize,
+    out: &mut [[f32; super::gemm::LANES]; 2],
+) {
+    assert!(Tier::Avx512.is_supported(), "the GEMM needs AVX-512 VNNI");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU supports the kernels (asserted); `pair` checks the shapes.
+    unsafe {
+        gemm512::pair(w, tile, rows, panels, p, out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, tile, rows, panels, p, out);
+        unreachable!()
     }
 }

@@ -12,7 +12,7 @@ use super::{dot4_fn_for, dot_fn_for, quant, Tier};
 use crate::kernels::{dequantize, reference_dot, row_bytes, vec_dot_dtype};
 
 /// The weight types with SIMD kernels.
-const TYPES: [GgmlDType; 6] = [
+pub(super) const TYPES: [GgmlDType; 6] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q5_0,
@@ -36,7 +36,7 @@ fn from_float<T: GgmlType>(x: &[f32]) -> Vec<u8> {
 }
 
 /// Quantizes `x` with candle's reference quantizer for `dtype`.
-fn quantize(dtype: GgmlDType, x: &[f32]) -> Vec<u8> {
+pub(super) fn quantize(dtype: GgmlDType, x: &[f32]) -> Vec<u8> {
     match dtype {
         GgmlDType::Q4_0 => from_float::<BlockQ4_0>(x),
         GgmlDType::Q4_1 => from_float::<BlockQ4_1>(x),
@@ -114,7 +114,7 @@ fn references(dtype: GgmlDType, n: usize, w: &[u8], x: &[u8]) -> [f32; 2] {
     ]
 }
 
-fn random_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+pub(super) fn random_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n)
         .map(|_| rng.gen_range(-1.0f32..1.0) * scale)
         .collect()
@@ -131,7 +131,7 @@ fn magnitude(dtype: GgmlDType, n: usize, w: &[u8], x: &[u8]) -> f32 {
     wf.iter().zip(&xf).map(|(a, b)| (a * b).abs()).sum()
 }
 
-fn widths(dtype: GgmlDType) -> Vec<usize> {
+pub(super) fn widths(dtype: GgmlDType) -> Vec<usize> {
     if dtype.block_size() == 256 {
         vec![256, 512, 768, 1536, 2304, 4864, 8960]
     } else {
