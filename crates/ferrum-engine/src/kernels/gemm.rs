@@ -32,7 +32,7 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::{row_bytes, AlignedBytes, RowKind};
+use super::{row_bytes, AlignedBytes, RowKind, ThreadPool};
 
 /// Tokens per panel: one 512-bit register of 32-bit lanes.
 pub const LANES: usize = 16;
@@ -105,6 +105,7 @@ impl Panels {
     /// cols)`), marking those of `kinds` in groups of four.
     pub fn pack(
         &mut self,
+        pool: &ThreadPool,
         dtype: GgmlDType,
         cols: usize,
         xq: &[u8],
@@ -142,36 +143,61 @@ impl Panels {
             self.bp.resize(np * (cols / 64) * LANES, 0);
             self.grouped.resize(np, 0);
         }
-        let x = self.x.as_mut_slice();
-        for p in 0..np {
-            let xp = &mut x[p * groups * LANES * 4..(p + 1) * groups * LANES * 4];
+        let tokens = &self.tokens;
+        let (xp, dp, sp, bpp, gp) = (
+            Ptr(self.x.as_mut_slice().as_mut_ptr()),
+            Ptr(self.d.as_mut_ptr()),
+            Ptr(self.s.as_mut_ptr()),
+            Ptr(self.bp.as_mut_ptr()),
+            Ptr(self.grouped.as_mut_ptr()),
+        );
+        let qoff = if dtype == GgmlDType::Q8_0 { 2 } else { 4 };
+        // Panels are independent: one chunk each.
+        pool.run(np, &|p| {
+            // SAFETY: chunk `p` writes only panel `p`'s parts of each buffer, all sized above.
+            let (x, d, s, bp) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(
+                        xp.get().add(p * groups * LANES * 4),
+                        groups * LANES * 4,
+                    ),
+                    std::slice::from_raw_parts_mut(dp.get().add(p * nb * LANES), nb * LANES),
+                    if dtype == GgmlDType::Q8_1 {
+                        std::slice::from_raw_parts_mut(sp.get().add(p * nb * LANES), nb * LANES)
+                    } else {
+                        &mut [][..]
+                    },
+                    if dtype == GgmlDType::Q8K {
+                        std::slice::from_raw_parts_mut(
+                            bpp.get().add(p * (cols / 64) * LANES),
+                            (cols / 64) * LANES,
+                        )
+                    } else {
+                        &mut [][..]
+                    },
+                )
+            };
             for lane in 0..LANES {
-                let t = self.tokens[p * LANES + lane] as usize;
+                let t = tokens[p * LANES + lane] as usize;
                 let row = &xq[t * xrb..(t + 1) * xrb];
-                let qoff = match dtype {
-                    GgmlDType::Q8_0 => 2,
-                    _ => 4,
-                };
                 for b in 0..nb {
                     let blk = &row[b * bsize..(b + 1) * bsize];
                     let qs = &blk[qoff..qoff + block];
                     for (gi, q4) in qs.chunks_exact(4).enumerate() {
                         let g = b * block / 4 + gi;
                         let v = u32::from_le_bytes([q4[0], q4[1], q4[2], q4[3]]) ^ 0x8080_8080;
-                        xp[(g * LANES + lane) * 4..(g * LANES + lane) * 4 + 4]
+                        x[(g * LANES + lane) * 4..(g * LANES + lane) * 4 + 4]
                             .copy_from_slice(&v.to_le_bytes());
                     }
-                    let di = (p * nb + b) * LANES + lane;
+                    let di = b * LANES + lane;
                     match dtype {
-                        GgmlDType::Q8_0 => {
-                            self.d[di] = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                        }
+                        GgmlDType::Q8_0 => d[di] = f16::from_le_bytes([blk[0], blk[1]]).to_f32(),
                         GgmlDType::Q8_1 => {
-                            self.d[di] = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                            self.s[di] = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                            d[di] = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                            s[di] = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
                         }
                         _ => {
-                            self.d[di] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
+                            d[di] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
                             let bs = |i: usize| {
                                 i16::from_le_bytes([blk[260 + 2 * i], blk[261 + 2 * i]]) as i32
                             };
@@ -179,7 +205,7 @@ impl Panels {
                                 let lo = bs(4 * pair) + bs(4 * pair + 1);
                                 let hi = bs(4 * pair + 2) + bs(4 * pair + 3);
                                 let v = (lo as u16 as u32) | ((hi as u16 as u32) << 16);
-                                self.bp[(p * (cols / 64) + b * 4 + pair) * LANES + lane] = v as i32;
+                                bp[(b * 4 + pair) * LANES + lane] = v as i32;
                             }
                         }
                     }
@@ -188,14 +214,29 @@ impl Panels {
             if dtype == GgmlDType::Q8K {
                 let mut m = 0u16;
                 for lane in 0..LANES {
-                    let t = self.tokens[p * LANES + lane] as usize;
+                    let t = tokens[p * LANES + lane] as usize;
                     if kinds.get(t).is_some_and(|k| k.in_group_of_4) {
                         m |= 1 << lane;
                     }
                 }
-                self.grouped[p] = m;
+                // SAFETY: as above, panel `p`'s entry.
+                unsafe { *gp.get().add(p) = m };
             }
-        }
+        });
+    }
+}
+
+/// A raw pointer that chunks of one pool job share, each writing its own part.
+#[derive(Clone, Copy)]
+pub(crate) struct Ptr<T>(pub(crate) *mut T);
+// SAFETY: the chunks using it write disjoint parts (see the call sites).
+unsafe impl<T> Send for Ptr<T> {}
+unsafe impl<T> Sync for Ptr<T> {}
+
+impl<T> Ptr<T> {
+    /// Taking the pointer through a method makes closures capture the whole wrapper.
+    pub(crate) fn get(self) -> *mut T {
+        self.0
     }
 }
 
@@ -219,6 +260,8 @@ pub struct Tile {
     pub sc: Vec<i32>,
     /// `[row][64-element pair]`: Q4_K's two 6-bit mins as two `i16`.
     pub mp: Vec<i32>,
+    /// One row's corrections per 4 elements, on the way to `corr`.
+    sums4: Vec<i32>,
 }
 
 impl Tile {
@@ -233,6 +276,23 @@ impl Tile {
 
     /// Decodes `rows` (raw block bytes, each `row_bytes(w, cols)`) into this tile.
     pub fn unpack(&mut self, w: GgmlDType, cols: usize, rows: &[&[u8]]) {
+        #[cfg(target_arch = "x86_64")]
+        if enabled() {
+            // SAFETY: `enabled` means the CPU has AVX-512 F/BW/VL.
+            return unsafe { self.unpack_avx512(w, cols, rows) };
+        }
+        self.unpack_portable(w, cols, rows)
+    }
+
+    /// [`Tile::unpack`] compiled for AVX-512, so that the byte loops vectorise 64 wide.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack_avx512(&mut self, w: GgmlDType, cols: usize, rows: &[&[u8]]) {
+        self.unpack_portable(w, cols, rows)
+    }
+
+    #[inline(always)]
+    fn unpack_portable(&mut self, w: GgmlDType, cols: usize, rows: &[&[u8]]) {
         let n = rows.len();
         self.rows = n;
         self.cols = cols;
@@ -273,11 +333,20 @@ impl Tile {
                 }
                 other => unreachable!("no GEMM for {other:?}"),
             }
+            let corr = &mut self.corr[r * ng..(r + 1) * ng];
+            #[cfg(target_arch = "x86_64")]
+            if cols % 64 == 0 && enabled() {
+                resize(&mut self.sums4, cols / 4);
+                // SAFETY: `enabled` means the CPU has AVX-512 VNNI.
+                unsafe { super::simd::gemm_corrections4(q, &mut self.sums4) };
+                let per = cols / 4 / ng;
+                for (c, s) in corr.iter_mut().zip(self.sums4.chunks_exact(per)) {
+                    *c = s.iter().sum();
+                }
+                continue;
+            }
             let gsize = cols / ng;
-            for (c, g) in self.corr[r * ng..(r + 1) * ng]
-                .iter_mut()
-                .zip(q.chunks_exact(gsize))
-            {
+            for (c, g) in corr.iter_mut().zip(q.chunks_exact(gsize)) {
                 *c = -128 * g.iter().map(|&v| v as i32).sum::<i32>();
             }
         }
@@ -290,10 +359,12 @@ fn resize<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
     }
 }
 
+#[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
+#[inline(always)]
 fn unpack_q4_0(row: &[u8], q: &mut [i8], d: &mut [f32]) {
     for ((blk, q), d) in row.chunks_exact(18).zip(q.chunks_exact_mut(32)).zip(d) {
         *d = f16_at(blk, 0);
@@ -304,6 +375,7 @@ fn unpack_q4_0(row: &[u8], q: &mut [i8], d: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn unpack_q4_1(row: &[u8], q: &mut [i8], d: &mut [f32], m: &mut [f32]) {
     for (((blk, q), d), m) in row
         .chunks_exact(20)
@@ -320,6 +392,7 @@ fn unpack_q4_1(row: &[u8], q: &mut [i8], d: &mut [f32], m: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn unpack_q5_0(row: &[u8], q: &mut [i8], d: &mut [f32]) {
     for ((blk, q), d) in row.chunks_exact(22).zip(q.chunks_exact_mut(32)).zip(d) {
         *d = f16_at(blk, 0);
@@ -333,6 +406,7 @@ fn unpack_q5_0(row: &[u8], q: &mut [i8], d: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn unpack_q8_0(row: &[u8], q: &mut [i8], d: &mut [f32]) {
     for ((blk, q), d) in row.chunks_exact(34).zip(q.chunks_exact_mut(32)).zip(d) {
         *d = f16_at(blk, 0);
@@ -343,6 +417,7 @@ fn unpack_q8_0(row: &[u8], q: &mut [i8], d: &mut [f32]) {
 }
 
 /// ggml's `get_scale_min_k4`: sub-block `j`'s 6-bit scale and min.
+#[inline(always)]
 fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
@@ -354,6 +429,7 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     }
 }
 
+#[inline(always)]
 fn unpack_q4k(
     row: &[u8],
     q: &mut [i8],
@@ -386,6 +462,7 @@ fn unpack_q4k(
     }
 }
 
+#[inline(always)]
 fn unpack_q6k(row: &[u8], q: &mut [i8], d: &mut [f32], sc: &mut [i32]) {
     for (b, blk) in row.chunks_exact(210).enumerate() {
         d[b] = f16_at(blk, 208);
@@ -408,27 +485,32 @@ fn unpack_q6k(row: &[u8], q: &mut [i8], d: &mut [f32], sc: &mut [i32]) {
     }
 }
 
-/// Multiplies every row of `tile` with every panel: `out(token, first_row + r)` for each real
-/// token of the panels. `out` receives `(token, row, value)`.
-pub fn run(w: GgmlDType, tile: &Tile, panels: &Panels, mut out: impl FnMut(usize, usize, f32)) {
-    let mut res = [[0f32; LANES]; 2];
-    let np = panels.n_panels();
-    for p in 0..np {
+/// Multiplies every row of `tile` with every panel. For each real token `t` of the panels and
+/// each run of up to 16 rows starting at `r0`, `out(t, r0, values)` receives the results of
+/// rows `r0..r0 + values.len()`.
+pub fn run(w: GgmlDType, tile: &Tile, panels: &Panels, mut out: impl FnMut(usize, usize, &[f32])) {
+    const ROWS: usize = 16;
+    let mut res = [[0f32; LANES]; ROWS];
+    let mut pair = [[0f32; LANES]; 2];
+    let mut col = [0f32; ROWS];
+    for p in 0..panels.n_panels() {
         let n_lanes = (panels.n_real - p * LANES).min(LANES);
-        let mut r = 0;
-        while r < tile.rows {
-            let pair = [r, (r + 1).min(tile.rows - 1)];
-            super::simd::gemm_pair(w, tile, pair, panels, p, &mut res);
-            for (k, &row) in pair
-                .iter()
-                .enumerate()
-                .take(if r + 1 < tile.rows { 2 } else { 1 })
-            {
-                for lane in 0..n_lanes {
-                    out(panels.tokens[p * LANES + lane] as usize, row, res[k][lane]);
+        for r0 in (0..tile.rows).step_by(ROWS) {
+            let n = (tile.rows - r0).min(ROWS);
+            for r in (0..n).step_by(2) {
+                let rows = [r0 + r, r0 + (r + 1).min(n - 1)];
+                super::simd::gemm_pair(w, tile, rows, panels, p, &mut pair);
+                res[r] = pair[0];
+                if r + 1 < n {
+                    res[r + 1] = pair[1];
                 }
             }
-            r += 2;
+            for lane in 0..n_lanes {
+                for (c, r) in col.iter_mut().zip(&res[..n]) {
+                    *c = r[lane];
+                }
+                out(panels.tokens[p * LANES + lane] as usize, r0, &col[..n]);
+            }
         }
     }
 }

@@ -390,7 +390,14 @@ impl MatmulScratch {
         self.rows.extend(rows);
     }
 
-    fn quantize(&mut self, dtype: GgmlDType, x: &[f32], n_tokens: usize, cols: usize) -> usize {
+    fn quantize(
+        &mut self,
+        pool: &ThreadPool,
+        dtype: GgmlDType,
+        x: &[f32],
+        n_tokens: usize,
+        cols: usize,
+    ) -> usize {
         let idx = match self.quantized.iter().position(|(d, _)| *d == dtype) {
             Some(i) => i,
             None => {
@@ -401,14 +408,16 @@ impl MatmulScratch {
         let rb = row_bytes(dtype, cols);
         let buf = &mut self.quantized[idx].1;
         buf.resize(rb * n_tokens);
-        let out = buf.as_mut_slice();
-        for t in 0..n_tokens {
-            quantize_row(
-                dtype,
-                &x[t * cols..(t + 1) * cols],
-                &mut out[t * rb..(t + 1) * rb],
-            );
-        }
+        let out = gemm::Ptr(buf.as_mut_slice().as_mut_ptr());
+        // A prompt's tokens are quantized in parallel, 16 per chunk.
+        const PER_CHUNK: usize = 16;
+        pool.run(n_tokens.div_ceil(PER_CHUNK), &|c| {
+            for t in c * PER_CHUNK..((c + 1) * PER_CHUNK).min(n_tokens) {
+                // SAFETY: token t's output row belongs to this chunk alone.
+                let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(t * rb), rb) };
+                quantize_row(dtype, &x[t * cols..(t + 1) * cols], o);
+            }
+        });
         idx
     }
 }
@@ -478,7 +487,7 @@ pub fn matmul(
         // Fused jobs often share an activation format (Q/K/V, gate/up): quantize it once.
         let dtype = vec_dot_dtype(job.w.dtype());
         if !quant_idx.iter().any(|&(d, _)| d == dtype) {
-            quant_idx.push((dtype, scratch.quantize(dtype, x, n_tokens, cols)));
+            quant_idx.push((dtype, scratch.quantize(pool, dtype, x, n_tokens, cols)));
         }
     }
     let quant_idx: Vec<usize> = jobs
@@ -525,7 +534,7 @@ pub fn matmul(
                     scratch.panels.push(gemm::Panels::default());
                 }
                 let (_, buf) = &scratch.quantized[quant_idx[j]];
-                scratch.panels[n_panels].pack(act, cols, buf.as_slice(), &tokens, &kinds);
+                scratch.panels[n_panels].pack(pool, act, cols, buf.as_slice(), &tokens, &kinds);
                 n_panels += 1;
                 n_panels - 1
             });
@@ -581,9 +590,12 @@ pub fn matmul(
                 let rows: Vec<&[u8]> = (r0..r1).map(|r| w.row(r)).collect();
                 tile.unpack(w.dtype(), cols, &rows);
                 gemm::run(w.dtype(), &tile, &panels[pi], |t, r, v| {
-                    // SAFETY: row r0 + r of token t belongs to this chunk alone; in bounds by
+                    // SAFETY: rows r0 + r.. of token t belong to this chunk alone; in bounds by
                     // the length assertion above.
-                    unsafe { *out.0.add(t * w.rows + r0 + r) = v };
+                    unsafe {
+                        let dst = out.0.add(t * w.rows + r0 + r);
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), dst, v.len());
+                    }
                 });
             });
         }

@@ -220,3 +220,13 @@ pub fn gemm_pair(
         unreachable!()
     }
 }
+
+/// See `gemm512::corrections4`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn gemm_corrections4(q: &[i8], out: &mut [i32]) {
+    // SAFETY: by the contract.
+    unsafe { gemm512::corrections4(q, out) }
+}

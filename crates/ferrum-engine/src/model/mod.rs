@@ -3,6 +3,7 @@
 //! and the RoPE pairing. A model never owns a KV cache or sees a request: the caller lends it a
 //! cache and a workspace for each forward pass.
 
+pub mod flash;
 pub mod ops;
 pub mod transformer;
 

@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 
+use super::flash;
 use super::ops::{self, Rope};
 use super::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -401,8 +402,11 @@ impl Transformer {
         ops::add_assign(&mut ws.x, &ws.proj);
     }
 
-    /// Causal attention of every new query over its own sequence's cache, one chunk per
-    /// (token, head).
+    /// Causal attention of every new query over its own sequence's cache. A prompt chunk of at
+    /// least [`FLASH_MIN_TOKENS`] tokens is cut into tiles of 16 consecutive queries per head
+    /// for the tiled kernel (`flash`), where the CPU has it; other tokens (decoding, short
+    /// chunks, and verification passes, which must reproduce decoding exactly) take one chunk
+    /// per (token, head) on the per-token path.
     fn attend(&self, pool: &ThreadPool, ws: &mut Workspace, seqs: &[SeqInput<'_>], l: usize) {
         let c = &self.cfg;
         let (hd, nh, kvd) = (c.head_dim, c.n_heads, c.kv_dim());
@@ -410,29 +414,58 @@ impl Transformer {
         let scale = 1.0 / (hd as f32).sqrt();
         let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.kv).collect();
         let (q, tok) = (&ws.q, &ws.tok);
+        // Work items: (first token, tokens, head); one token means the per-token path.
+        let mut items: Vec<(u32, u32, u32)> = Vec::new();
+        let mut t = 0;
+        for seq in seqs {
+            let n = seq.tokens.len();
+            let tiled = n >= FLASH_MIN_TOKENS && seq.logits != Logits::All && flash::available();
+            let step = if tiled { flash::TILE } else { 1 };
+            for t0 in (t..t + n).step_by(step) {
+                let len = (t + n - t0).min(step);
+                items.extend((0..nh).map(|h| (t0 as u32, len as u32, h as u32)));
+            }
+            t += n;
+        }
         let out = SendPtr(ws.attn.as_mut_ptr());
-        pool.run(tok.len() * nh, &|chunk| {
-            let (t, h) = (chunk / nh, chunk % nh);
-            let (s, pos) = (tok[t].0 as usize, tok[t].1 as usize);
+        pool.run(items.len(), &|item| {
+            let (t0, len, h) = items[item];
+            let (t0, len, h) = (t0 as usize, len as usize, h as usize);
+            let (s, pos0) = (tok[t0].0 as usize, tok[t0].1 as usize);
             let cache = caches[s];
-            let n_ctx = pos + 1;
+            let n_ctx = pos0 + len;
             let kvh = h / group;
-            let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
-            ATTN_SCRATCH.with(|cell| {
-                let mut scratch = cell.borrow_mut();
-                let head = kvh * hd..(kvh + 1) * hd;
-                let keys = cache.key_blocks(l, n_ctx).flat_map(|b| b.chunks_exact(kvd));
-                let values = cache
-                    .value_blocks(l, n_ctx)
-                    .flat_map(|b| b.chunks_exact(kvd));
-                let kv = keys
-                    .zip(values)
-                    .map(|(k, v)| (&k[head.clone()], &v[head.clone()]));
-                // SAFETY: each (token, head) chunk owns its own `hd` outputs.
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(out.get().add((t * nh + h) * hd), hd) };
-                ops::attend_f16(qh, kv, scale, &mut scratch, dst);
-            });
+            let head = kvh * hd..(kvh + 1) * hd;
+            let keys = cache.key_blocks(l, n_ctx).flat_map(|b| b.chunks_exact(kvd));
+            let values = cache
+                .value_blocks(l, n_ctx)
+                .flat_map(|b| b.chunks_exact(kvd));
+            let kv = keys
+                .zip(values)
+                .map(|(k, v)| (&k[head.clone()], &v[head.clone()]));
+            // SAFETY: each (token, head) owns its own `hd` outputs, and each item its tokens'.
+            let dst = |t: usize| unsafe {
+                std::slice::from_raw_parts_mut(out.get().add((t * nh + h) * hd), hd)
+            };
+            let qh = |t: usize| &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+            if len == 1 {
+                ATTN_SCRATCH.with(|cell| {
+                    ops::attend_f16(qh(t0), kv, scale, &mut cell.borrow_mut(), dst(t0));
+                });
+            } else {
+                FLASH_SCRATCH.with(|cell| {
+                    flash::attend_tile(
+                        hd,
+                        len,
+                        pos0,
+                        |i| qh(t0 + i),
+                        kv,
+                        scale,
+                        &mut cell.borrow_mut(),
+                        |i, o| dst(t0 + i).copy_from_slice(o),
+                    );
+                });
+            }
         });
     }
 
@@ -483,7 +516,14 @@ fn norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 thread_local! {
     /// Per-thread attention scratch (the rounded query and the output accumulator).
     static ATTN_SCRATCH: RefCell<ops::AttnScratch> = RefCell::new(ops::AttnScratch::default());
+    /// Per-thread scratch of the tiled attention.
+    static FLASH_SCRATCH: RefCell<flash::FlashScratch> =
+        RefCell::new(flash::FlashScratch::default());
 }
+
+/// The fewest tokens of one sequence in a forward pass for which attention takes the tiled
+/// kernel.
+const FLASH_MIN_TOKENS: usize = 16;
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);

@@ -254,3 +254,27 @@ unsafe fn q6k(tile: &Tile, rows: [usize; 2], panels: &Panels, p: usize, out: &mu
         store(&mut out[1], f[1]);
     }
 }
+
+/// `out[g] = -128 · Σ q[4g..4g + 4]` for every group of 4 (`q.len()` a multiple of 64): the
+/// corrections of [`Tile::corr`] at 4-element granularity, 16 groups per `vpdpbusd`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(in super::super) unsafe fn corrections4(q: &[i8], out: &mut [i32]) {
+    assert_eq!(q.len() % 64, 0);
+    assert!(out.len() >= q.len() / 4);
+    let ones = _mm512_set1_epi8(1);
+    let m128 = _mm512_set1_epi32(-128);
+    for (i, c) in q.chunks_exact(64).enumerate() {
+        // SAFETY: 64 bytes in, 16 i32 out, in bounds by the assertions.
+        unsafe {
+            let v = _mm512_loadu_si512(c.as_ptr().cast());
+            let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, v);
+            _mm512_storeu_si512(
+                out.as_mut_ptr().add(16 * i).cast(),
+                _mm512_mullo_epi32(s, m128),
+            );
+        }
+    }
+}

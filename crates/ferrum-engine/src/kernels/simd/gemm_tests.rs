@@ -33,7 +33,7 @@ fn gemm_equals_one_row_kernels_bit_for_bit() {
     let mut rng = StdRng::seed_from_u64(23);
     for w in TYPES {
         for &cols in widths(w).iter().filter(|&&c| c <= 4864) {
-            for (n_rows, n_tok) in [(5, 6), (16, 17), (3, 33)] {
+            for (n_rows, n_tok) in [(5, 6), (16, 17), (3, 33), (37, 16)] {
                 let rows: Vec<Vec<u8>> = (0..n_rows)
                     .map(|r| quantize(w, &random_vec(&mut rng, cols, 0.05 * (r + 1) as f32)))
                     .collect();
@@ -64,15 +64,24 @@ fn gemm_equals_one_row_kernels_bit_for_bit() {
                     .filter(|&t| gemm::covers(w, kinds[t as usize]))
                     .collect();
                 let mut panels = Panels::default();
-                panels.pack(act, cols, &xq, &tokens, &kinds);
+                panels.pack(
+                    &crate::kernels::ThreadPool::new(1),
+                    act,
+                    cols,
+                    &xq,
+                    &tokens,
+                    &kinds,
+                );
                 let mut tile = Tile::default();
                 let refs: Vec<&[u8]> = rows.iter().map(|r| &r[..]).collect();
                 tile.unpack(w, cols, &refs);
                 let mut got = vec![f32::NAN; n_tok * n_rows];
                 let mut seen = 0;
-                gemm::run(w, &tile, &panels, |t, r, v| {
-                    got[t * n_rows + r] = v;
-                    seen += 1;
+                gemm::run(w, &tile, &panels, |t, r0, v| {
+                    for (r, &v) in v.iter().enumerate() {
+                        got[t * n_rows + r0 + r] = v;
+                        seen += 1;
+                    }
                 });
                 assert_eq!(
                     seen,
