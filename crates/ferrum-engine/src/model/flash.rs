@@ -1,18 +1,18 @@
-//! Tiled causal attention for prompt chunks (flash-attention style), on AVX-512.
+//! Tiled causal attention for prompt chunks, on AVX-512.
 //!
-//! The per-token path ([`super::ops::attend_f16`]) walks every cached key once per query with a
-//! scalar online softmax, in ggml's f16 arithmetic. For a prompt chunk of `T` tokens that is
-//! `T²/2` scalar steps per head, and at a few thousand tokens attention, not the matmuls, is
-//! the prompt's cost. Here 16 consecutive queries of one head form a tile whose lanes are the
-//! queries: scores of 16 keys at a time are 16 registers (`Σ_d q[d] · k_j[d]`, one multiply-add
-//! per dimension and key for all 16 queries), the softmax's running maximum, rescaling and sums
-//! are lane-wise, and the output accumulates `P · V` in f32. Keys past a query's position are
-//! masked (the causal diagonal), so a tile reads the cache up to its last query only.
+//! The per-token path ([`super::ops::attend_f16`]) walks every cached key once per query: a
+//! dot product, one `exp`, and a multiply-add of the value row into an accumulator that is
+//! rounded to f16 after every key (ggml's CPU flash attention on a machine without
+//! AVX512-FP16). Here 16 consecutive queries of one head form a tile whose lanes are the
+//! queries, so each key row is widened once per tile and every step is one 16-lane operation
+//! instead of 16 scalar ones; keys past a query's position are masked (the causal diagonal).
 //!
-//! Arithmetic: f32 throughout (the f16 cache widened), a polynomial `exp`. It is not the per-
-//! token path's f16 accumulation, so results differ from it by rounding; the tests bound the
-//! difference and the reference tests keep their top-1 agreement with llama.cpp (which also
-//! switches to a tiled kernel of its own for prompt chunks).
+//! The lanes replay the per-token arithmetic exactly: the query rounded to f16, the score summed
+//! in `ggml_vec_dot_f16`'s order (see [`super::ops::dot_f16_ggml`]) and scaled, the running
+//! maximum, `exp` of the same arguments (libm's, per lane), the accumulator rescaled and rounded
+//! to f16 when a lane's maximum moves, and the value multiply-add rounded to f16. So a prompt's
+//! attention is bit-identical to attending token by token (tested), and a token's result does
+//! not depend on how its prompt was cut into chunks.
 
 use half::f16;
 
@@ -26,9 +26,7 @@ pub fn available() -> bool {
         use std::sync::OnceLock;
         static ON: OnceLock<bool> = OnceLock::new();
         *ON.get_or_init(|| {
-            // Opt-in for now: its f32 accumulation lowers top-1 agreement with llama.cpp
-            // below the reference tests' bars on nano (see docs/benchmarks.md).
-            std::env::var("FERRUM_FLASH").is_ok_and(|v| v == "on" || v == "1")
+            std::env::var("FERRUM_FLASH").map_or(true, |v| v != "off" && v != "0")
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("f16c")
                 && is_x86_feature_detected!("fma")
@@ -74,7 +72,7 @@ pub fn attend_tile<'a>(
     qt.resize(hd * TILE, 0.0);
     for i in 0..n_q {
         for (d, &x) in q(i).iter().enumerate() {
-            qt[d * TILE + i] = x * scale;
+            qt[d * TILE + i] = half::f16::from_f32(x).to_f32();
         }
     }
     ot.clear();
@@ -95,7 +93,7 @@ pub fn attend_tile<'a>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked the features; the buffers hold `hd × 16` floats.
         unsafe {
-            x86::block(hd, nk, kpos, pos0, qt, k, v, ot, &mut state)
+            x86::block(hd, nk, kpos, pos0, scale, qt, k, v, ot, &mut state)
         };
         kpos += nk;
     }
@@ -138,91 +136,126 @@ mod x86 {
 
     use super::{Softmax, TILE};
 
-    /// `exp(x)` for `x <= 0` (and `-inf`), ~1 ulp: `2^n · p(r)` with AVX-512's `scalef`.
+    /// `exp` of every lane, with libm's `expf` as the per-token path computes it.
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     fn exp(x: __m512) -> __m512 {
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
-        let n =
-            _mm512_roundscale_ps::<0>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-        // exp(r) on |r| <= ln2/2, degree-6 Taylor-like minimax coefficients.
-        let c = |v: f32| _mm512_set1_ps(v);
-        let mut p = c(1.0 / 720.0);
-        p = _mm512_fmadd_ps(p, r, c(1.0 / 120.0));
-        p = _mm512_fmadd_ps(p, r, c(1.0 / 24.0));
-        p = _mm512_fmadd_ps(p, r, c(1.0 / 6.0));
-        p = _mm512_fmadd_ps(p, r, c(0.5));
-        p = _mm512_fmadd_ps(p, r, c(1.0));
-        p = _mm512_fmadd_ps(p, r, c(1.0));
-        _mm512_scalef_ps(p, n)
+        let mut v = [0f32; TILE];
+        // SAFETY: `v` holds 16 floats.
+        unsafe { _mm512_storeu_ps(v.as_mut_ptr(), x) };
+        for e in v.iter_mut() {
+            *e = e.exp();
+        }
+        // SAFETY: as above.
+        unsafe { _mm512_loadu_ps(v.as_ptr()) }
+    }
+
+    /// Every lane rounded to the nearest f16 (ties to even), as f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma,f16c")]
+    fn round16(x: __m512) -> __m512 {
+        _mm512_cvtph_ps(_mm512_cvtps_ph::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(x))
+    }
+
+    /// The 16 queries' scores against key `k` (`hd` floats, a multiple of 64), in
+    /// `ggml_vec_dot_f16`'s order: per 64 elements, four 16-lane accumulators (`fma` per
+    /// element), added as (0 + 2) + (1 + 3), then reduced as `_mm512_reduce_add_ps` does.
+    ///
+    /// # Safety
+    /// `qt` must hold `hd × 16` floats and `k` `hd`.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn score(hd: usize, qt: *const f32, k: *const f32) -> __m512 {
+        // SAFETY: indices below `hd` (keys) and `hd × 16` (queries).
+        unsafe {
+            let mut v = [_mm512_setzero_ps(); 16];
+            for (e, ve) in v.iter_mut().enumerate() {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for g in (0..hd).step_by(64) {
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        let d = g + 16 * c + e;
+                        *a = _mm512_fmadd_ps(
+                            _mm512_set1_ps(*k.add(d)),
+                            _mm512_loadu_ps(qt.add(d * TILE)),
+                            *a,
+                        );
+                    }
+                }
+                *ve = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+            }
+            // _mm512_reduce_add_ps: lanes (i, i + 8), then (i, i + 4), then (0, 2) and (1, 3),
+            // then those two.
+            let t: [__m512; 8] = std::array::from_fn(|i| _mm512_add_ps(v[i], v[i + 8]));
+            let t: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(t[i], t[i + 4]));
+            _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]))
+        }
     }
 
     /// One block of `nk <= 16` keys at positions `kpos..kpos + nk` against the tile's queries
-    /// at `pos0..pos0 + 16`.
+    /// at `pos0..pos0 + 16`, key after key as the per-token path takes them.
     ///
     /// # Safety
-    /// The CPU must support AVX-512 F and FMA; `qt`, `k`, `v` and `ot` must hold `hd × 16`
-    /// floats.
+    /// The CPU must support AVX-512 F, FMA and F16C; `qt`, `k`, `v` and `ot` must hold
+    /// `hd × 16` floats.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,fma")]
+    #[target_feature(enable = "avx512f,fma,f16c")]
     pub(super) unsafe fn block(
         hd: usize,
         nk: usize,
         kpos: usize,
         pos0: usize,
+        scale: f32,
         qt: &[f32],
         k: &[f32],
         v: &[f32],
         ot: &mut [f32],
         st: &mut Softmax,
     ) {
-        assert!(qt.len() >= hd * TILE && ot.len() >= hd * TILE);
+        assert!(qt.len() >= hd * TILE && ot.len() >= hd * TILE && hd % 64 == 0);
         assert!(k.len() >= hd * nk && v.len() >= hd * nk && nk <= TILE);
         // SAFETY (whole body): indices below `hd × 16` by the assertions.
         unsafe {
             let (qp, kp, vp, op) = (qt.as_ptr(), k.as_ptr(), v.as_ptr(), ot.as_mut_ptr());
-            let mut s = [_mm512_setzero_ps(); TILE];
-            for d in 0..hd {
-                let qd = _mm512_loadu_ps(qp.add(d * TILE));
-                for (j, sj) in s.iter_mut().enumerate().take(nk) {
-                    *sj = _mm512_fmadd_ps(qd, _mm512_set1_ps(*kp.add(j * hd + d)), *sj);
-                }
-            }
             // Lane i may see key j when kpos + j <= pos0 + i.
             let lane = _mm512_add_epi32(
                 _mm512_set1_epi32(pos0 as i32),
                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
             );
-            let mut masks = [0 as __mmask16; TILE];
-            let m_old = _mm512_loadu_ps(st.m.as_ptr());
-            let mut m_new = m_old;
+            let mut m = _mm512_loadu_ps(st.m.as_ptr());
+            let mut sum = _mm512_loadu_ps(st.l.as_ptr());
+            let one = _mm512_set1_ps(1.0);
             for j in 0..nk {
-                masks[j] = _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32((kpos + j) as i32));
-                m_new = _mm512_mask_max_ps(m_new, masks[j], m_new, s[j]);
-            }
-            // Lanes that saw no key yet keep a -inf maximum: their weights are all zero.
-            let alpha = exp(_mm512_sub_ps(m_old, m_new));
-            let alpha = _mm512_mask_blend_ps(
-                _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m_old, _mm512_set1_ps(f32::NEG_INFINITY)),
-                alpha,
-                _mm512_setzero_ps(),
-            );
-            let mut l = _mm512_mul_ps(_mm512_loadu_ps(st.l.as_ptr()), alpha);
-            for j in 0..nk {
-                s[j] = _mm512_maskz_mov_ps(masks[j], exp(_mm512_sub_ps(s[j], m_new)));
-                l = _mm512_add_ps(l, s[j]);
-            }
-            _mm512_storeu_ps(st.m.as_mut_ptr(), m_new);
-            _mm512_storeu_ps(st.l.as_mut_ptr(), l);
-            for d in 0..hd {
-                let mut o = _mm512_mul_ps(_mm512_loadu_ps(op.add(d * TILE)), alpha);
-                for (j, sj) in s.iter().enumerate().take(nk) {
-                    o = _mm512_fmadd_ps(*sj, _mm512_set1_ps(*vp.add(j * hd + d)), o);
+                let valid = _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32((kpos + j) as i32));
+                let s = _mm512_mul_ps(score(hd, qp, kp.add(j * hd)), _mm512_set1_ps(scale));
+                // Where the score is a new maximum: ms = exp(old - new), vs = 1; elsewhere
+                // ms = 1, vs = exp(s - m); masked lanes: ms = 1, vs = 0.
+                let gt = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(valid, s, m);
+                let e = exp(_mm512_mask_blend_ps(
+                    gt,
+                    _mm512_sub_ps(s, m),
+                    _mm512_sub_ps(m, s),
+                ));
+                let ms = _mm512_mask_blend_ps(gt, one, e);
+                let vs = _mm512_maskz_mov_ps(valid, _mm512_mask_blend_ps(gt, e, one));
+                m = _mm512_mask_blend_ps(gt, m, s);
+                if gt != 0 {
+                    for d in 0..hd {
+                        let a = _mm512_loadu_ps(op.add(d * TILE));
+                        _mm512_storeu_ps(op.add(d * TILE), round16(_mm512_mul_ps(a, ms)));
+                    }
                 }
-                _mm512_storeu_ps(op.add(d * TILE), o);
+                let vr = vp.add(j * hd);
+                for d in 0..hd {
+                    let a = _mm512_loadu_ps(op.add(d * TILE));
+                    let a = _mm512_fmadd_ps(_mm512_set1_ps(*vr.add(d)), vs, a);
+                    _mm512_storeu_ps(op.add(d * TILE), round16(a));
+                }
+                sum = _mm512_fmadd_ps(sum, ms, vs);
             }
+            _mm512_storeu_ps(st.m.as_mut_ptr(), m);
+            _mm512_storeu_ps(st.l.as_mut_ptr(), sum);
         }
     }
 }
@@ -234,7 +267,7 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    /// The tile against the per-token path, for chunks that start at and after position 0,
+    /// The tile against the per-token path, bit for bit, for chunks that start at and after position 0,
     /// partial tiles, both head sizes.
     #[test]
     fn tiles_match_per_token_attention() {
@@ -278,9 +311,9 @@ mod tests {
                             &mut want,
                         );
                         for (d, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                            // The per-token path rounds its accumulator to f16 at every key.
-                            assert!(
-                                (g - w).abs() <= 4e-3 + 4e-3 * w.abs(),
+                            assert_eq!(
+                                g.to_bits(),
+                                w.to_bits(),
                                 "hd={hd} query {p} dim {d}: tiled {g}, per-token {w}"
                             );
                         }
