@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Path of llama.cpp's `llama-bench` binary, to measure it on the same file in this run.
     #[arg(long)]
     pub llama_bench: Option<PathBuf>,
+    /// Extra arguments for llama-bench, e.g. `--llama-arg=-fa --llama-arg=1` for its flash
+    /// attention.
+    #[arg(long = "llama-arg", allow_hyphen_values = true)]
+    pub llama_args: Vec<String>,
     /// Also measure with a busy-looping neighbour process (taking one core).
     #[arg(long)]
     pub contention: bool,
@@ -176,6 +180,7 @@ fn llama_bench(
         .args(["-t", &threads.to_string()])
         .args(["-r", &args.repetitions.max(1).to_string()])
         .args(["-o", "json"])
+        .args(&args.llama_args)
         .stderr(Stdio::null())
         .output()
         .with_context(|| format!("running {}", bin.display()))?;

@@ -45,8 +45,9 @@ pub const MIN_TOKENS: usize = 6;
 /// that a decoded tile (16 rows of up to 8960 columns: ~180 KiB) stays in L2.
 pub const TILE_ROWS: usize = 16;
 
-/// The weight formats the GEMM covers, and for which tokens: `None` when the GEMM does not
-/// apply to a token of this kind (its rows take the one-row kernels).
+/// Whether the GEMM covers a token of `kind` for weight type `w` (one it does not cover takes
+/// the one-row kernels): every token for the 32-weight formats and Q4_K, Q6_K's only in
+/// batches of 8 (llama.cpp's tiled order; its one-row order is not a per-lane chain).
 pub fn covers(w: GgmlDType, kind: RowKind) -> bool {
     use GgmlDType::*;
     match w {
@@ -335,7 +336,7 @@ impl Tile {
             }
             let corr = &mut self.corr[r * ng..(r + 1) * ng];
             #[cfg(target_arch = "x86_64")]
-            if cols % 64 == 0 && enabled() {
+            if cols.is_multiple_of(64) && enabled() {
                 resize(&mut self.sums4, cols / 4);
                 // SAFETY: `enabled` means the CPU has AVX-512 VNNI.
                 unsafe { super::simd::gemm_corrections4(q, &mut self.sums4) };

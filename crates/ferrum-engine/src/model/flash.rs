@@ -213,7 +213,7 @@ mod x86 {
         ot: &mut [f32],
         st: &mut Softmax,
     ) {
-        assert!(qt.len() >= hd * TILE && ot.len() >= hd * TILE && hd % 64 == 0);
+        assert!(qt.len() >= hd * TILE && ot.len() >= hd * TILE && hd.is_multiple_of(64));
         assert!(k.len() >= hd * nk && v.len() >= hd * nk && nk <= TILE);
         // SAFETY (whole body): indices below `hd × 16` by the assertions.
         unsafe {

@@ -419,7 +419,10 @@ impl Transformer {
         let mut t = 0;
         for seq in seqs {
             let n = seq.tokens.len();
-            let tiled = n >= FLASH_MIN_TOKENS && seq.logits != Logits::All && flash::available();
+            let tiled = n >= FLASH_MIN_TOKENS
+                && seq.logits != Logits::All
+                && hd.is_multiple_of(64)
+                && flash::available();
             let step = if tiled { flash::TILE } else { 1 };
             for t0 in (t..t + n).step_by(step) {
                 let len = (t + n - t0).min(step);
