@@ -259,6 +259,8 @@ pub struct Tile {
     pub m: Vec<f32>,
     /// `[row][sub-block]`: the k-quants' integer sub-block scales.
     pub sc: Vec<i32>,
+    /// `sc` as floats (Q4_K).
+    pub scf: Vec<f32>,
     /// `[row][64-element pair]`: Q4_K's two 6-bit mins as two `i16`.
     pub mp: Vec<i32>,
     /// One row's corrections per 4 elements, on the way to `corr`.
@@ -307,6 +309,7 @@ impl Tile {
         match w {
             GgmlDType::Q4K => {
                 resize(&mut self.sc, n * cols / 32);
+                resize(&mut self.scf, n * cols / 32);
                 resize(&mut self.mp, n * cols / 64);
             }
             GgmlDType::Q6K => resize(&mut self.sc, n * cols / 16),
@@ -333,6 +336,15 @@ impl Tile {
                     unpack_q6k(row, q, d, &mut self.sc[r * cols / 16..(r + 1) * cols / 16])
                 }
                 other => unreachable!("no GEMM for {other:?}"),
+            }
+            if w == GgmlDType::Q4K {
+                let (sc, scf) = (
+                    &self.sc[r * ng..(r + 1) * ng],
+                    &mut self.scf[r * ng..(r + 1) * ng],
+                );
+                for (f, &i) in scf.iter_mut().zip(sc) {
+                    *f = i as f32;
+                }
             }
             let corr = &mut self.corr[r * ng..(r + 1) * ng];
             #[cfg(target_arch = "x86_64")]

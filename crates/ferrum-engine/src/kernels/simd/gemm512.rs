@@ -161,6 +161,7 @@ unsafe fn q4k(tile: &Tile, rows: [usize; 2], panels: &Panels, p: usize, out: &mu
         let w = rows.map(|r| tile.w.as_ptr().add(r * cols));
         let c = rows.map(|r| tile.corr.as_ptr().add(r * nsub));
         let sc = rows.map(|r| tile.sc.as_ptr().add(r * nsub));
+        let scf = rows.map(|r| tile.scf.as_ptr().add(r * nsub));
         let mp = rows.map(|r| tile.mp.as_ptr().add(r * npair));
         let d = rows.map(|r| tile.d.as_ptr().add(r * nb));
         let dm = rows.map(|r| tile.m.as_ptr().add(r * nb));
@@ -187,20 +188,39 @@ unsafe fn q4k(tile: &Tile, rows: [usize; 2], panels: &Panels, p: usize, out: &mu
                 }
                 let bpv = _mm512_loadu_si512(bp.add((b * 4 + j) * LANES).cast());
                 for k in 0..2 {
-                    let is = _mm512_add_epi32(
-                        _mm512_mullo_epi32(sa[k], _mm512_set1_epi32(*sc[k].add(s))),
-                        _mm512_mullo_epi32(sb[k], _mm512_set1_epi32(*sc[k].add(s + 1))),
-                    );
                     let ms = _mm512_madd_epi16(_mm512_set1_epi32(*mp[k].add(b * 4 + j)), bpv);
-                    f[k] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(is), dd[k], f[k], grouped);
-                    fm[k] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(ms), ddm[k], fm[k], grouped);
-                    ib[k] = _mm512_add_epi32(ib[k], is);
-                    mb[k] = _mm512_add_epi32(mb[k], ms);
+                    if grouped != 0 {
+                        // `sc_a · S_a + sc_b · S_b` in floats: every term and partial sum is an
+                        // integer below 2^23 (|S| <= 32 · 15 · 127, sc < 64), so this is exact
+                        // and equals the integer sum's conversion, without two `vpmulld`s.
+                        let is = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(sa[k]),
+                            _mm512_set1_ps(*scf[k].add(s)),
+                            _mm512_mul_ps(
+                                _mm512_cvtepi32_ps(sb[k]),
+                                _mm512_set1_ps(*scf[k].add(s + 1)),
+                            ),
+                        );
+                        f[k] = _mm512_mask3_fmadd_ps(is, dd[k], f[k], grouped);
+                        fm[k] =
+                            _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(ms), ddm[k], fm[k], grouped);
+                    }
+                    if other != 0 {
+                        // The block's whole sum can pass 2^24: integers.
+                        let is = _mm512_add_epi32(
+                            _mm512_mullo_epi32(sa[k], _mm512_set1_epi32(*sc[k].add(s))),
+                            _mm512_mullo_epi32(sb[k], _mm512_set1_epi32(*sc[k].add(s + 1))),
+                        );
+                        ib[k] = _mm512_add_epi32(ib[k], is);
+                        mb[k] = _mm512_add_epi32(mb[k], ms);
+                    }
                 }
             }
-            for k in 0..2 {
-                f[k] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(ib[k]), dd[k], f[k], other);
-                fm[k] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(mb[k]), ddm[k], fm[k], other);
+            if other != 0 {
+                for k in 0..2 {
+                    f[k] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(ib[k]), dd[k], f[k], other);
+                    fm[k] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(mb[k]), ddm[k], fm[k], other);
+                }
             }
         }
         store(&mut out[0], _mm512_sub_ps(f[0], fm[0]));
