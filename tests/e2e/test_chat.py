@@ -93,7 +93,7 @@ def test_model_resolves_to_tier_id(client, alias, tier):
 
 def test_greedy_output_matches_llama_cpp(client):
     """Temperature 0 reproduces llama.cpp's greedy reply (so the chat template is applied)."""
-    # ../shared/reference/nano.json, chat[2]: a prompt with no near-tie in its first 12 steps.
+    # crates/ferrum-engine/tests/reference/nano.json, chat[2]: a prompt with no near-tie in its first 12 steps.
     completion = client.chat.completions.create(
         model=NANO,
         messages=[{"role": "user", "content": "Write a Python function that checks if a number is prime."}],
@@ -315,7 +315,7 @@ def test_logprobs_without_alternatives(client):
 
 
 # Token ids (SmolLM2 vocabulary) of the start of the greedy reply to HAIKU, from llama.cpp's
-# reference (../shared/reference/nano.json, chat[1]): "The waves of the sea, ...".
+# reference (crates/ferrum-engine/tests/reference/nano.json, chat[1]): "The waves of the sea, ...".
 HAIKU = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Write a haiku about the sea."},

@@ -1,4 +1,4 @@
-//! The GGUF chat templates against llama.cpp's `--jinja` renderings (../shared/reference) for
+//! The GGUF chat templates against llama.cpp's `--jinja` renderings (tests/reference) for
 //! the three default models, byte for byte, including the Qwen tools case.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Fidelity of the engine against llama.cpp's own outputs (../shared/reference): greedy
+//! Fidelity of the engine against llama.cpp's own outputs (tests/reference): greedy
 //! continuations of every reference prompt, top-1 agreement and log-probabilities.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The tokenizer against llama.cpp's own token ids (../shared/reference) for the three default
+//! The tokenizer against llama.cpp's own token ids (tests/reference) for the three default
 //! models: `/tokenize` cases, chat prompts, raw prompts, round trips and streaming decode.
 
 mod common;

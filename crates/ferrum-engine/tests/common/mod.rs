@@ -25,7 +25,7 @@ pub fn models_dir() -> PathBuf {
     ferrum_home().join("models")
 }
 
-/// The GGUF file name of a tier (see shared/models.md).
+/// The GGUF file name of a tier (as in the registry's default.toml).
 pub fn model_file(tier: &str) -> &'static str {
     match tier {
         "nano" => "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -47,12 +47,14 @@ pub fn model_path(tier: &str) -> PathBuf {
 }
 
 /// The directory of the llama.cpp reference outputs: `$FERRUM_REFERENCE_DIR`, or
-/// `shared/reference` beside the workspace.
+/// `tests/reference` of this crate (see its README).
 pub fn reference_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FERRUM_REFERENCE_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
-    workspace_root().join("..").join("shared").join("reference")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("reference")
 }
 
 /// The workspace root (two levels above this crate).
