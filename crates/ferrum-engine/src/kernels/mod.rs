@@ -451,14 +451,6 @@ fn rows_per_chunk(rows: usize, n_threads: usize) -> usize {
         .clamp(4, 256)
 }
 
-/// How one job of a [`matmul`] call is computed: which tokens go through the prefill GEMM
-/// (`panels`: an index into `MatmulScratch::panels`) and which through the one-row kernels.
-struct JobPlan {
-    panels: Option<usize>,
-    /// The tokens for the one-row kernels.
-    rest: Vec<usize>,
-}
-
 thread_local! {
     /// Each thread's decoded weight tile for the GEMM.
     static TILE: std::cell::RefCell<gemm::Tile> = std::cell::RefCell::new(gemm::Tile::default());
@@ -504,32 +496,29 @@ pub fn matmul(
     let kinds = std::mem::take(&mut scratch.rows);
     assert!(kinds.is_empty() || kinds.len() == n_tokens);
     let kind = |t: usize| kinds.get(t).copied().unwrap_or_default();
-    // Which tokens each job sends through the GEMM; panels are packed once per activation
-    // format and token set.
+    // Which jobs send tokens through the GEMM (an index into `scratch.panels`); panels are
+    // packed once per activation format and token set. Decode steps (few tokens) skip all this.
     let mut n_panels = 0;
-    let plans: Vec<JobPlan> = jobs
+    let gemm_on = n_tokens >= gemm::MIN_TOKENS && gemm::enabled();
+    let panel_of: Vec<Option<usize>> = jobs
         .iter()
         .enumerate()
         .map(|(j, job)| {
-            let dtype = job.w.dtype();
-            let all = || JobPlan {
-                panels: None,
-                rest: (0..n_tokens).collect(),
-            };
-            if n_tokens < gemm::MIN_TOKENS || !gemm::enabled() {
-                return all();
+            if !gemm_on {
+                return None;
             }
-            let (covered, rest): (Vec<usize>, Vec<usize>) =
-                (0..n_tokens).partition(|&t| gemm::covers(dtype, kind(t)));
-            if covered.len() < gemm::MIN_TOKENS {
-                return all();
+            let dtype = job.w.dtype();
+            let tokens: Vec<u32> = (0..n_tokens as u32)
+                .filter(|&t| gemm::covers(dtype, kind(t as usize)))
+                .collect();
+            if tokens.len() < gemm::MIN_TOKENS {
+                return None;
             }
             let act = vec_dot_dtype(dtype);
-            let tokens: Vec<u32> = covered.iter().map(|&t| t as u32).collect();
             let existing = scratch.panels[..n_panels]
                 .iter()
                 .position(|p| p.dtype == Some(act) && p.tokens[..p.n_real] == tokens[..]);
-            let idx = existing.unwrap_or_else(|| {
+            Some(existing.unwrap_or_else(|| {
                 if scratch.panels.len() == n_panels {
                     scratch.panels.push(gemm::Panels::default());
                 }
@@ -537,17 +526,13 @@ pub fn matmul(
                 scratch.panels[n_panels].pack(pool, act, cols, buf.as_slice(), &tokens, &kinds);
                 n_panels += 1;
                 n_panels - 1
-            });
-            JobPlan {
-                panels: Some(idx),
-                rest,
-            }
+            }))
         })
         .collect();
     let mut chunks = std::mem::take(&mut scratch.chunks);
     chunks.clear();
     for (j, job) in jobs.iter().enumerate() {
-        let rpc = if plans[j].panels.is_some() {
+        let rpc = if panel_of[j].is_some() {
             gemm::TILE_ROWS
         } else {
             rows_per_chunk(job.w.rows, pool.n_threads())
@@ -566,25 +551,24 @@ pub fn matmul(
     let ws: Vec<&QMatrix> = jobs.iter().map(|j| j.w).collect();
     let quantized = &scratch.quantized;
     let panels = &scratch.panels;
-    // Each job's one-row kernels for each of its remaining tokens, chosen once per call.
-    let kernels: Vec<Vec<(usize, DotFn, Option<simd::Dot4Fn>)>> = ws
-        .iter()
-        .zip(&plans)
-        .map(|(w, plan)| {
-            plan.rest
-                .iter()
-                .map(|&t| {
-                    let (dot, dot4) = w.kernels(kind(t), plan.rest.len());
-                    (t, dot, dot4)
-                })
-                .collect()
-        })
-        .collect();
+    // Each job's one-row kernels for each token the GEMM does not take, chosen once per call:
+    // job j's are `kernels[ranges[j]..ranges[j + 1]]`.
+    let mut kernels: Vec<(usize, DotFn, Option<simd::Dot4Fn>)> = Vec::new();
+    let mut ranges = vec![0];
+    for (w, panel) in ws.iter().zip(&panel_of) {
+        let rest = |t: &usize| panel.is_none() || !gemm::covers(w.dtype(), kind(*t));
+        let n_rest = (0..n_tokens).filter(rest).count();
+        kernels.extend((0..n_tokens).filter(rest).map(|t| {
+            let (dot, dot4) = w.kernels(kind(t), n_rest);
+            (t, dot, dot4)
+        }));
+        ranges.push(kernels.len());
+    }
     pool.run(chunks.len(), &|c| {
         let (j, r0, r1) = chunks[c];
         let w = ws[j];
         let out = outs[j];
-        if let Some(pi) = plans[j].panels {
+        if let Some(pi) = panel_of[j] {
             TILE.with(|tile| {
                 let mut tile = tile.borrow_mut();
                 let rows: Vec<&[u8]> = (r0..r1).map(|r| w.row(r)).collect();
@@ -599,7 +583,7 @@ pub fn matmul(
                 });
             });
         }
-        let ks = &kernels[j];
+        let ks = &kernels[ranges[j]..ranges[j + 1]];
         if ks.is_empty() {
             return;
         }

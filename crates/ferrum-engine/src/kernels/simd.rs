@@ -208,7 +208,11 @@ pub fn gemm_pair(
     p: usize,
     out: &mut [[f32; super::gemm::LANES]; 2],
 ) {
-    assert!(Tier::Avx512.is_supported(), "the GEMM needs AVX-512 VNNI");
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    assert!(
+        *SUPPORTED.get_or_init(|| Tier::Avx512.is_supported()),
+        "the GEMM needs AVX-512 VNNI"
+    );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU supports the kernels (asserted); `pair` checks the shapes.
     unsafe {

@@ -46,6 +46,8 @@ pub struct FlashScratch {
     ot: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// One query's result, handed to the caller.
+    row: Vec<f32>,
 }
 
 /// Attention of `n_q <= 16` consecutive queries at positions `pos0..pos0 + n_q` over the keys
@@ -67,7 +69,7 @@ pub fn attend_tile<'a>(
 ) {
     assert!(available(), "the tiled attention needs AVX-512");
     assert!((1..=TILE).contains(&n_q));
-    let FlashScratch { qt, ot, k, v } = scratch;
+    let FlashScratch { qt, ot, k, v, row } = scratch;
     qt.clear();
     qt.resize(hd * TILE, 0.0);
     for i in 0..n_q {
@@ -97,7 +99,7 @@ pub fn attend_tile<'a>(
         };
         kpos += nk;
     }
-    let mut row = vec![0f32; hd];
+    row.resize(hd, 0.0);
     for i in 0..n_q {
         let inv = if state.l[i] == 0.0 {
             0.0
@@ -107,7 +109,7 @@ pub fn attend_tile<'a>(
         for (d, o) in row.iter_mut().enumerate() {
             *o = ot[d * TILE + i] * inv;
         }
-        out(i, &row);
+        out(i, row);
     }
 }
 

@@ -43,6 +43,12 @@ pub(in super::super) unsafe fn pair(
     }
 }
 
+/// The two rows' slices of a tile field that holds `per_row` values a row.
+#[inline(always)]
+fn at<T>(field: &[T], rows: [usize; 2], per_row: usize) -> [*const T; 2] {
+    rows.map(|r| field[r * per_row..(r + 1) * per_row].as_ptr())
+}
+
 /// The group `g` of a row's quants, broadcast.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -99,10 +105,10 @@ unsafe fn q32<const MIN: bool>(
         } else {
             dx
         };
-        let w = rows.map(|r| tile.w.as_ptr().add(r * cols));
-        let c = rows.map(|r| tile.corr.as_ptr().add(r * ng));
-        let d = rows.map(|r| tile.d.as_ptr().add(r * nb));
-        let m = rows.map(|r| tile.m.as_ptr().add(r * nb));
+        let w = at(&tile.w, rows, cols);
+        let c = at(&tile.corr, rows, ng);
+        let d = at(&tile.d, rows, nb);
+        let m = at(&tile.m, rows, nb);
         let mut a0 = [_mm512_setzero_ps(); 8];
         let mut a1 = [_mm512_setzero_ps(); 8];
         let (mut m0, mut m1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
@@ -158,13 +164,13 @@ unsafe fn q4k(tile: &Tile, rows: [usize; 2], panels: &Panels, p: usize, out: &mu
         let bp = panels.bp.as_ptr().add(p * npair * LANES);
         let grouped: __mmask16 = panels.grouped[p];
         let other: __mmask16 = !grouped;
-        let w = rows.map(|r| tile.w.as_ptr().add(r * cols));
-        let c = rows.map(|r| tile.corr.as_ptr().add(r * nsub));
-        let sc = rows.map(|r| tile.sc.as_ptr().add(r * nsub));
-        let scf = rows.map(|r| tile.scf.as_ptr().add(r * nsub));
-        let mp = rows.map(|r| tile.mp.as_ptr().add(r * npair));
-        let d = rows.map(|r| tile.d.as_ptr().add(r * nb));
-        let dm = rows.map(|r| tile.m.as_ptr().add(r * nb));
+        let w = at(&tile.w, rows, cols);
+        let c = at(&tile.corr, rows, nsub);
+        let sc = at(&tile.sc, rows, nsub);
+        let scf = at(&tile.scf, rows, nsub);
+        let mp = at(&tile.mp, rows, npair);
+        let d = at(&tile.d, rows, nb);
+        let dm = at(&tile.m, rows, nb);
         let mut f = [_mm512_setzero_ps(); 2];
         let mut fm = [_mm512_setzero_ps(); 2];
         for b in 0..nb {
@@ -241,10 +247,10 @@ unsafe fn q6k(tile: &Tile, rows: [usize; 2], panels: &Panels, p: usize, out: &mu
     unsafe {
         let x = panels.x.as_slice().as_ptr().add(p * ng * 64);
         let dx = panels.d.as_ptr().add(p * nb * LANES);
-        let w = rows.map(|r| tile.w.as_ptr().add(r * cols));
-        let c = rows.map(|r| tile.corr.as_ptr().add(r * nsub));
-        let sc = rows.map(|r| tile.sc.as_ptr().add(r * nsub));
-        let d = rows.map(|r| tile.d.as_ptr().add(r * nb));
+        let w = at(&tile.w, rows, cols);
+        let c = at(&tile.corr, rows, nsub);
+        let sc = at(&tile.sc, rows, nsub);
+        let d = at(&tile.d, rows, nb);
         let mut f = [_mm512_setzero_ps(); 2];
         for b in 0..nb {
             let mut is = [_mm512_setzero_si512(); 2];

@@ -4,7 +4,7 @@
 
 use candle_core::quantized::GgmlDType;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 use super::tests::{quantize, random_vec, widths, TYPES};
 use super::{batched_fns, dot_fn, Tier};
@@ -105,5 +105,4 @@ fn gemm_equals_one_row_kernels_bit_for_bit() {
             }
         }
     }
-    let _ = rng.gen::<u8>();
 }
