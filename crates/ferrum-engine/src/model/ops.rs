@@ -171,8 +171,8 @@ pub struct AttnScratch {
 /// attention computes it (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`, x86 AVX2/AVX-512
 /// build, which made crates/ferrum-engine/tests/reference): the query rounded to f16; each score
 /// an f16 dot product ([`dot_f16_ggml`]) times `scale`; an online softmax over the positions in
-/// order, with glibc's `expf`; and the weighted sum of values kept in f16: each step is an f32 fused multiply-add
-/// rounded to f16. (A build for CPUs with AVX-512 FP16 does that step in f16 arithmetic and
+/// order, with glibc's `expf`; and the weighted sum of values kept in f16: each step is an f32
+/// fused multiply-add rounded to f16. (A build for CPUs with AVX-512 FP16 does that step in f16 arithmetic and
 /// differs slightly.)
 ///
 /// Matching llama.cpp's rounding bit for bit is what makes ferrum's greedy outputs equal
