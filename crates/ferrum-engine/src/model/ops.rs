@@ -172,8 +172,8 @@ pub struct AttnScratch {
 /// build, which made crates/ferrum-engine/tests/reference): the query rounded to f16; each score
 /// an f16 dot product ([`dot_f16_ggml`]) times `scale`; an online softmax over the positions in
 /// order, with glibc's `expf`; and the weighted sum of values kept in f16: each step is an f32
-/// fused multiply-add rounded to f16. (A build for CPUs with AVX-512 FP16 does that step in f16 arithmetic and
-/// differs slightly.)
+/// fused multiply-add rounded to f16. (A build for CPUs with AVX-512 FP16 does that step in f16
+/// arithmetic and differs slightly.)
 ///
 /// Matching llama.cpp's rounding bit for bit is what makes ferrum's greedy outputs equal
 /// llama.cpp's (issue #2's fidelity target): with f32 attention, ulp-level differences flip
