@@ -10,7 +10,10 @@ use crate::error::Result;
 use crate::generate::{Generator, Session};
 use crate::gguf::{GgufFile, WeightsMemory};
 use crate::kernels::ThreadPool;
+use crate::kv::KvType;
+use crate::model::ops::RopeScaling;
 use crate::model::transformer::Transformer;
+use crate::model::ModelOptions;
 use crate::tokenizer::Tokenizer;
 
 /// How to load a model.
@@ -24,6 +27,10 @@ pub struct LoadOptions {
     pub prefill_chunk: Option<usize>,
     /// Where the weights live (default: huge-page memory; `FERRUM_WEIGHTS_MEMORY=mmap` maps).
     pub weights_memory: WeightsMemory,
+    /// RoPE scaling instead of the GGUF's; the default context becomes the scaled one.
+    pub rope_scaling: Option<RopeScaling>,
+    /// How the KV cache stores keys and values (default f16).
+    pub kv_type: KvType,
 }
 
 /// A loaded model.
@@ -43,7 +50,13 @@ pub struct LoadedModel {
 impl LoadedModel {
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let gguf = GgufFile::open_with(path, opts.weights_memory)?;
-        let model = Transformer::load(&gguf)?;
+        let model = Transformer::load_with(
+            &gguf,
+            &ModelOptions {
+                rope_scaling: opts.rope_scaling,
+                kv_type: opts.kv_type,
+            },
+        )?;
         let tokenizer = Tokenizer::from_gguf(gguf.metadata())?;
         let template = match gguf.get("tokenizer.chat_template") {
             Some(_) => Some(ChatTemplate::from_gguf(gguf.metadata(), &tokenizer)?),
@@ -62,6 +75,8 @@ impl LoadedModel {
             arch = model.cfg.arch.name(),
             layers = model.cfg.n_layers,
             context_length,
+            rope_scaling = ?model.cfg.rope_scaling,
+            kv_type = model.kv_type().name(),
             threads = pool.n_threads(),
             "model loaded"
         );
@@ -82,9 +97,9 @@ impl LoadedModel {
         Session::new(&self.model, self.context_length)
     }
 
-    /// KV cache bytes per position of this model (keys and values of every layer, f16).
+    /// KV cache bytes per position of this model (keys and values of every layer).
     pub fn kv_bytes_per_position(&self) -> usize {
-        2 * self.model.cfg.n_layers * self.model.cfg.kv_dim() * 2
+        2 * self.model.cfg.n_layers * self.model.kv_type().row_bytes(self.model.cfg.kv_dim())
     }
 
     /// The factory of grammar constraints over this model's vocabulary.

@@ -40,6 +40,8 @@ pub enum EngineError {
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error(transparent)]
     Template(#[from] crate::chat_template::TemplateError),
+    #[error("invalid model option: {0}")]
+    InvalidOption(String),
     #[error("internal engine error: {0}")]
     Internal(String),
 }

@@ -191,6 +191,20 @@ impl ModelHandle {
         opts: EngineOptions,
         draft: Option<Draft>,
     ) -> std::io::Result<ModelHandle> {
+        let mut model = model;
+        let (n_blocks, _) = pool_size(&model, &opts);
+        let pool_positions = n_blocks * opts.block_size.max(1);
+        if model.context_length > pool_positions {
+            // One sequence can never hold more than the pool, so the window the API enforces
+            // (with `context_length_exceeded`) is what fits.
+            tracing::warn!(
+                context_length = model.context_length,
+                kv_positions = pool_positions,
+                "the KV memory budget holds fewer positions than the context window; \
+                 requests are limited to what fits (raise --kv-budget-mib or use --kv-type q8_0)"
+            );
+            model.context_length = pool_positions;
+        }
         let model = Arc::new(model);
         let queue = Arc::new(Queue {
             state: Mutex::default(),
@@ -298,6 +312,18 @@ struct Engine<'m> {
     drafter: Option<Drafter>,
 }
 
+/// Blocks of a model's KV pool under `opts`' memory budget, and the bytes of one block.
+fn pool_size(model: &LoadedModel, opts: &EngineOptions) -> (usize, usize) {
+    let cfg = &model.model.cfg;
+    let per_block = KvStorage::bytes_per_block(
+        cfg.n_layers,
+        cfg.kv_dim(),
+        opts.block_size.max(1),
+        model.model.kv_type(),
+    );
+    ((opts.kv_budget_bytes / per_block).max(1), per_block)
+}
+
 impl<'m> Engine<'m> {
     fn new(
         model: &'m LoadedModel,
@@ -307,14 +333,15 @@ impl<'m> Engine<'m> {
     ) -> Self {
         let cfg = &model.model.cfg;
         let block_size = opts.block_size.max(1);
-        let per_block = KvStorage::bytes_per_block(cfg.n_layers, cfg.kv_dim(), block_size);
-        let n_blocks = (opts.kv_budget_bytes / per_block).max(1);
+        let kv_type = model.model.kv_type();
+        let (n_blocks, per_block) = pool_size(model, &opts);
         stats
             .kv_blocks_total
             .store(n_blocks as u64, Ordering::Relaxed);
         tracing::info!(
             blocks = n_blocks,
             block_size,
+            kv_type = kv_type.name(),
             mib = (n_blocks * per_block) >> 20,
             "KV block pool"
         );
@@ -323,7 +350,7 @@ impl<'m> Engine<'m> {
             opts,
             stats,
             ws: Workspace::default(),
-            storage: KvStorage::new(cfg.n_layers, cfg.kv_dim(), n_blocks, block_size),
+            storage: KvStorage::new(cfg.n_layers, cfg.kv_dim(), n_blocks, block_size, kv_type),
             blocks: BlockAllocator::new(n_blocks),
             running: Vec::new(),
             preempted: VecDeque::new(),
@@ -874,8 +901,12 @@ impl<'m> Engine<'m> {
     fn publish_stats(&self) {
         let s = &self.stats;
         let cfg = &self.model.model.cfg;
-        let per_block =
-            KvStorage::bytes_per_block(cfg.n_layers, cfg.kv_dim(), self.storage.block_size());
+        let per_block = KvStorage::bytes_per_block(
+            cfg.n_layers,
+            cfg.kv_dim(),
+            self.storage.block_size(),
+            self.storage.kind(),
+        );
         s.running
             .store(self.running.len() as u64, Ordering::Relaxed);
         s.kv_bytes

@@ -5,16 +5,16 @@ mod common;
 
 /// Two candidates closer than this (in nats) are a near tie: kernel rounding may pick either.
 ///
-/// Measured 2026-11-24 (teacher-forced over every reference position, prompts fed in
+/// Measured 2026-12-03 (teacher-forced over every reference position, prompts fed in
 /// llama-server's 512-token micro-batches): top-1 agreement nano 541/541, mini 396/396, gpt-4.1
-/// 397/397 = 100%; mean |logprob diff| 0.0012 / 0.0008 / 0.0013. ferrum follows llama.cpp's x86
+/// 397/397 = 100%; mean |logprob diff| 0.0008 / 0.0005 / 0.0012. ferrum follows llama.cpp's x86
 /// arithmetic bit for bit (summation order of every quantized dot product, in its one-row and
 /// batched kernels; activation quantization; RoPE's fused multiply-adds; ggml's vectorised
-/// `expf` in SwiGLU; its CPU flash attention with f16 query and f16 value accumulation), which
-/// was checked tensor by tensor against libllama at the reference commit. The remaining
-/// logprob differences come from llama.cpp's tiled flash-attention kernel for prompt chunks of
-/// 64 tokens or more and its split-KV decode attention past 512 cached positions, which ferrum
-/// does not reproduce (two long prompts).
+/// `expf` in SwiGLU; its CPU flash attention: per token with f16 query and f16 value
+/// accumulation, and its tiled f32 kernel for prompt chunks of 64 tokens or more), which was
+/// checked tensor by tensor against libllama at the reference commit. The remaining logprob
+/// differences come from llama.cpp's split-KV decode attention past 512 cached positions
+/// (two threads), which ferrum does not reproduce (two long prompts).
 const NEAR_TIE: f32 = 0.35;
 
 /// llama-server's default physical batch size (`n_ubatch`).

@@ -350,6 +350,38 @@ fn preemption_under_a_tiny_kv_budget_keeps_every_output() {
     assert!(stats.kv_bytes.load(Relaxed) <= 4 << 20);
 }
 
+/// The context window the engine enforces is no larger than its KV pool: one sequence can
+/// never hold more, so a longer prompt is refused up front (`context_length_exceeded`) rather
+/// than failing after its prefill. A q8_0 cache holds about twice the positions.
+#[test]
+fn the_context_window_is_capped_by_the_kv_pool() {
+    let h = handle_with(EngineOptions {
+        kv_budget_bytes: 3 << 20,
+        ..Default::default()
+    });
+    let cfg = &h.model().model.cfg;
+    let per_block = 2 * cfg.n_layers * cfg.kv_dim() * 2 * 16;
+    let positions = (3 << 20) / per_block * 16;
+    assert!(positions < 1024);
+    assert_eq!(h.model().context_length, positions);
+    let load = LoadOptions {
+        context_length: Some(1024),
+        kv_type: ferrum_engine::kv::KvType::Q8_0,
+        ..Default::default()
+    };
+    let model = LoadedModel::load(&common::model_path("nano"), &load).unwrap();
+    let opts = EngineOptions {
+        kv_budget_bytes: 3 << 20,
+        ..Default::default()
+    };
+    let q8 = ModelHandle::spawn(model, opts).unwrap();
+    let q8_positions = q8.model().context_length;
+    assert!(
+        q8_positions >= positions * 15 / 8,
+        "{q8_positions} vs f16 {positions}"
+    );
+}
+
 /// A request cancelled while some of its choices were preempted ends cleanly, and the engine
 /// goes on serving.
 #[test]

@@ -43,6 +43,51 @@ pub struct Tier {
     /// Another tier whose model proposes tokens for this one (speculative decoding).
     #[serde(default)]
     pub draft: Option<DraftConfig>,
+    /// RoPE scaling to stretch the context window past the one the weights were trained on.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScalingConfig>,
+    /// How the KV cache stores keys and values; `None` takes the server's `--kv-type`.
+    #[serde(default)]
+    pub kv_type: Option<KvCacheType>,
+}
+
+/// RoPE scaling of a tier, as in Hugging Face's `rope_scaling` and llama.cpp's
+/// `--rope-scaling`: `{ type = "yarn", factor = 4.0, original_context = 32768 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScalingConfig {
+    #[serde(rename = "type")]
+    pub kind: RopeScalingKind,
+    /// How much longer the context becomes (>= 1).
+    pub factor: f32,
+    /// The context the weights were trained on (YaRN); default: the GGUF's context length.
+    #[serde(default)]
+    pub original_context: Option<usize>,
+    /// YaRN's ramp bounds in rotations over the original context (default 32 and 1).
+    #[serde(default)]
+    pub beta_fast: Option<f32>,
+    #[serde(default)]
+    pub beta_slow: Option<f32>,
+}
+
+/// The RoPE scaling methods ferrum implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeScalingKind {
+    /// YaRN: interpolate low frequencies, keep high ones, with an attention temperature.
+    Yarn,
+    /// Position interpolation: every angle divided by the factor.
+    Linear,
+}
+
+/// KV cache storage types (llama.cpp's `--cache-type-k/-v` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum KvCacheType {
+    #[serde(rename = "f16")]
+    F16,
+    /// 8-bit blocks: half the memory of f16.
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 /// Draft-model speculative decoding for a tier: a smaller tier with the same tokenizer proposes
@@ -135,6 +180,24 @@ impl Tier {
         }
         if self.context_length == Some(0) {
             return Err("`context_length` must be greater than 0".into());
+        }
+        if let Some(r) = &self.rope_scaling {
+            if !(r.factor.is_finite() && r.factor >= 1.0) {
+                return Err(format!(
+                    "`rope_scaling.factor` must be a number >= 1, got {}",
+                    r.factor
+                ));
+            }
+            if r.original_context == Some(0) {
+                return Err("`rope_scaling.original_context` must be greater than 0".into());
+            }
+            let betas = [r.beta_fast, r.beta_slow];
+            if betas.iter().flatten().any(|b| !(b.is_finite() && *b > 0.0)) {
+                return Err("`rope_scaling.beta_fast` and `beta_slow` must be > 0".into());
+            }
+            if r.kind == RopeScalingKind::Linear && betas.iter().any(Option::is_some) {
+                return Err("`beta_fast` and `beta_slow` apply to YaRN only".into());
+            }
         }
         if let Some(d) = &self.draft {
             if !(1..=16).contains(&d.tokens) {

@@ -19,7 +19,10 @@ mod fetch;
 mod progress;
 mod weights;
 
-pub use config::{DraftConfig, LoadPolicy, Price, Registry, Tier, CONFIG_ENV, DEFAULT_CONFIG};
+pub use config::{
+    DraftConfig, KvCacheType, LoadPolicy, Price, Registry, RopeScalingConfig, RopeScalingKind,
+    Tier, CONFIG_ENV, DEFAULT_CONFIG,
+};
 pub use error::RegistryError;
 pub use fetch::{
     ensure_weights, ensure_weights_with, ferrum_home, locate_weights, models_dir, FetchOptions,

@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use ferrum_registry::{LoadPolicy, Price, Registry, RegistryError, WeightsSource, DEFAULT_CONFIG};
+use ferrum_registry::{
+    KvCacheType, LoadPolicy, Price, Registry, RegistryError, RopeScalingConfig, RopeScalingKind,
+    WeightsSource, DEFAULT_CONFIG,
+};
 
 /// Parses an inline config and returns the validation message, failing if it was accepted.
 fn config_error(toml: &str) -> String {
@@ -33,6 +36,56 @@ fn embedded_default_has_the_three_tiers() {
         assert_eq!(tier.aliases, [format!("{}-2025-04-14", tier.id)]);
         assert_eq!(tier.load, LoadPolicy::Startup);
         assert_eq!(tier.context_length, None);
+        assert_eq!((tier.rope_scaling, tier.kv_type), (None, None));
+    }
+}
+
+#[test]
+fn rope_scaling_and_kv_type_are_read_and_checked() {
+    let toml = tier("a", "", PATH_WEIGHTS)
+        + "rope_scaling = { type = \"yarn\", factor = 4.0, original_context = 32768 }\n\
+           kv_type = \"q8_0\"\n"
+        + &tier("b", "", PATH_WEIGHTS)
+        + "rope_scaling = { type = \"linear\", factor = 2 }\nkv_type = \"f16\"\n";
+    let registry = Registry::from_toml_str(&toml, None).unwrap();
+    let a = registry.resolve("a").unwrap();
+    assert_eq!(
+        a.rope_scaling,
+        Some(RopeScalingConfig {
+            kind: RopeScalingKind::Yarn,
+            factor: 4.0,
+            original_context: Some(32768),
+            beta_fast: None,
+            beta_slow: None,
+        })
+    );
+    assert_eq!(a.kv_type, Some(KvCacheType::Q8_0));
+    let b = registry.resolve("b").unwrap();
+    assert_eq!(b.rope_scaling.unwrap().kind, RopeScalingKind::Linear);
+    assert_eq!(b.kv_type, Some(KvCacheType::F16));
+    for (extra, expected) in [
+        ("rope_scaling = { type = \"yarn\", factor = 0.5 }", "factor"),
+        (
+            "rope_scaling = { type = \"yarn\", factor = 4, original_context = 0 }",
+            "original_context",
+        ),
+        (
+            "rope_scaling = { type = \"yarn\", factor = 4, beta_fast = -1 }",
+            "beta",
+        ),
+        (
+            "rope_scaling = { type = \"linear\", factor = 4, beta_slow = 2 }",
+            "YaRN only",
+        ),
+        ("rope_scaling = { type = \"ntk\", factor = 4 }", "ntk"),
+        ("rope_scaling = { factor = 4 }", "type"),
+        ("kv_type = \"q4_0\"", "q4_0"),
+    ] {
+        let message = config_error(&(tier("a", "", PATH_WEIGHTS) + extra + "\n"));
+        assert!(
+            message.contains(expected),
+            "{extra}: expected {expected:?} in {message}"
+        );
     }
 }
 

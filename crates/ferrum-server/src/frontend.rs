@@ -282,6 +282,7 @@ pub fn engine_error(e: EngineError) -> ApiError {
         | EngineError::BadTensorShape { .. }
         | EngineError::UnsupportedArchitecture(_)
         | EngineError::UnsupportedQuantization { .. }
+        | EngineError::InvalidOption(_)
         | EngineError::Internal(_)) => ApiError::internal(e.to_string()),
     }
 }

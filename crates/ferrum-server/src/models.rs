@@ -10,9 +10,13 @@ use std::sync::{Arc, RwLock};
 use ferrum_engine::draft::Draft;
 use ferrum_engine::engine::{LoadOptions, LoadedModel};
 use ferrum_engine::gguf::WeightsMemory;
+use ferrum_engine::kv::KvType;
+use ferrum_engine::model::ops::RopeScaling;
 use ferrum_engine::service::{EngineOptions, ModelHandle};
 use ferrum_protocol::ApiError;
-use ferrum_registry::{LoadPolicy, Registry, Tier, WeightsSource};
+use ferrum_registry::{
+    KvCacheType, LoadPolicy, Registry, RopeScalingConfig, RopeScalingKind, Tier, WeightsSource,
+};
 use tokio::sync::Mutex;
 
 /// How models are loaded and scheduled.
@@ -22,6 +26,24 @@ pub struct EngineConfig {
     pub threads: Option<usize>,
     /// Per model: queue size, sequences batched together, tokens per step, KV memory.
     pub scheduling: EngineOptions,
+    /// The KV cache type of tiers whose config does not name one.
+    pub kv_type: KvType,
+}
+
+/// A tier's RoPE scaling in the engine's terms.
+fn rope_scaling(config: &RopeScalingConfig) -> RopeScaling {
+    match config.kind {
+        RopeScalingKind::Linear => RopeScaling::Linear {
+            factor: config.factor,
+        },
+        RopeScalingKind::Yarn => RopeScaling::Yarn {
+            factor: config.factor,
+            // 0: the GGUF's context length.
+            original_context: config.original_context.unwrap_or(0),
+            beta_fast: config.beta_fast.unwrap_or(32.0),
+            beta_slow: config.beta_slow.unwrap_or(1.0),
+        },
+    }
 }
 
 /// A tier that is ready to serve.
@@ -238,6 +260,12 @@ impl Models {
             context_length: tier.context_length,
             prefill_chunk: None,
             weights_memory: WeightsMemory::from_env(),
+            rope_scaling: tier.rope_scaling.as_ref().map(rope_scaling),
+            kv_type: match tier.kv_type {
+                Some(KvCacheType::F16) => KvType::F16,
+                Some(KvCacheType::Q8_0) => KvType::Q8_0,
+                None => self.config.kv_type,
+            },
         };
         let scheduling = self.config.scheduling.clone();
         let id = tier.id.clone();

@@ -8,6 +8,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ferrum_engine::engine::{LoadOptions, LoadedModel};
 use ferrum_engine::generate::{FinishReason, GenerateParams};
+use ferrum_engine::kv::KvType;
+use ferrum_engine::model::ops::RopeScaling;
 use ferrum_engine::sampler::SamplingParams;
 use ferrum_registry::Registry;
 
@@ -55,9 +57,38 @@ pub struct ModelArgs {
     /// Kernel threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Context window in tokens (default: the model's).
+    /// Context window in tokens (default: the model's, or the scaled one with --rope-scaling).
     #[arg(long)]
     pub context_length: Option<usize>,
+    /// RoPE scaling to stretch the context: yarn or linear (with --rope-scale), as llama.cpp's
+    /// --rope-scaling.
+    #[arg(long, value_parser = ["yarn", "linear"], requires = "rope_scale")]
+    pub rope_scaling: Option<String>,
+    /// The RoPE scaling factor (e.g. 4 to go from 32k to 128k positions).
+    #[arg(long, requires = "rope_scaling")]
+    pub rope_scale: Option<f32>,
+    /// YaRN's original context (default: the model's).
+    #[arg(long)]
+    pub yarn_orig_ctx: Option<usize>,
+    /// KV cache type: f16 or q8_0 (half the memory).
+    #[arg(long, default_value = "f16", value_parser = parse_kv_type)]
+    pub kv_type: KvType,
+}
+
+/// Parses `--kv-type`.
+pub fn parse_kv_type(s: &str) -> Result<KvType, String> {
+    KvType::parse(s).ok_or_else(|| format!("expected f16 or q8_0, got {s:?}"))
+}
+
+impl ModelArgs {
+    /// The RoPE scaling the flags ask for.
+    pub fn rope_scaling(&self) -> Option<RopeScaling> {
+        let factor = self.rope_scale?;
+        Some(match self.rope_scaling.as_deref()? {
+            "linear" => RopeScaling::Linear { factor },
+            _ => RopeScaling::yarn(factor, self.yarn_orig_ctx.unwrap_or(0)),
+        })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -180,6 +211,8 @@ pub fn load_model(registry: &Registry, args: &ModelArgs) -> anyhow::Result<Loade
         context_length: args.context_length,
         prefill_chunk: None,
         weights_memory: ferrum_engine::gguf::WeightsMemory::from_env(),
+        rope_scaling: args.rope_scaling(),
+        kv_type: args.kv_type,
     };
     Ok(LoadedModel::load(&path, &opts)?)
 }

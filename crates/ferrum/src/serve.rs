@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// Positions per KV block: the granularity of prefix reuse and of KV allocation.
     #[arg(long, default_value_t = ferrum_engine::kv::DEFAULT_BLOCK_SIZE)]
     pub kv_block_size: usize,
+    /// KV cache type of tiers whose config names none: f16, or q8_0 (half the memory, so
+    /// twice the context or sequences in the same budget).
+    #[arg(long, default_value = "f16", value_parser = crate::cli::parse_kv_type)]
+    pub kv_type: ferrum_engine::kv::KvType,
     /// Directory of file contents (uploads, batch outputs); default: `files/` beside the
     /// SQLite database, else in $FERRUM_HOME. Servers sharing a Postgres database must share it.
     #[arg(long, env = "FERRUM_DATA_DIR")]
@@ -119,6 +123,7 @@ pub fn serve(registry: Registry, args: ServeArgs) -> anyhow::Result<()> {
                     kv_budget_bytes: args.kv_budget_mib << 20,
                     block_size: args.kv_block_size.max(1),
                 },
+                kv_type: args.kv_type,
             },
             api_key: args.api_key.filter(|k| !k.is_empty()),
             blobs,

@@ -13,11 +13,26 @@
 //! to f16 when a lane's maximum moves, and the value multiply-add rounded to f16. So a prompt's
 //! attention is bit-identical to attending token by token (tested), and a token's result does
 //! not depend on how its prompt was cut into chunks.
+//!
+//! Chunks of [`F32_MIN_TOKENS`] tokens or more take [`attend_tile_f32`] instead: llama.cpp's
+//! own tiled attention for large prompt batches (`ggml_compute_forward_flash_attn_ext_tiled`),
+//! all in f32: the query as is, each score one fused multiply-add chain over the head, the
+//! softmax maximum moved once per block of 64 keys, weights from ggml's vectorised `exp`, and
+//! the value sum an f32 multiply-add chain. No f16 rounding per key makes it the faster kernel,
+//! and it reproduces llama.cpp's prompt evaluation bit for bit (tested against a scalar port).
 
 use half::f16;
 
 /// Queries per tile.
 pub const TILE: usize = 16;
+
+/// Keys per block of the f32 kernel (llama.cpp's `GGML_FA_TILE_KV`): its softmax maximum moves
+/// once per block, at absolute positions `0, 64, 128, ...`.
+pub const KV_BLOCK: usize = 64;
+
+/// The fewest tokens of a prompt chunk for which llama.cpp evaluates attention with its tiled
+/// f32 kernel (`GGML_FA_TILE_Q`), and so does ferrum.
+pub const F32_MIN_TOKENS: usize = 64;
 
 /// Whether this CPU runs the tiled kernel.
 pub fn available() -> bool {
@@ -28,6 +43,7 @@ pub fn available() -> bool {
         *ON.get_or_init(|| {
             std::env::var("FERRUM_FLASH").map_or(true, |v| v != "off" && v != "0")
                 && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512dq")
                 && is_x86_feature_detected!("f16c")
                 && is_x86_feature_detected!("fma")
         })
@@ -48,6 +64,8 @@ pub struct FlashScratch {
     v: Vec<f32>,
     /// One query's result, handed to the caller.
     row: Vec<f32>,
+    /// The f32 kernel's scores, then weights, of one key block (`[key][lane]`).
+    kq: Vec<f32>,
 }
 
 /// Attention of `n_q <= 16` consecutive queries at positions `pos0..pos0 + n_q` over the keys
@@ -69,7 +87,9 @@ pub fn attend_tile<'a>(
 ) {
     assert!(available(), "the tiled attention needs AVX-512");
     assert!((1..=TILE).contains(&n_q));
-    let FlashScratch { qt, ot, k, v, row } = scratch;
+    let FlashScratch {
+        qt, ot, k, v, row, ..
+    } = scratch;
     qt.clear();
     qt.resize(hd * TILE, 0.0);
     for i in 0..n_q {
@@ -96,6 +116,77 @@ pub fn attend_tile<'a>(
         // SAFETY: `available` checked the features; the buffers hold `hd × 16` floats.
         unsafe {
             x86::block(hd, nk, kpos, pos0, scale, qt, k, v, ot, &mut state)
+        };
+        kpos += nk;
+    }
+    row.resize(hd, 0.0);
+    for i in 0..n_q {
+        let inv = if state.l[i] == 0.0 {
+            0.0
+        } else {
+            1.0 / state.l[i]
+        };
+        for (d, o) in row.iter_mut().enumerate() {
+            *o = ot[d * TILE + i] * inv;
+        }
+        out(i, row);
+    }
+}
+
+/// Attention of `n_q <= 16` consecutive queries at positions `pos0..pos0 + n_q`, as
+/// [`attend_tile`], in llama.cpp's tiled f32 arithmetic (see the module doc). Each query's
+/// result depends only on its own position, not on the tile it is in.
+///
+/// # Panics
+/// If [`available`] is false, or `kv` yields fewer than `pos0 + n_q` rows.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_tile_f32<'a>(
+    hd: usize,
+    n_q: usize,
+    pos0: usize,
+    q: impl Fn(usize) -> &'a [f32],
+    kv: impl Iterator<Item = (&'a [f16], &'a [f16])>,
+    scale: f32,
+    scratch: &mut FlashScratch,
+    mut out: impl FnMut(usize, &[f32]),
+) {
+    assert!(available(), "the tiled attention needs AVX-512");
+    assert!((1..=TILE).contains(&n_q) && hd.is_multiple_of(16));
+    let FlashScratch {
+        qt,
+        ot,
+        k,
+        v,
+        row,
+        kq,
+    } = scratch;
+    qt.clear();
+    qt.resize(hd * TILE, 0.0);
+    for i in 0..n_q {
+        for (d, &x) in q(i).iter().enumerate() {
+            qt[d * TILE + i] = x;
+        }
+    }
+    ot.clear();
+    ot.resize(hd * TILE, 0.0);
+    k.resize(hd * KV_BLOCK, 0.0);
+    v.resize(hd * KV_BLOCK, 0.0);
+    kq.resize(KV_BLOCK * TILE, 0.0);
+    let n_ctx = pos0 + n_q;
+    let mut state = Softmax::new();
+    let mut kv = kv.take(n_ctx);
+    let mut kpos = 0;
+    while kpos < n_ctx {
+        let nk = (n_ctx - kpos).min(KV_BLOCK);
+        for j in 0..nk {
+            let (kr, vr) = kv.next().expect("a key and value per position");
+            widen(kr, &mut k[j * hd..(j + 1) * hd]);
+            widen(vr, &mut v[j * hd..(j + 1) * hd]);
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available` checked the features; the buffers have the sizes set above.
+        unsafe {
+            x86::block_f32(hd, nk, kpos, pos0, scale, qt, k, v, kq, ot, &mut state)
         };
         kpos += nk;
     }
@@ -159,6 +250,164 @@ mod x86 {
         _mm512_cvtph_ps(_mm512_cvtps_ph::<
             { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
         >(x))
+    }
+
+    /// `ggml_v_expf`, the AVX-512 version (see `ops::ggml_expf`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    fn ggml_expf(x: __m512) -> __m512 {
+        use crate::model::ops::{EXP_LN2_HI, EXP_LN2_LO, EXP_LOG2E, EXP_POLY, EXP_SHIFT};
+        let c = |b: u32| _mm512_set1_ps(f32::from_bits(b));
+        let r = c(EXP_SHIFT);
+        let n = _mm512_sub_ps(_mm512_fmadd_ps(x, c(EXP_LOG2E), r), r);
+        let b = _mm512_fnmadd_ps(n, c(EXP_LN2_LO), _mm512_fnmadd_ps(n, c(EXP_LN2_HI), x));
+        let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+        let u = _mm512_mul_ps(b, b);
+        let p = EXP_POLY;
+        let j = _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_fmadd_ps(c(p[0]), b, c(p[1])),
+                u,
+                _mm512_fmadd_ps(c(p[2]), b, c(p[3])),
+            ),
+            u,
+            _mm512_fmadd_ps(c(p[4]), b, _mm512_set1_ps(1.0)),
+        );
+        let res = _mm512_scalef_ps(j, n);
+        if d == 0 {
+            return res;
+        }
+        let zero = _mm512_setzero_ps();
+        let le = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, zero);
+        let alt = _mm512_mask_blend_ps(le, _mm512_set1_ps(f32::INFINITY), zero);
+        _mm512_mask_blend_ps(d, res, alt)
+    }
+
+    /// One block of `nk <= 64` keys at positions `kpos..kpos + nk` (`kpos` a multiple of 64)
+    /// against the tile's queries at `pos0..pos0 + 16`, as one iteration of llama.cpp's tiled
+    /// kernel: scores, the block maximum, rescaling, weights and their sum, values.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/DQ and FMA; `qt` and `ot` must hold `hd × 16` floats,
+    /// `k` and `v` `hd × 64`, `kq` `64 × 16`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    pub(super) unsafe fn block_f32(
+        hd: usize,
+        nk: usize,
+        kpos: usize,
+        pos0: usize,
+        scale: f32,
+        qt: &[f32],
+        k: &[f32],
+        v: &[f32],
+        kq: &mut [f32],
+        ot: &mut [f32],
+        st: &mut Softmax,
+    ) {
+        const KEYS: usize = 8;
+        assert!(qt.len() >= hd * TILE && ot.len() >= hd * TILE && hd.is_multiple_of(16));
+        assert!(k.len() >= hd * 64 && v.len() >= hd * 64 && kq.len() >= 64 * TILE && nk <= 64);
+        // SAFETY (whole body): indices stay below the asserted sizes (key rows below 64).
+        unsafe {
+            let (qp, kp, vp, op, sp) = (
+                qt.as_ptr(),
+                k.as_ptr(),
+                v.as_ptr(),
+                ot.as_mut_ptr(),
+                kq.as_mut_ptr(),
+            );
+            let lane = _mm512_add_epi32(
+                _mm512_set1_epi32(pos0 as i32),
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            );
+            let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+            // Scores: a multiply-add chain over the head per (query, key), eight keys at a time
+            // so the chains overlap; keys past a lane's position are -inf.
+            for j0 in (0..nk).step_by(KEYS) {
+                let mut acc = [_mm512_setzero_ps(); KEYS];
+                for d in 0..hd {
+                    let qv = _mm512_loadu_ps(qp.add(d * TILE));
+                    for (b, a) in acc.iter_mut().enumerate() {
+                        let kd = *kp.add((j0 + b).min(63) * hd + d);
+                        *a = _mm512_fmadd_ps(qv, _mm512_set1_ps(kd), *a);
+                    }
+                }
+                for (b, a) in acc.iter().enumerate().take(nk - j0) {
+                    let j = j0 + b;
+                    let valid = _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32((kpos + j) as i32));
+                    let s =
+                        _mm512_mask_blend_ps(valid, ninf, _mm512_mul_ps(*a, _mm512_set1_ps(scale)));
+                    _mm512_storeu_ps(sp.add(j * TILE), s);
+                }
+            }
+            // The block maximum; where it raises a lane's maximum, that lane's sum and values
+            // are rescaled by libm's exp(old - new).
+            let mut tmax = ninf;
+            for j in 0..nk {
+                tmax = _mm512_max_ps(tmax, _mm512_loadu_ps(sp.add(j * TILE)));
+            }
+            let m_old = _mm512_loadu_ps(st.m.as_ptr());
+            let m_new = _mm512_max_ps(m_old, tmax);
+            let raised = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m_new, m_old);
+            if raised != 0 {
+                let mut ms = [1f32; TILE];
+                let (mut mo, mut mn) = ([0f32; TILE], [0f32; TILE]);
+                _mm512_storeu_ps(mo.as_mut_ptr(), m_old);
+                _mm512_storeu_ps(mn.as_mut_ptr(), m_new);
+                for i in 0..TILE {
+                    if raised & (1 << i) != 0 {
+                        ms[i] = (mo[i] - mn[i]).exp();
+                        st.l[i] *= ms[i];
+                    }
+                }
+                let msv = _mm512_loadu_ps(ms.as_ptr());
+                for d in 0..hd {
+                    let o = op.add(d * TILE);
+                    _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), msv));
+                }
+            }
+            _mm512_storeu_ps(st.m.as_mut_ptr(), m_new);
+            // Weights exp(s - max) (masked keys: 0), summed per 16 keys in
+            // `_mm512_reduce_add_ps`'s order and over the block in f64, as
+            // `ggml_vec_soft_max_f32` does with keys in its lanes.
+            let mut sums = [0f64; TILE];
+            for g in (0..nk).step_by(16) {
+                let mut p = [_mm512_setzero_ps(); 16];
+                for (i, pi) in p.iter_mut().enumerate().take(nk - g) {
+                    let at = sp.add((g + i) * TILE);
+                    *pi = ggml_expf(_mm512_sub_ps(_mm512_loadu_ps(at), m_new));
+                    _mm512_storeu_ps(at, *pi);
+                }
+                let t: [__m512; 8] = std::array::from_fn(|i| _mm512_add_ps(p[i], p[i + 8]));
+                let t: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(t[i], t[i + 4]));
+                let r = _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
+                let mut rs = [0f32; TILE];
+                _mm512_storeu_ps(rs.as_mut_ptr(), r);
+                for (s, r) in sums.iter_mut().zip(rs) {
+                    *s += r as f64;
+                }
+            }
+            for (l, s) in st.l.iter_mut().zip(sums) {
+                *l = (*l as f64 + s) as f32;
+            }
+            // Values: per output element, a multiply-add chain over the keys in order; 16
+            // output rows stay in registers while the keys stream.
+            for d0 in (0..hd).step_by(16) {
+                let mut acc: [__m512; 16] =
+                    std::array::from_fn(|e| _mm512_loadu_ps(op.add((d0 + e) * TILE)));
+                for j in 0..nk {
+                    let w = _mm512_loadu_ps(sp.add(j * TILE));
+                    let vr = vp.add(j * hd + d0);
+                    for (e, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(w, _mm512_set1_ps(*vr.add(e)), *a);
+                    }
+                }
+                for (e, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(op.add((d0 + e) * TILE), *a);
+                }
+            }
+        }
     }
 
     /// The 16 queries' scores against key `k` (`hd` floats, a multiple of 64), in
@@ -268,6 +517,103 @@ mod tests {
     use crate::model::ops::{attend_f16, AttnScratch};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    /// llama.cpp's tiled f32 attention for one query at `pos`, ported line by line from
+    /// `ggml_compute_forward_flash_attn_ext_tiled` (scalar; the test oracle of
+    /// `attend_tile_f32`).
+    fn llama_tiled(q: &[f32], keys: &[f16], vals: &[f16], pos: usize, scale: f32) -> Vec<f32> {
+        use crate::model::ops::ggml_expf;
+        let hd = q.len();
+        let (mut m, mut s) = (f32::NEG_INFINITY, 0f32);
+        let mut acc = vec![0f32; hd];
+        for c in (0..=pos).step_by(KV_BLOCK) {
+            let n = KV_BLOCK.min(pos + 1 - c);
+            let sc: Vec<f32> = (c..c + n)
+                .map(|j| {
+                    let mut a = 0f32;
+                    for d in 0..hd {
+                        a = q[d].mul_add(keys[j * hd + d].to_f32(), a);
+                    }
+                    a * scale
+                })
+                .collect();
+            let m_new = m.max(sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)));
+            if m_new > m {
+                let ms = (m - m_new).exp();
+                acc.iter_mut().for_each(|a| *a *= ms);
+                s *= ms;
+            }
+            m = m_new;
+            let p: Vec<f32> = (0..KV_BLOCK)
+                .map(|i| if i < n { ggml_expf(sc[i] - m_new) } else { 0.0 })
+                .collect();
+            let mut sum = 0f64;
+            for g in p.chunks(16) {
+                let t: Vec<f32> = (0..8).map(|i| g[i] + g[i + 8]).collect();
+                let t: Vec<f32> = (0..4).map(|i| t[i] + t[i + 4]).collect();
+                sum += ((t[0] + t[2]) + (t[1] + t[3])) as f64;
+            }
+            s = (s as f64 + sum) as f32;
+            for (j, &w) in p.iter().enumerate().take(n) {
+                for d in 0..hd {
+                    acc[d] = w.mul_add(vals[(c + j) * hd + d].to_f32(), acc[d]);
+                }
+            }
+        }
+        let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+        acc.iter().map(|a| a * inv).collect()
+    }
+
+    /// The f32 tile against the scalar port of llama.cpp's kernel, bit for bit: first and
+    /// later tiles, partial tiles, key blocks cut across a tile, both head sizes.
+    #[test]
+    fn f32_tiles_match_llama_cpp_tiled_attention() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU, the tiled attention is not used");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(9);
+        for (hd, n_ctx) in [(64, 40), (128, 150), (64, 300)] {
+            let keys: Vec<f16> = (0..n_ctx * hd)
+                .map(|_| f16::from_f32(rng.gen_range(-3.0..3.0)))
+                .collect();
+            let vals: Vec<f16> = (0..n_ctx * hd)
+                .map(|_| f16::from_f32(rng.gen_range(-1.0..1.0)))
+                .collect();
+            let qs: Vec<f32> = (0..n_ctx * hd).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            let rows =
+                (0..n_ctx).map(|p| (&keys[p * hd..(p + 1) * hd], &vals[p * hd..(p + 1) * hd]));
+            let mut scratch = FlashScratch::default();
+            for pos0 in (0..n_ctx)
+                .step_by(TILE)
+                .chain([3, 57, n_ctx - 5])
+                .filter(|&p| p < n_ctx)
+            {
+                let n_q = (n_ctx - pos0).min(TILE);
+                attend_tile_f32(
+                    hd,
+                    n_q,
+                    pos0,
+                    |i| &qs[(pos0 + i) * hd..(pos0 + i + 1) * hd],
+                    rows.clone(),
+                    scale,
+                    &mut scratch,
+                    |i, got| {
+                        let p = pos0 + i;
+                        let want = llama_tiled(&qs[p * hd..(p + 1) * hd], &keys, &vals, p, scale);
+                        for (d, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                w.to_bits(),
+                                "hd={hd} query {p} dim {d}: tile {g}, llama.cpp {w}"
+                            );
+                        }
+                    },
+                );
+            }
+        }
+    }
 
     /// The tile against the per-token path, bit for bit, for chunks that start at and after position 0,
     /// partial tiles, both head sizes.

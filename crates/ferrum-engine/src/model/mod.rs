@@ -9,7 +9,7 @@ pub mod transformer;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use ops::RopeStyle;
+use ops::{RopeScaling, RopeStyle};
 
 /// Architectures ferrum runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +42,15 @@ impl Arch {
     }
 }
 
+/// A deployment's choices for a model, beyond what its GGUF says.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ModelOptions {
+    /// RoPE scaling to use instead of the GGUF's (which is usually none).
+    pub rope_scaling: Option<RopeScaling>,
+    /// How the KV cache stores keys and values.
+    pub kv_type: crate::kv::KvType,
+}
+
 /// Hyper-parameters of a decoder-only transformer, read from GGUF metadata.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -55,6 +64,8 @@ pub struct ModelConfig {
     pub rope_dims: usize,
     pub rope_base: f32,
     pub rope_style: RopeStyle,
+    /// RoPE scaling from the GGUF (`<arch>.rope.scaling.*`) or the deployment's config.
+    pub rope_scaling: Option<RopeScaling>,
     pub rms_eps: f32,
     pub context_length: usize,
     pub vocab_size: usize,
@@ -86,12 +97,44 @@ impl ModelConfig {
                 .unwrap_or(head_dim),
             rope_base: gguf.get_f32(&key("rope.freq_base")).unwrap_or(10_000.0),
             rope_style: arch.rope_style(),
+            rope_scaling: None,
             rms_eps: gguf.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
             context_length: gguf.get_usize(&key("context_length"))?,
             vocab_size,
         };
+        let cfg = ModelConfig {
+            rope_scaling: rope_scaling_of(gguf, &key, cfg.context_length)?,
+            ..cfg
+        };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Replaces the GGUF's RoPE scaling (a deployment's choice, e.g. YaRN to stretch Qwen2.5
+    /// from 32k to 128k positions). A YaRN `original_context` of 0 means the GGUF's context
+    /// length. The context window becomes the original context times the factor, as llama.cpp
+    /// sets it for a custom YaRN scaling.
+    pub fn with_rope_scaling(mut self, mut scaling: RopeScaling) -> Result<Self> {
+        let factor = scaling.factor();
+        if !(factor.is_finite() && factor >= 1.0) {
+            return Err(EngineError::InvalidOption(format!(
+                "the RoPE scaling factor must be a number >= 1, got {factor}"
+            )));
+        }
+        let original = match &mut scaling {
+            RopeScaling::Yarn {
+                original_context, ..
+            } => {
+                if *original_context == 0 {
+                    *original_context = self.context_length;
+                }
+                *original_context
+            }
+            RopeScaling::Linear { .. } => self.context_length,
+        };
+        self.context_length = (original as f64 * factor as f64) as usize;
+        self.rope_scaling = Some(scaling);
+        Ok(self)
     }
 
     fn validate(&self) -> Result<()> {
@@ -119,5 +162,39 @@ impl ModelConfig {
 
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
+    }
+}
+
+/// The RoPE scaling a GGUF declares (`<arch>.rope.scaling.type` and its parameters), as llama.cpp
+/// reads it: `none` or no key is plain RoPE.
+fn rope_scaling_of(
+    gguf: &GgufFile,
+    key: &dyn Fn(&str) -> String,
+    context_length: usize,
+) -> Result<Option<RopeScaling>> {
+    let Ok(kind) = gguf.get_str(&key("rope.scaling.type")) else {
+        return Ok(None);
+    };
+    let factor = gguf.get_f32(&key("rope.scaling.factor")).unwrap_or(0.0);
+    if kind == "none" || factor == 0.0 || factor == 1.0 {
+        return Ok(None);
+    }
+    match kind {
+        "linear" => Ok(Some(RopeScaling::Linear { factor })),
+        "yarn" => Ok(Some(RopeScaling::Yarn {
+            factor,
+            original_context: gguf
+                .get_usize(&key("rope.scaling.original_context_length"))
+                .unwrap_or(context_length),
+            beta_fast: gguf
+                .get_f32(&key("rope.scaling.yarn_beta_fast"))
+                .unwrap_or(32.0),
+            beta_slow: gguf
+                .get_f32(&key("rope.scaling.yarn_beta_slow"))
+                .unwrap_or(1.0),
+        })),
+        other => Err(EngineError::InvalidOption(format!(
+            "unsupported RoPE scaling type `{other}` (supported: none, linear, yarn)"
+        ))),
     }
 }

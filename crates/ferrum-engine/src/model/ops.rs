@@ -21,6 +21,43 @@ pub enum RopeStyle {
     Neox,
 }
 
+/// Rotary position scaling: stretches the positions a model was trained on over a longer
+/// context. Read from the GGUF's `<arch>.rope.scaling.*` keys, or set per tier in the config.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Position interpolation: every angle divided by `factor`.
+    Linear { factor: f32 },
+    /// YaRN (Peng et al. 2023, as llama.cpp computes it): high-frequency dimensions keep their
+    /// angles, low-frequency ones are interpolated by `factor`, with a linear ramp between the
+    /// dimensions that turn `beta_fast` and `beta_slow` times over `original_context`
+    /// positions, and every rotation scaled by `1 + 0.1 ln(factor)` (the attention
+    /// temperature).
+    Yarn {
+        factor: f32,
+        original_context: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+    },
+}
+
+impl RopeScaling {
+    /// YaRN with llama.cpp's default betas (32 and 1).
+    pub fn yarn(factor: f32, original_context: usize) -> Self {
+        RopeScaling::Yarn {
+            factor,
+            original_context,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        }
+    }
+
+    pub fn factor(&self) -> f32 {
+        match *self {
+            RopeScaling::Linear { factor } | RopeScaling::Yarn { factor, .. } => factor,
+        }
+    }
+}
+
 /// Precomputed inverse frequencies of RoPE, as ggml computes them.
 #[derive(Clone, Debug)]
 pub struct Rope {
@@ -28,14 +65,91 @@ pub struct Rope {
     /// Rotated dimensions per head (may be less than the head size).
     pub dims: usize,
     theta_scale: f32,
+    /// `None` for plain RoPE.
+    scaled: Option<ScaledRope>,
+}
+
+/// The constants of ggml's `rope_yarn` for a scaled RoPE.
+#[derive(Clone, Debug)]
+struct ScaledRope {
+    freq_scale: f32,
+    /// 1 for YaRN (mix interpolated and extrapolated angles), 0 for linear scaling.
+    ext_factor: f32,
+    /// What cos and sin are multiplied by.
+    mscale: f32,
+    /// The first and last dimension pair of the YaRN ramp.
+    corr: [f32; 2],
+}
+
+impl ScaledRope {
+    fn new(scaling: RopeScaling, dims: usize, base: f32) -> Self {
+        let freq_scale = 1.0 / scaling.factor();
+        match scaling {
+            RopeScaling::Linear { .. } => ScaledRope {
+                freq_scale,
+                ext_factor: 0.0,
+                mscale: 1.0,
+                corr: [0.0, 0.0],
+            },
+            RopeScaling::Yarn {
+                original_context,
+                beta_fast,
+                beta_slow,
+                ..
+            } => {
+                // llama.cpp's context setup sets the attention factor to the YaRN magnitude
+                // scale and then cancels it (llama-context.cpp: `yarn_attn_factor`), in plain
+                // f32 arithmetic; `rope_yarn` multiplies the magnitude scale back in, with a
+                // fused multiply-add in the -march=native build.
+                let factor = 1.0 / freq_scale;
+                let ln = factor.ln();
+                let mut attn = if factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1f32 * ln + 1.0
+                };
+                attn *= 1.0 / (1.0 + 0.1f32 * ln);
+                let mscale = attn * 0.1f32.mul_add((1.0 / freq_scale).ln(), 1.0);
+                // ggml_rope_yarn_corr_dims.
+                let corr_dim = |n_rot: f32| {
+                    dims as f32
+                        * (original_context as f32 / (n_rot * 2.0 * std::f32::consts::PI)).ln()
+                        / (2.0 * base.ln())
+                };
+                let start = corr_dim(beta_fast).floor();
+                let end = corr_dim(beta_slow).ceil();
+                ScaledRope {
+                    freq_scale,
+                    ext_factor: 1.0,
+                    mscale,
+                    corr: [start.max(0.0), end.min(dims as f32 - 1.0)],
+                }
+            }
+        }
+    }
+
+    /// ggml's `rope_yarn` for dimension pair `i` at angle `theta` (the unscaled one).
+    fn cos_sin(&self, theta: f32, i: usize) -> (f32, f32) {
+        let interp = self.freq_scale * theta;
+        let mut angle = interp;
+        if self.ext_factor != 0.0 {
+            let [low, high] = self.corr;
+            let y = (i as f32 - low) / 0.001f32.max(high - low);
+            let ramp = (1.0 - y.clamp(0.0, 1.0)) * self.ext_factor;
+            // `interp * (1 - ramp) + theta * ramp`, contracted as GCC does.
+            angle = interp.mul_add(1.0 - ramp, theta * ramp);
+        }
+        (angle.cos() * self.mscale, angle.sin() * self.mscale)
+    }
 }
 
 impl Rope {
-    pub fn new(style: RopeStyle, dims: usize, base: f32) -> Self {
+    pub fn new(style: RopeStyle, dims: usize, base: f32, scaling: Option<RopeScaling>) -> Self {
         Rope {
             style,
             dims,
             theta_scale: base.powf(-2.0 / dims as f32),
+            scaled: scaling.map(|s| ScaledRope::new(s, dims, base)),
         }
     }
 
@@ -45,8 +159,10 @@ impl Rope {
         // the rotation bit-close to llama.cpp's.
         let mut theta = pos as f32;
         for i in 0..self.dims / 2 {
-            cos[i] = theta.cos();
-            sin[i] = theta.sin();
+            (cos[i], sin[i]) = match &self.scaled {
+                None => (theta.cos(), theta.sin()),
+                Some(s) => s.cos_sin(theta, i),
+            };
             theta *= self.theta_scale;
         }
     }
@@ -114,11 +230,11 @@ fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
 // ggml_v_expf's constants (vec.h), as bits: 0x1.8p23, 0x1.715476p+0, 0x1.62e4p-1,
 // 0x1.7f7d1cp-20, then the polynomial's 0x1.0e4020p-7, 0x1.573e2ep-5, 0x1.555e66p-3,
 // 0x1.fffdb6p-2, 0x1.ffffecp-1.
-const EXP_SHIFT: u32 = 0x4b40_0000;
-const EXP_LOG2E: u32 = 0x3fb8_aa3b;
-const EXP_LN2_HI: u32 = 0x3f31_7200;
-const EXP_LN2_LO: u32 = 0x35bf_be8e;
-const EXP_POLY: [u32; 5] = [
+pub(crate) const EXP_SHIFT: u32 = 0x4b40_0000;
+pub(crate) const EXP_LOG2E: u32 = 0x3fb8_aa3b;
+pub(crate) const EXP_LN2_HI: u32 = 0x3f31_7200;
+pub(crate) const EXP_LN2_LO: u32 = 0x35bf_be8e;
+pub(crate) const EXP_POLY: [u32; 5] = [
     0x3c07_2010,
     0x3d2b_9f17,
     0x3e2a_af33,
@@ -153,18 +269,42 @@ fn pow2(n: i32) -> f32 {
     f32::from_bits(((n + 127) as u32) << 23)
 }
 
+/// The orthonormal Walsh-Hadamard transform of every `n`-element chunk of `x` (`n` a power of
+/// two), as ggml's CPU `fwht` computes it: each value scaled by `1/sqrt(n)` first, then the
+/// butterflies `(u + v, u - v)` at distances 1, 2, 4, ... The transform is its own inverse.
+pub fn fwht(x: &mut [f32], n: usize) {
+    debug_assert!(n.is_power_of_two() && x.len().is_multiple_of(n));
+    let scale = 1.0 / (n as f32).sqrt();
+    for row in x.chunks_exact_mut(n) {
+        row.iter_mut().for_each(|v| *v *= scale);
+        let mut len = 1;
+        while len < n {
+            for i in (0..n).step_by(2 * len) {
+                for j in i..i + len {
+                    let (u, v) = (row[j], row[j + len]);
+                    row[j] = u + v;
+                    row[j + len] = u - v;
+                }
+            }
+            len *= 2;
+        }
+    }
+}
+
 /// `x += y`.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, &b)| *a += b);
 }
 
-/// Scratch of [`attend_f16`], reused across calls.
+/// Scratch of [`attend_f16`] and [`attend_q8_0`], reused across calls.
 #[derive(Default)]
 pub struct AttnScratch {
     /// The query rounded to f16 (held as f32).
     q: Vec<f32>,
-    /// The running weighted sum of values, every element an f16 value (held as f32).
+    /// The running weighted sum of values (for f16 values, every element an f16 value).
     acc: Vec<f32>,
+    /// The query as q8_0 blocks (`u16` units keep the blocks' f16 scales aligned).
+    q8: Vec<u16>,
 }
 
 /// One query's attention over f16 keys and values, computed exactly as llama.cpp's CPU flash
@@ -186,7 +326,7 @@ pub fn attend_f16<'a>(
     out: &mut [f32],
 ) {
     let d = q.len();
-    let AttnScratch { q: q16, acc } = scratch;
+    let AttnScratch { q: q16, acc, .. } = scratch;
     q16.clear();
     q16.extend(q.iter().map(|&x| round_f16(x)));
     acc.clear();
@@ -209,6 +349,70 @@ pub fn attend_f16<'a>(
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
     for (o, a) in out.iter_mut().zip(acc.iter()) {
         *o = a * inv;
+    }
+}
+
+/// One query's attention over q8_0 keys and values (a `--kv-type q8_0` cache), computed as
+/// llama.cpp's CPU flash attention computes it for quantized K and V (the same
+/// `..._one_chunk`): the query quantized to q8_0 as ggml quantizes activations; each score
+/// ggml's `q8_0 x q8_0` dot product times `scale`; the online softmax of [`attend_f16`]; each
+/// value row dequantized to f32 and added to an f32 accumulator by fused multiply-add.
+///
+/// `kv` yields each position's key and value head as q8_0 blocks (`q.len() / 32` of them).
+pub fn attend_q8_0<'a>(
+    q: &[f32],
+    kv: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    scale: f32,
+    scratch: &mut AttnScratch,
+    out: &mut [f32],
+) {
+    use crate::kernels;
+    use candle_core::quantized::GgmlDType;
+    let d = q.len();
+    let AttnScratch { acc, q8, .. } = scratch;
+    q8.clear();
+    q8.resize(d / 32 * 17, 0);
+    // SAFETY: the same buffer, as bytes.
+    let qb = unsafe { std::slice::from_raw_parts_mut(q8.as_mut_ptr().cast::<u8>(), d / 32 * 34) };
+    kernels::quantize_row(GgmlDType::Q8_0, q, qb);
+    let dot = kernels::best_dot(GgmlDType::Q8_0);
+    acc.clear();
+    acc.resize(d, 0.0);
+    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for (k, v) in kv {
+        let s = dot(d, k, qb) * scale;
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if s > m {
+            let old = m;
+            m = s;
+            ms = (old - m).exp();
+            acc.iter_mut().for_each(|a| *a *= ms);
+        } else {
+            vs = (s - m).exp();
+        }
+        mad_q8_0(acc, v, vs);
+        sum = sum.mul_add(ms, vs);
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = a * inv;
+    }
+}
+
+/// `acc[i] = fma(dequantize(v)[i], w, acc[i])` for a row of q8_0 blocks, where a value
+/// dequantizes as ggml's `dequantize_row_q8_0` does it (`q * d`, rounded).
+fn mad_q8_0(acc: &mut [f32], v: &[u8], w: f32) {
+    assert_eq!(v.len(), acc.len() / 32 * 34);
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() {
+        // SAFETY: features checked above; the lengths agree (asserted).
+        return unsafe { x86::mad_q8_0(acc, v, w) };
+    }
+    for (a, b) in acc.chunks_exact_mut(32).zip(v.chunks_exact(34)) {
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        for (a, &q) in a.iter_mut().zip(&b[2..]) {
+            *a = (q as i8 as f32 * d).mul_add(w, *a);
+        }
     }
 }
 
@@ -383,6 +587,27 @@ mod x86 {
         }
     }
 
+    /// See `super::mad_q8_0`.
+    ///
+    /// # Safety
+    /// `v` holds `acc.len() / 32` q8_0 blocks and `acc.len()` is a multiple of 32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn mad_q8_0(acc: &mut [f32], v: &[u8], w: f32) {
+        let wv = _mm256_set1_ps(w);
+        for (a, b) in acc.chunks_exact_mut(32).zip(v.chunks_exact(34)) {
+            let d = _mm256_set1_ps(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
+            for j in (0..32).step_by(8) {
+                // SAFETY: `j + 8 <= 32` within the block's quants and the accumulator chunk.
+                unsafe {
+                    let q = _mm_loadl_epi64(b.as_ptr().add(2 + j).cast());
+                    let x = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+                    let p = a.as_mut_ptr().add(j);
+                    _mm256_storeu_ps(p, _mm256_fmadd_ps(x, wv, _mm256_loadu_ps(p)));
+                }
+            }
+        }
+    }
+
     /// `ggml_v_expf` (see `super::ggml_expf`) on eight lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -452,7 +677,7 @@ mod tests {
     #[test]
     fn rope_at_position_zero_is_identity_and_preserves_norm() {
         for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
-            let rope = Rope::new(style, 8, 10000.0);
+            let rope = Rope::new(style, 8, 10000.0, None);
             let (mut c, mut s) = (vec![0.0; 4], vec![0.0; 4]);
             let orig: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
             rope.cos_sin(0, &mut c, &mut s);
@@ -594,6 +819,22 @@ mod tests {
                     out[e]
                 );
             }
+        }
+    }
+
+    #[test]
+    fn fwht_is_orthonormal_and_its_own_inverse() {
+        let x = values(128, 3);
+        let mut y = x.clone();
+        fwht(&mut y, 64);
+        // The first output of each chunk is the chunk's sum over sqrt(64).
+        let sum: f32 = x[64..].iter().sum();
+        assert!((y[64] - sum / 8.0).abs() < 1e-3 * sum.abs().max(1.0));
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&x) - norm(&y)).abs() < 1e-3 * norm(&x));
+        fwht(&mut y, 64);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
         }
     }
 

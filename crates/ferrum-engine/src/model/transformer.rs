@@ -8,11 +8,11 @@ use std::cell::RefCell;
 
 use super::flash;
 use super::ops::{self, Rope};
-use super::ModelConfig;
+use super::{ModelConfig, ModelOptions};
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, TensorView};
 use crate::kernels::{self, MatmulJob, MatmulScratch, QMatrix, RowKind, ThreadPool};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvType};
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -37,6 +37,26 @@ pub struct Transformer {
     norm: Vec<f32>,
     output: QMatrix,
     rope: Rope,
+    kv_type: KvType,
+    /// For a quantized KV cache, the sizes of the Walsh-Hadamard rotations of queries and keys
+    /// and of values (see [`kv_rotation`]).
+    kv_rot: Option<(usize, usize)>,
+}
+
+/// llama.cpp rotates queries and keys, and values and attention outputs, by an orthonormal
+/// Walsh-Hadamard transform when the KV cache is quantized (`attn_rot_k/v`): attention is
+/// unchanged in exact arithmetic, but the rotation spreads outlier dimensions over a whole
+/// block, so q8_0 loses less. Keys use the largest power of two (from 64) dividing the head
+/// size; values 64. Heads whose size is not a multiple of 64 are not rotated.
+fn kv_rotation(kv_type: KvType, head_dim: usize) -> Option<(usize, usize)> {
+    if kv_type == KvType::F16 || !head_dim.is_multiple_of(64) {
+        return None;
+    }
+    let mut k = 64;
+    while head_dim.is_multiple_of(2 * k) {
+        k *= 2;
+    }
+    Some((k, 64))
 }
 
 /// Which positions of a forward pass need logits.
@@ -46,8 +66,12 @@ pub enum Logits {
     None,
     /// The last token only (ordinary generation).
     Last,
-    /// Every token (scoring, speculative verification).
+    /// Every token, each computed exactly as if it were decoded alone (speculative
+    /// verification).
     All,
+    /// Every token, computed as a prompt chunk (the batched kernels' summation order, as
+    /// llama.cpp scores a prompt): for scoring a prompt.
+    Prompt,
 }
 
 /// One sequence's part of a batched forward pass: its cache, its new tokens (at positions
@@ -138,7 +162,21 @@ fn matrix(gguf: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<QMatr
 
 impl Transformer {
     pub fn load(gguf: &GgufFile) -> Result<Self> {
-        let cfg = ModelConfig::from_gguf(gguf)?;
+        Self::load_with(gguf, &ModelOptions::default())
+    }
+
+    /// Loads the model with a deployment's options (RoPE scaling, KV cache type).
+    pub fn load_with(gguf: &GgufFile, opts: &ModelOptions) -> Result<Self> {
+        let mut cfg = ModelConfig::from_gguf(gguf)?;
+        if let Some(scaling) = opts.rope_scaling {
+            cfg = cfg.with_rope_scaling(scaling)?;
+        }
+        if opts.kv_type == KvType::Q8_0 && !cfg.head_dim.is_multiple_of(32) {
+            return Err(EngineError::InvalidOption(format!(
+                "a q8_0 KV cache needs a head size that is a multiple of 32 (this model's is {})",
+                cfg.head_dim
+            )));
+        }
         let (d, qd, kvd, ff) = (cfg.d_model, cfg.q_dim(), cfg.kv_dim(), cfg.d_ff);
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
@@ -165,20 +203,32 @@ impl Transformer {
         } else {
             embed.clone()
         };
-        let rope = Rope::new(cfg.rope_style, cfg.rope_dims, cfg.rope_base);
+        let rope = Rope::new(
+            cfg.rope_style,
+            cfg.rope_dims,
+            cfg.rope_base,
+            cfg.rope_scaling,
+        );
         Ok(Transformer {
             norm: f32_vector(gguf, "output_norm.weight", d)?,
             embed,
             layers,
             output,
             rope,
+            kv_type: opts.kv_type,
+            kv_rot: kv_rotation(opts.kv_type, cfg.head_dim),
             cfg,
         })
     }
 
+    /// How this model's KV caches store keys and values.
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
     /// A KV cache sized for this model, holding up to `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache::new(self.cfg.n_layers, self.cfg.kv_dim(), capacity)
+        KvCache::new(self.cfg.n_layers, self.cfg.kv_dim(), capacity, self.kv_type)
     }
 
     /// Bytes of weights read for one decode token: every layer matrix plus the output matrix.
@@ -280,14 +330,17 @@ impl Transformer {
             match seq.logits {
                 Logits::None => {}
                 Logits::Last => rows.push(first + n - 1),
-                Logits::All => rows.extend(first..first + n),
+                Logits::All | Logits::Prompt => rows.extend(first..first + n),
             }
             first += n;
         }
         let last = self.layers.len() - 1;
         for (l, layer) in self.layers.iter().enumerate() {
             self.attention_block(pool, ws, seqs, l, layer);
-            if l < last {
+            if l < last || rows.len() == t_len {
+                // (When every token needs logits, nothing is packed and the rows keep their
+                // kinds, so a scored prompt's last layer and logits are batched as llama.cpp
+                // batches them.)
                 self.ffn_block(pool, ws, layer, t_len);
             } else if !rows.is_empty() {
                 // The other tokens' last feed-forward feeds nothing (their keys and values are
@@ -386,9 +439,18 @@ impl Transformer {
             self.rope.cos_sin(pos, &mut ws.cos, &mut ws.sin);
             self.rope.apply(q, hd, &ws.cos, &ws.sin);
             self.rope.apply(k, hd, &ws.cos, &ws.sin);
+            if let Some((rk, rv)) = self.kv_rot {
+                ops::fwht(q, rk);
+                ops::fwht(k, rk);
+                ops::fwht(v, rv);
+            }
             seqs[s].kv.write(l, pos, k, v);
         }
         self.attend(pool, ws, seqs, l);
+        if let Some((_, rv)) = self.kv_rot {
+            // The values were rotated, so the outputs are; the transform is its own inverse.
+            ops::fwht(&mut ws.attn, rv);
+        }
         kernels::matmul(
             pool,
             &mut ws.scratch,
@@ -404,45 +466,52 @@ impl Transformer {
 
     /// Causal attention of every new query over its own sequence's cache. A prompt chunk of at
     /// least [`FLASH_MIN_TOKENS`] tokens is cut into tiles of 16 consecutive queries per head
-    /// for the tiled kernel (`flash`), where the CPU has it; other tokens (decoding, short
-    /// chunks, and verification passes, which must reproduce decoding exactly) take one chunk
-    /// per (token, head) on the per-token path.
+    /// for the tiled kernels (`flash`), where the CPU has them: from
+    /// [`flash::F32_MIN_TOKENS`] tokens llama.cpp's f32 tiled arithmetic, below it the exact
+    /// replay of the per-token path. Other tokens (decoding, short chunks, verification
+    /// passes, which must reproduce decoding exactly, and q8_0 caches, whose kernel llama.cpp
+    /// has only per token) take one chunk per (token, head) on the per-token path.
     fn attend(&self, pool: &ThreadPool, ws: &mut Workspace, seqs: &[SeqInput<'_>], l: usize) {
         let c = &self.cfg;
-        let (hd, nh, kvd) = (c.head_dim, c.n_heads, c.kv_dim());
+        let (hd, nh) = (c.head_dim, c.n_heads);
         let group = nh / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.kv).collect();
         let (q, tok) = (&ws.q, &ws.tok);
-        // Work items: (first token, tokens, head); one token means the per-token path.
-        let mut items: Vec<(u32, u32, u32)> = Vec::new();
+        let kv_type = self.kv_type;
+        // Work items: (first token, tokens, head, f32 kernel); one token means the per-token
+        // path.
+        let mut items: Vec<(u32, u16, u16, bool)> = Vec::new();
         let mut t = 0;
         for seq in seqs {
             let n = seq.tokens.len();
             let tiled = n >= FLASH_MIN_TOKENS
                 && seq.logits != Logits::All
+                && kv_type == KvType::F16
                 && hd.is_multiple_of(64)
                 && flash::available();
+            let f32_kernel = tiled && n >= flash::F32_MIN_TOKENS;
             let step = if tiled { flash::TILE } else { 1 };
             for t0 in (t..t + n).step_by(step) {
                 let len = (t + n - t0).min(step);
-                items.extend((0..nh).map(|h| (t0 as u32, len as u32, h as u32)));
+                items.extend((0..nh).map(|h| (t0 as u32, len as u16, h as u16, f32_kernel)));
             }
             t += n;
         }
+        let head_bytes = kv_type.row_bytes(hd);
         let out = SendPtr(ws.attn.as_mut_ptr());
         pool.run(items.len(), &|item| {
-            let (t0, len, h) = items[item];
+            let (t0, len, h, f32_kernel) = items[item];
             let (t0, len, h) = (t0 as usize, len as usize, h as usize);
             let (s, pos0) = (tok[t0].0 as usize, tok[t0].1 as usize);
             let cache = caches[s];
             let n_ctx = pos0 + len;
-            let kvh = h / group;
-            let head = kvh * hd..(kvh + 1) * hd;
-            let keys = cache.key_blocks(l, n_ctx).flat_map(|b| b.chunks_exact(kvd));
+            let head = (h / group) * head_bytes..(h / group + 1) * head_bytes;
+            let row = cache.row_bytes();
+            let keys = cache.key_blocks(l, n_ctx).flat_map(|b| b.chunks_exact(row));
             let values = cache
                 .value_blocks(l, n_ctx)
-                .flat_map(|b| b.chunks_exact(kvd));
+                .flat_map(|b| b.chunks_exact(row));
             let kv = keys
                 .zip(values)
                 .map(|(k, v)| (&k[head.clone()], &v[head.clone()]));
@@ -451,9 +520,29 @@ impl Transformer {
                 std::slice::from_raw_parts_mut(out.get().add((t * nh + h) * hd), hd)
             };
             let qh = |t: usize| &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+            if kv_type == KvType::Q8_0 {
+                ATTN_SCRATCH.with(|cell| {
+                    ops::attend_q8_0(qh(t0), kv, scale, &mut cell.borrow_mut(), dst(t0));
+                });
+                return;
+            }
+            let kv = kv.map(|(k, v)| (f16_row(k), f16_row(v)));
             if len == 1 {
                 ATTN_SCRATCH.with(|cell| {
                     ops::attend_f16(qh(t0), kv, scale, &mut cell.borrow_mut(), dst(t0));
+                });
+            } else if f32_kernel {
+                FLASH_SCRATCH.with(|cell| {
+                    flash::attend_tile_f32(
+                        hd,
+                        len,
+                        pos0,
+                        |i| qh(t0 + i),
+                        kv,
+                        scale,
+                        &mut cell.borrow_mut(),
+                        |i, o| dst(t0 + i).copy_from_slice(o),
+                    );
                 });
             } else {
                 FLASH_SCRATCH.with(|cell| {
@@ -506,6 +595,14 @@ impl Transformer {
         );
         ops::add_assign(&mut ws.x[..d], &ws.proj[..d]);
     }
+}
+
+/// The f16 values of a stored f16 cache row (or part of one).
+fn f16_row(bytes: &[u8]) -> &[half::f16] {
+    debug_assert!((bytes.as_ptr() as usize).is_multiple_of(2) && bytes.len().is_multiple_of(2));
+    // SAFETY: cache rows live in `u16` storage and heads start at even byte offsets, so the
+    // bytes are aligned for `f16`, a plain 2-byte type.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 2) }
 }
 
 /// RMS-normalises every row of `x` (rows of `weight.len()` floats) into `out`.
