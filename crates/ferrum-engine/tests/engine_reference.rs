@@ -6,15 +6,15 @@ mod common;
 /// Two candidates closer than this (in nats) are a near tie: kernel rounding may pick either.
 ///
 /// Measured 2026-12-03 (teacher-forced over every reference position, prompts fed in
-/// llama-server's 512-token micro-batches): top-1 agreement nano 541/541, mini 396/396, gpt-4.1
-/// 397/397 = 100%; mean |logprob diff| 0.0008 / 0.0005 / 0.0012. ferrum follows llama.cpp's x86
-/// arithmetic bit for bit (summation order of every quantized dot product, in its one-row and
-/// batched kernels; activation quantization; RoPE's fused multiply-adds; ggml's vectorised
-/// `expf` in SwiGLU; its CPU flash attention: per token with f16 query and f16 value
-/// accumulation, and its tiled f32 kernel for prompt chunks of 64 tokens or more), which was
-/// checked tensor by tensor against libllama at the reference commit. The remaining logprob
-/// differences come from llama.cpp's split-KV decode attention past 512 cached positions
-/// (two threads), which ferrum does not reproduce (two long prompts).
+/// llama-server's 512-token micro-batches): top-1 agreement nano 541/541, mini 395/396 (one
+/// near tie), gpt-4.1 397/397; mean |logprob diff| 0.0005 / 0.0006 / 0.0017. ferrum follows
+/// llama.cpp's x86 arithmetic bit for bit (summation order of every quantized dot product, in
+/// its one-row and batched kernels; activation quantization; RoPE's fused multiply-adds;
+/// ggml's vectorised `expf` in SwiGLU; its CPU flash attention: per token with f16 query and
+/// f16 value accumulation, and its tiled f32 kernel for prompt chunks of 64 tokens or more),
+/// which was checked tensor by tensor against libllama at the reference commit. The remaining
+/// differences come from decoding past 512 cached positions (two long prompts), where
+/// llama.cpp splits each head's keys over its threads and ferrum takes its grouped f32 kernel.
 const NEAR_TIE: f32 = 0.35;
 
 /// llama-server's default physical batch size (`n_ubatch`).

@@ -162,3 +162,49 @@ fn unsupported_architecture_and_corrupt_files_are_errors() {
         Err(EngineError::Io { .. })
     ));
 }
+
+/// Past 512 positions of context every path to a token's attention takes the same f32
+/// arithmetic (a prompt chunk's tiles, a decoded token's grouped heads, a verification pass), so
+/// with Q8_0 layers (whose batched and one-row kernels agree bit for bit) a token's logits do
+/// not depend on how it was evaluated.
+#[test]
+fn deep_context_logits_do_not_depend_on_the_path() {
+    let model = TinyModel {
+        d_model: 256,
+        d_ff: 256,
+        n_heads: 4,
+        n_kv_heads: 2,
+        context_length: 1024,
+        ..Default::default()
+    };
+    let m = load(&model);
+    let pool = ThreadPool::new(2);
+    let vocab = model.vocab;
+    let tokens: Vec<u32> = (0..680u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
+    let (context, new) = tokens.split_at(600);
+    let mut ws = Workspace::default();
+    let prefilled = |ws: &mut Workspace| {
+        let mut kv = m.new_cache(1024);
+        for chunk in context.chunks(256) {
+            m.forward(&pool, ws, &mut kv, chunk, Logits::None).unwrap();
+        }
+        kv
+    };
+    let mut kv = prefilled(&mut ws);
+    let decoded: Vec<f32> = new
+        .iter()
+        .flat_map(|&t| {
+            m.forward(&pool, &mut ws, &mut kv, &[t], Logits::Last)
+                .unwrap()
+                .to_vec()
+        })
+        .collect();
+    for mode in [Logits::Prompt, Logits::All] {
+        let mut kv = prefilled(&mut ws);
+        let got = m.forward(&pool, &mut ws, &mut kv, new, mode).unwrap();
+        assert_eq!(got.len(), new.len() * vocab);
+        for (t, (a, b)) in got.chunks(vocab).zip(decoded.chunks(vocab)).enumerate() {
+            assert_eq!(a, b, "{mode:?}: token {t} differs from decoding it");
+        }
+    }
+}

@@ -23,6 +23,10 @@ pub struct BenchArgs {
     /// Tokens of the decode test (0 skips it).
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: usize,
+    /// Tokens already in the context before each test (llama-bench's `-d`): decode and prefill
+    /// speed at that depth.
+    #[arg(long, default_value_t = 0)]
+    pub depth: usize,
     /// Repetitions of each test; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repetitions: usize,
@@ -102,12 +106,23 @@ fn measure(
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab)
         .collect();
     let mut ws = Workspace::default();
-    let ctx = (args.prompt_tokens + args.gen_tokens + 1).min(model.context_length);
+    let ctx = (args.depth + args.prompt_tokens + args.gen_tokens + 1).min(model.context_length);
+    // The context of depth `args.depth`, filled before each test and not timed.
+    let context: Vec<u32> = (0..args.depth as u32)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 9) % vocab)
+        .collect();
+    let fill = |ws: &mut Workspace| -> anyhow::Result<ferrum_engine::kv::KvCache> {
+        let mut kv = m.new_cache(ctx);
+        for chunk in context.chunks(model.prefill_chunk) {
+            m.forward(&model.pool, ws, &mut kv, chunk, Logits::None)?;
+        }
+        Ok(kv)
+    };
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for _ in 0..args.repetitions.max(1) {
         if args.prompt_tokens > 0 {
-            let mut kv = m.new_cache(ctx);
+            let mut kv = fill(&mut ws)?;
             let t = Instant::now();
             for chunk in tokens.chunks(model.prefill_chunk) {
                 m.forward(&model.pool, &mut ws, &mut kv, chunk, Logits::Last)?;
@@ -115,8 +130,8 @@ fn measure(
             prefill.push(args.prompt_tokens as f64 / t.elapsed().as_secs_f64());
         }
         if args.gen_tokens > 0 {
-            // Like llama-bench's tg test: decode from an empty context, one token at a time.
-            let mut kv = m.new_cache(ctx);
+            // Like llama-bench's tg test: decode after `depth` tokens, one token at a time.
+            let mut kv = fill(&mut ws)?;
             let mut tok = 1 % vocab;
             let t = Instant::now();
             for _ in 0..args.gen_tokens {
@@ -179,6 +194,7 @@ fn llama_bench(
         .args(["-n", &args.gen_tokens.to_string()])
         .args(["-t", &threads.to_string()])
         .args(["-r", &args.repetitions.max(1).to_string()])
+        .args(["-d", &args.depth.to_string()])
         .args(["-o", "json"])
         .args(&args.llama_args)
         .stderr(Stdio::null())

@@ -133,17 +133,18 @@ pub fn attend_tile<'a>(
     }
 }
 
-/// Attention of `n_q <= 16` consecutive queries at positions `pos0..pos0 + n_q`, as
-/// [`attend_tile`], in llama.cpp's tiled f32 arithmetic (see the module doc). Each query's
-/// result depends only on its own position, not on the tile it is in.
+/// Attention of up to 16 queries at positions `pos` (non-decreasing) over the keys and values
+/// at positions `0..=pos[last]` (`kv`: one `(key, value)` head row per position, in order), in
+/// llama.cpp's tiled f32 arithmetic (see the module doc). `q(i)` is query `i`, `out(i)`
+/// receives its result. Each query's result depends only on its own position and values, not
+/// on the tile it is in: a prompt's consecutive queries of one head and a decoded token's
+/// heads that share a key head (`pos` all equal) get the same arithmetic.
 ///
 /// # Panics
-/// If [`available`] is false, or `kv` yields fewer than `pos0 + n_q` rows.
-#[allow(clippy::too_many_arguments)]
+/// If [`available`] is false, or `kv` yields too few rows.
 pub fn attend_tile_f32<'a>(
     hd: usize,
-    n_q: usize,
-    pos0: usize,
+    pos: &[usize],
     q: impl Fn(usize) -> &'a [f32],
     kv: impl Iterator<Item = (&'a [f16], &'a [f16])>,
     scale: f32,
@@ -151,7 +152,11 @@ pub fn attend_tile_f32<'a>(
     mut out: impl FnMut(usize, &[f32]),
 ) {
     assert!(available(), "the tiled attention needs AVX-512");
+    let n_q = pos.len();
     assert!((1..=TILE).contains(&n_q) && hd.is_multiple_of(16));
+    assert!(pos.windows(2).all(|w| w[0] <= w[1]));
+    // Unused lanes repeat the last query's position (on a zero query), so every lane sees key 0.
+    let lanes: [i32; TILE] = std::array::from_fn(|i| pos[i.min(n_q - 1)] as i32);
     let FlashScratch {
         qt,
         ot,
@@ -172,7 +177,7 @@ pub fn attend_tile_f32<'a>(
     k.resize(hd * KV_BLOCK, 0.0);
     v.resize(hd * KV_BLOCK, 0.0);
     kq.resize(KV_BLOCK * TILE, 0.0);
-    let n_ctx = pos0 + n_q;
+    let n_ctx = pos[n_q - 1] + 1;
     let mut state = Softmax::new();
     let mut kv = kv.take(n_ctx);
     let mut kpos = 0;
@@ -186,7 +191,7 @@ pub fn attend_tile_f32<'a>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked the features; the buffers have the sizes set above.
         unsafe {
-            x86::block_f32(hd, nk, kpos, pos0, scale, qt, k, v, kq, ot, &mut state)
+            x86::block_f32(hd, nk, kpos, &lanes, scale, qt, k, v, kq, ot, &mut state)
         };
         kpos += nk;
     }
@@ -284,7 +289,7 @@ mod x86 {
     }
 
     /// One block of `nk <= 64` keys at positions `kpos..kpos + nk` (`kpos` a multiple of 64)
-    /// against the tile's queries at `pos0..pos0 + 16`, as one iteration of llama.cpp's tiled
+    /// against the tile's queries at positions `lanes`, as one iteration of llama.cpp's tiled
     /// kernel: scores, the block maximum, rescaling, weights and their sum, values.
     ///
     /// # Safety
@@ -296,7 +301,7 @@ mod x86 {
         hd: usize,
         nk: usize,
         kpos: usize,
-        pos0: usize,
+        lanes: &[i32; TILE],
         scale: f32,
         qt: &[f32],
         k: &[f32],
@@ -317,10 +322,7 @@ mod x86 {
                 ot.as_mut_ptr(),
                 kq.as_mut_ptr(),
             );
-            let lane = _mm512_add_epi32(
-                _mm512_set1_epi32(pos0 as i32),
-                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            );
+            let lane = _mm512_loadu_si512(lanes.as_ptr().cast());
             let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
             // Scores: a multiply-add chain over the head per (query, key), eight keys at a time
             // so the chains overlap; keys past a lane's position are -inf.
@@ -591,10 +593,10 @@ mod tests {
                 .filter(|&p| p < n_ctx)
             {
                 let n_q = (n_ctx - pos0).min(TILE);
+                let pos: Vec<usize> = (pos0..pos0 + n_q).collect();
                 attend_tile_f32(
                     hd,
-                    n_q,
-                    pos0,
+                    &pos,
                     |i| &qs[(pos0 + i) * hd..(pos0 + i + 1) * hd],
                     rows.clone(),
                     scale,
@@ -609,6 +611,22 @@ mod tests {
                                 "hd={hd} query {p} dim {d}: tile {g}, llama.cpp {w}"
                             );
                         }
+                    },
+                );
+            }
+            // A decoded token's heads that share a key head: several queries at one position.
+            for p in [0, 63, 64, n_ctx - 1].into_iter().filter(|&p| p < n_ctx) {
+                let query = |i: usize| &qs[(i * 13 % n_ctx) * hd..(i * 13 % n_ctx + 1) * hd];
+                attend_tile_f32(
+                    hd,
+                    &[p; 7],
+                    query,
+                    rows.clone(),
+                    scale,
+                    &mut scratch,
+                    |i, got| {
+                        let want = llama_tiled(query(i), &keys, &vals, p, scale);
+                        assert_eq!(got, &want[..], "hd={hd} position {p} lane {i}");
                     },
                 );
             }

@@ -464,13 +464,17 @@ impl Transformer {
         ops::add_assign(&mut ws.x, &ws.proj);
     }
 
-    /// Causal attention of every new query over its own sequence's cache. A prompt chunk of at
-    /// least [`FLASH_MIN_TOKENS`] tokens is cut into tiles of 16 consecutive queries per head
-    /// for the tiled kernels (`flash`), where the CPU has them: from
-    /// [`flash::F32_MIN_TOKENS`] tokens llama.cpp's f32 tiled arithmetic, below it the exact
-    /// replay of the per-token path. Other tokens (decoding, short chunks, verification
-    /// passes, which must reproduce decoding exactly, and q8_0 caches, whose kernel llama.cpp
-    /// has only per token) take one chunk per (token, head) on the per-token path.
+    /// Causal attention of every new query over its own sequence's cache, cut into work items
+    /// ([`AttnItem`]) for the pool:
+    /// - a prompt chunk of at least [`FLASH_MIN_TOKENS`] tokens, in tiles of 16 consecutive
+    ///   queries per head for the tiled kernels (`flash`), where the CPU has them: from
+    ///   [`flash::F32_MIN_TOKENS`] tokens llama.cpp's tiled f32 arithmetic, below it the exact
+    ///   replay of the per-token path;
+    /// - any other token (decoding, short chunks, verification passes, which must reproduce
+    ///   decoding exactly) one by one: with at least [`DEEP_CONTEXT`] positions, all the heads
+    ///   that share a key head in one f32 tile (each key row read once for them all), else per
+    ///   head on the exact per-token path;
+    /// - q8_0 caches per (token, head) (llama.cpp has that kernel only per token).
     fn attend(&self, pool: &ThreadPool, ws: &mut Workspace, seqs: &[SeqInput<'_>], l: usize) {
         let c = &self.cfg;
         let (hd, nh) = (c.head_dim, c.n_heads);
@@ -479,33 +483,50 @@ impl Transformer {
         let caches: Vec<&KvCache> = seqs.iter().map(|s| &*s.kv).collect();
         let (q, tok) = (&ws.q, &ws.tok);
         let kv_type = self.kv_type;
-        // Work items: (first token, tokens, head, f32 kernel); one token means the per-token
-        // path.
-        let mut items: Vec<(u32, u16, u16, bool)> = Vec::new();
+        let flash = kv_type == KvType::F16 && hd.is_multiple_of(64) && flash::available();
+        let mut items: Vec<AttnItem> = Vec::new();
         let mut t = 0;
         for seq in seqs {
             let n = seq.tokens.len();
-            let tiled = n >= FLASH_MIN_TOKENS
-                && seq.logits != Logits::All
-                && kv_type == KvType::F16
-                && hd.is_multiple_of(64)
-                && flash::available();
-            let f32_kernel = tiled && n >= flash::F32_MIN_TOKENS;
-            let step = if tiled { flash::TILE } else { 1 };
-            for t0 in (t..t + n).step_by(step) {
-                let len = (t + n - t0).min(step);
-                items.extend((0..nh).map(|h| (t0 as u32, len as u16, h as u16, f32_kernel)));
+            let start = tok[t].1 as usize;
+            if flash && n >= FLASH_MIN_TOKENS && seq.logits != Logits::All {
+                let kind = if n >= flash::F32_MIN_TOKENS {
+                    Kernel::Tile32
+                } else {
+                    Kernel::Tile16
+                };
+                for t0 in (t..t + n).step_by(flash::TILE) {
+                    let len = (t + n - t0).min(flash::TILE);
+                    items.extend((0..nh).map(|h| AttnItem::new(kind, t0, len, h)));
+                }
+            } else {
+                for (i, t0) in (t..t + n).enumerate() {
+                    if flash && start + i + 1 >= DEEP_CONTEXT {
+                        for h0 in (0..nh).step_by(group) {
+                            for h in (h0..h0 + group).step_by(flash::TILE) {
+                                let heads = (h0 + group - h).min(flash::TILE);
+                                items.push(AttnItem::new(Kernel::Heads32, t0, heads, h));
+                            }
+                        }
+                    } else {
+                        items.extend((0..nh).map(|h| AttnItem::new(Kernel::Token, t0, 1, h)));
+                    }
+                }
             }
             t += n;
         }
         let head_bytes = kv_type.row_bytes(hd);
         let out = SendPtr(ws.attn.as_mut_ptr());
         pool.run(items.len(), &|item| {
-            let (t0, len, h, f32_kernel) = items[item];
+            let AttnItem { kind, t0, len, h } = items[item];
             let (t0, len, h) = (t0 as usize, len as usize, h as usize);
             let (s, pos0) = (tok[t0].0 as usize, tok[t0].1 as usize);
             let cache = caches[s];
-            let n_ctx = pos0 + len;
+            let n_ctx = if kind == Kernel::Heads32 {
+                pos0 + 1
+            } else {
+                pos0 + len
+            };
             let head = (h / group) * head_bytes..(h / group + 1) * head_bytes;
             let row = cache.row_bytes();
             let keys = cache.key_blocks(l, n_ctx).flat_map(|b| b.chunks_exact(row));
@@ -515,48 +536,58 @@ impl Transformer {
             let kv = keys
                 .zip(values)
                 .map(|(k, v)| (&k[head.clone()], &v[head.clone()]));
-            // SAFETY: each (token, head) owns its own `hd` outputs, and each item its tokens'.
-            let dst = |t: usize| unsafe {
+            // SAFETY: each (token, head) owns its own `hd` outputs, and each item its own
+            // (tokens, heads).
+            let dst = |t: usize, h: usize| unsafe {
                 std::slice::from_raw_parts_mut(out.get().add((t * nh + h) * hd), hd)
             };
-            let qh = |t: usize| &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+            let qh = |t: usize, h: usize| &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
             if kv_type == KvType::Q8_0 {
                 ATTN_SCRATCH.with(|cell| {
-                    ops::attend_q8_0(qh(t0), kv, scale, &mut cell.borrow_mut(), dst(t0));
+                    ops::attend_q8_0(qh(t0, h), kv, scale, &mut cell.borrow_mut(), dst(t0, h));
                 });
                 return;
             }
             let kv = kv.map(|(k, v)| (f16_row(k), f16_row(v)));
-            if len == 1 {
-                ATTN_SCRATCH.with(|cell| {
-                    ops::attend_f16(qh(t0), kv, scale, &mut cell.borrow_mut(), dst(t0));
-                });
-            } else if f32_kernel {
-                FLASH_SCRATCH.with(|cell| {
+            match kind {
+                Kernel::Token => ATTN_SCRATCH.with(|cell| {
+                    ops::attend_f16(qh(t0, h), kv, scale, &mut cell.borrow_mut(), dst(t0, h));
+                }),
+                Kernel::Tile32 => FLASH_SCRATCH.with(|cell| {
+                    let pos: [usize; flash::TILE] = std::array::from_fn(|i| pos0 + i);
                     flash::attend_tile_f32(
                         hd,
-                        len,
-                        pos0,
-                        |i| qh(t0 + i),
+                        &pos[..len],
+                        |i| qh(t0 + i, h),
                         kv,
                         scale,
                         &mut cell.borrow_mut(),
-                        |i, o| dst(t0 + i).copy_from_slice(o),
+                        |i, o| dst(t0 + i, h).copy_from_slice(o),
                     );
-                });
-            } else {
-                FLASH_SCRATCH.with(|cell| {
+                }),
+                Kernel::Heads32 => FLASH_SCRATCH.with(|cell| {
+                    flash::attend_tile_f32(
+                        hd,
+                        &[pos0; flash::TILE][..len],
+                        |i| qh(t0, h + i),
+                        kv,
+                        scale,
+                        &mut cell.borrow_mut(),
+                        |i, o| dst(t0, h + i).copy_from_slice(o),
+                    );
+                }),
+                Kernel::Tile16 => FLASH_SCRATCH.with(|cell| {
                     flash::attend_tile(
                         hd,
                         len,
                         pos0,
-                        |i| qh(t0 + i),
+                        |i| qh(t0 + i, h),
                         kv,
                         scale,
                         &mut cell.borrow_mut(),
-                        |i, o| dst(t0 + i).copy_from_slice(o),
+                        |i, o| dst(t0 + i, h).copy_from_slice(o),
                     );
-                });
+                }),
             }
         });
     }
@@ -624,6 +655,46 @@ thread_local! {
 /// The fewest tokens of one sequence in a forward pass for which attention takes the tiled
 /// kernel.
 const FLASH_MIN_TOKENS: usize = 16;
+
+/// From this many positions of context, a token attended on its own (decoding) takes the f32
+/// kernel with its key head's queries as lanes. This is where llama.cpp itself leaves its
+/// per-token kernel for a split over threads (`use_split_kv_path`, 512 keys), so below it ferrum
+/// decodes exactly as llama.cpp does, and above it neither reproduces the other bit for bit.
+const DEEP_CONTEXT: usize = 512;
+
+/// Which kernel an attention work item runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// One query on the exact per-token path (`ops::attend_f16` or `ops::attend_q8_0`).
+    Token,
+    /// Up to 16 consecutive queries of one head, replaying the per-token path exactly.
+    Tile16,
+    /// Up to 16 consecutive queries of one head, in llama.cpp's tiled f32 arithmetic.
+    Tile32,
+    /// Up to 16 heads of one token that share a key head, in the same f32 arithmetic.
+    Heads32,
+}
+
+/// One attention work item: `len` tokens from `t0` of head `h` (`Heads32`: `len` heads from
+/// `h` of token `t0`).
+#[derive(Clone, Copy)]
+struct AttnItem {
+    kind: Kernel,
+    t0: u32,
+    len: u16,
+    h: u16,
+}
+
+impl AttnItem {
+    fn new(kind: Kernel, t0: usize, len: usize, h: usize) -> Self {
+        AttnItem {
+            kind,
+            t0: t0 as u32,
+            len: len as u16,
+            h: h as u16,
+        }
+    }
+}
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
