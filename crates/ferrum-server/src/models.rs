@@ -346,3 +346,48 @@ fn fingerprint(path: &std::path::Path) -> String {
     env!("CARGO_PKG_VERSION").hash(&mut h);
     format!("fp_{:010x}", h.finish() & 0xff_ffff_ffff)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tiers_rope_scaling_becomes_the_engines() {
+        let yarn = RopeScalingConfig {
+            kind: RopeScalingKind::Yarn,
+            factor: 4.0,
+            original_context: Some(32768),
+            beta_fast: None,
+            beta_slow: Some(2.0),
+        };
+        assert_eq!(
+            rope_scaling(&yarn),
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_context: 32768,
+                beta_fast: 32.0,
+                beta_slow: 2.0,
+            }
+        );
+        let unset = RopeScalingConfig {
+            original_context: None,
+            ..yarn
+        };
+        // 0: the engine takes the GGUF's context length.
+        assert!(matches!(
+            rope_scaling(&unset),
+            RopeScaling::Yarn {
+                original_context: 0,
+                ..
+            }
+        ));
+        let linear = RopeScalingConfig {
+            kind: RopeScalingKind::Linear,
+            factor: 2.0,
+            original_context: None,
+            beta_fast: None,
+            beta_slow: None,
+        };
+        assert_eq!(rope_scaling(&linear), RopeScaling::Linear { factor: 2.0 });
+    }
+}
