@@ -133,12 +133,17 @@ pub fn attend_tile<'a>(
     }
 }
 
-/// Attention of up to 16 queries at positions `pos` (non-decreasing) over the keys and values
-/// at positions `0..=pos[last]` (`kv`: one `(key, value)` head row per position, in order), in
-/// llama.cpp's tiled f32 arithmetic (see the module doc). `q(i)` is query `i`, `out(i)`
-/// receives its result. Each query's result depends only on its own position and values, not
-/// on the tile it is in: a prompt's consecutive queries of one head and a decoded token's
-/// heads that share a key head (`pos` all equal) get the same arithmetic.
+/// The most queries [`attend_tile_f32`] takes at once: four 16-lane tiles share each widened
+/// key block, so a long prompt's keys are converted and walked a quarter as often.
+pub const F32_QUERIES: usize = 4 * TILE;
+
+/// Attention of up to [`F32_QUERIES`] queries at positions `pos` (non-decreasing) over the
+/// keys and values at positions `0..=pos[last]` (`kv`: one `(key, value)` head row per position,
+/// in order), in llama.cpp's tiled f32 arithmetic (see the module doc), 16 queries to a tile.
+/// `q(i)` is query `i`, `out(i)` receives its result. Each query's result depends only on its
+/// own position and values, not on the tile it is in: a prompt's consecutive queries of one
+/// head and a decoded token's heads that share a key head (`pos` all equal) get the same
+/// arithmetic.
 ///
 /// # Panics
 /// If [`available`] is false, or `kv` yields too few rows.
@@ -153,10 +158,13 @@ pub fn attend_tile_f32<'a>(
 ) {
     assert!(available(), "the tiled attention needs AVX-512");
     let n_q = pos.len();
-    assert!((1..=TILE).contains(&n_q) && hd.is_multiple_of(16));
+    assert!((1..=F32_QUERIES).contains(&n_q) && hd.is_multiple_of(16));
     assert!(pos.windows(2).all(|w| w[0] <= w[1]));
-    // Unused lanes repeat the last query's position (on a zero query), so every lane sees key 0.
-    let lanes: [i32; TILE] = std::array::from_fn(|i| pos[i.min(n_q - 1)] as i32);
+    let tiles = n_q.div_ceil(TILE);
+    // Lane i of tile g is query 16g + i; unused lanes repeat the last query's position (on a
+    // zero query), so every lane sees key 0.
+    let lanes: [[i32; TILE]; F32_QUERIES / TILE] =
+        std::array::from_fn(|g| std::array::from_fn(|i| pos[(g * TILE + i).min(n_q - 1)] as i32));
     let FlashScratch {
         qt,
         ot,
@@ -165,20 +173,22 @@ pub fn attend_tile_f32<'a>(
         row,
         kq,
     } = scratch;
+    let tile_len = hd * TILE;
     qt.clear();
-    qt.resize(hd * TILE, 0.0);
+    qt.resize(tiles * tile_len, 0.0);
     for i in 0..n_q {
+        let t = &mut qt[i / TILE * tile_len..];
         for (d, &x) in q(i).iter().enumerate() {
-            qt[d * TILE + i] = x;
+            t[d * TILE + i % TILE] = x;
         }
     }
     ot.clear();
-    ot.resize(hd * TILE, 0.0);
+    ot.resize(tiles * tile_len, 0.0);
     k.resize(hd * KV_BLOCK, 0.0);
     v.resize(hd * KV_BLOCK, 0.0);
     kq.resize(KV_BLOCK * TILE, 0.0);
     let n_ctx = pos[n_q - 1] + 1;
-    let mut state = Softmax::new();
+    let mut states: [Softmax; F32_QUERIES / TILE] = std::array::from_fn(|_| Softmax::new());
     let mut kv = kv.take(n_ctx);
     let mut kpos = 0;
     while kpos < n_ctx {
@@ -188,22 +198,42 @@ pub fn attend_tile_f32<'a>(
             widen(kr, &mut k[j * hd..(j + 1) * hd]);
             widen(vr, &mut v[j * hd..(j + 1) * hd]);
         }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `available` checked the features; the buffers have the sizes set above.
-        unsafe {
-            x86::block_f32(hd, nk, kpos, &lanes, scale, qt, k, v, kq, ot, &mut state)
-        };
+        for g in 0..tiles {
+            // A tile whose queries all precede the block sees none of it.
+            if kpos as i32 > lanes[g][TILE - 1] {
+                continue;
+            }
+            let (qg, og) = (
+                &qt[g * tile_len..(g + 1) * tile_len],
+                &mut ot[g * tile_len..(g + 1) * tile_len],
+            );
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `available` checked the features; the buffers have the sizes set above.
+            unsafe {
+                x86::block_f32(
+                    hd,
+                    nk,
+                    kpos,
+                    &lanes[g],
+                    scale,
+                    qg,
+                    k,
+                    v,
+                    kq,
+                    og,
+                    &mut states[g],
+                )
+            };
+        }
         kpos += nk;
     }
     row.resize(hd, 0.0);
     for i in 0..n_q {
-        let inv = if state.l[i] == 0.0 {
-            0.0
-        } else {
-            1.0 / state.l[i]
-        };
+        let (g, lane) = (i / TILE, i % TILE);
+        let l = states[g].l[lane];
+        let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
         for (d, o) in row.iter_mut().enumerate() {
-            *o = ot[d * TILE + i] * inv;
+            *o = ot[g * tile_len + d * TILE + lane] * inv;
         }
         out(i, row);
     }
@@ -592,7 +622,7 @@ mod tests {
                 .chain([3, 57, n_ctx - 5])
                 .filter(|&p| p < n_ctx)
             {
-                let n_q = (n_ctx - pos0).min(TILE);
+                let n_q = (n_ctx - pos0).min(if pos0 % 32 == 0 { F32_QUERIES } else { TILE });
                 let pos: Vec<usize> = (pos0..pos0 + n_q).collect();
                 attend_tile_f32(
                     hd,

@@ -490,13 +490,13 @@ impl Transformer {
             let n = seq.tokens.len();
             let start = tok[t].1 as usize;
             if flash && n >= FLASH_MIN_TOKENS && seq.logits != Logits::All {
-                let kind = if n >= flash::F32_MIN_TOKENS {
-                    Kernel::Tile32
+                let (kind, step) = if n >= flash::F32_MIN_TOKENS {
+                    (Kernel::Tile32, flash::F32_QUERIES)
                 } else {
-                    Kernel::Tile16
+                    (Kernel::Tile16, flash::TILE)
                 };
-                for t0 in (t..t + n).step_by(flash::TILE) {
-                    let len = (t + n - t0).min(flash::TILE);
+                for t0 in (t..t + n).step_by(step) {
+                    let len = (t + n - t0).min(step);
                     items.extend((0..nh).map(|h| AttnItem::new(kind, t0, len, h)));
                 }
             } else {
@@ -554,7 +554,7 @@ impl Transformer {
                     ops::attend_f16(qh(t0, h), kv, scale, &mut cell.borrow_mut(), dst(t0, h));
                 }),
                 Kernel::Tile32 => FLASH_SCRATCH.with(|cell| {
-                    let pos: [usize; flash::TILE] = std::array::from_fn(|i| pos0 + i);
+                    let pos: [usize; flash::F32_QUERIES] = std::array::from_fn(|i| pos0 + i);
                     flash::attend_tile_f32(
                         hd,
                         &pos[..len],
@@ -669,7 +669,7 @@ enum Kernel {
     Token,
     /// Up to 16 consecutive queries of one head, replaying the per-token path exactly.
     Tile16,
-    /// Up to 16 consecutive queries of one head, in llama.cpp's tiled f32 arithmetic.
+    /// Up to 64 consecutive queries of one head, in llama.cpp's tiled f32 arithmetic.
     Tile32,
     /// Up to 16 heads of one token that share a key head, in the same f32 arithmetic.
     Heads32,
