@@ -550,6 +550,18 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
+    /// `n` random keys (within ±`key_range`), values and queries.
+    fn random_rows(rng: &mut StdRng, n: usize, key_range: f32) -> (Vec<f16>, Vec<f16>, Vec<f32>) {
+        let keys = (0..n)
+            .map(|_| f16::from_f32(rng.gen_range(-key_range..key_range)))
+            .collect();
+        let vals = (0..n)
+            .map(|_| f16::from_f32(rng.gen_range(-1.0..1.0)))
+            .collect();
+        let qs = (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        (keys, vals, qs)
+    }
+
     /// llama.cpp's tiled f32 attention for one query at `pos`, ported line by line from
     /// `ggml_compute_forward_flash_attn_ext_tiled` (scalar; the test oracle of
     /// `attend_tile_f32`).
@@ -606,13 +618,7 @@ mod tests {
         }
         let mut rng = StdRng::seed_from_u64(9);
         for (hd, n_ctx) in [(64, 40), (128, 150), (64, 300)] {
-            let keys: Vec<f16> = (0..n_ctx * hd)
-                .map(|_| f16::from_f32(rng.gen_range(-3.0..3.0)))
-                .collect();
-            let vals: Vec<f16> = (0..n_ctx * hd)
-                .map(|_| f16::from_f32(rng.gen_range(-1.0..1.0)))
-                .collect();
-            let qs: Vec<f32> = (0..n_ctx * hd).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let (keys, vals, qs) = random_rows(&mut rng, n_ctx * hd, 3.0);
             let scale = 1.0 / (hd as f32).sqrt();
             let rows =
                 (0..n_ctx).map(|p| (&keys[p * hd..(p + 1) * hd], &vals[p * hd..(p + 1) * hd]));
@@ -673,13 +679,7 @@ mod tests {
         }
         let mut rng = StdRng::seed_from_u64(5);
         for (hd, n_ctx) in [(64, 40), (128, 77), (64, 300)] {
-            let keys: Vec<f16> = (0..n_ctx * hd)
-                .map(|_| f16::from_f32(rng.gen_range(-2.0..2.0)))
-                .collect();
-            let vals: Vec<f16> = (0..n_ctx * hd)
-                .map(|_| f16::from_f32(rng.gen_range(-1.0..1.0)))
-                .collect();
-            let qs: Vec<f32> = (0..n_ctx * hd).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let (keys, vals, qs) = random_rows(&mut rng, n_ctx * hd, 2.0);
             let scale = 1.0 / (hd as f32).sqrt();
             let rows = |n: usize| {
                 (0..n).map(|p| (&keys[p * hd..(p + 1) * hd], &vals[p * hd..(p + 1) * hd]))
