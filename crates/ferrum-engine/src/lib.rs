@@ -15,6 +15,7 @@ pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod sampler;
+pub mod sched;
 pub mod service;
 pub mod speculative;
 #[doc(hidden)]

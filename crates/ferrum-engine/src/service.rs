@@ -39,6 +39,7 @@ use crate::generate::{Completion, GenerateParams, Sequence, Session, TokenEvent}
 use crate::kv::blocks::{block_hash, BlockAllocator};
 use crate::kv::{KvCache, KvStorage, DEFAULT_BLOCK_SIZE};
 use crate::model::transformer::{Logits, SeqInput, Workspace};
+use crate::sched::{StepPlanner, Want};
 
 /// What a request reports: `Started` once, then per choice its tokens and a `ChoiceDone`
 /// (choices run side by side, so their events interleave); or an `Error`.
@@ -129,6 +130,10 @@ pub struct EngineOptions {
     pub max_running: usize,
     /// Tokens per forward pass (decode tokens plus prompt chunks).
     pub step_tokens: usize,
+    /// While sequences decode, how much longer than a decode-only step a step that also reads
+    /// prompt tokens may take (their inter-token latency while a long prompt is read); 0 or
+    /// 1 turns this off, leaving only `step_tokens` (see `sched`).
+    pub max_decode_slowdown: f64,
     /// Memory of the KV block pool (running sequences and the prefix cache).
     pub kv_budget_bytes: usize,
     /// Positions per KV block: the granularity of prefix reuse and of allocation.
@@ -141,6 +146,7 @@ impl Default for EngineOptions {
             queue_capacity: 64,
             max_running: 16,
             step_tokens: 256,
+            max_decode_slowdown: 2.0,
             kv_budget_bytes: 2 << 30,
             block_size: DEFAULT_BLOCK_SIZE,
         }
@@ -310,6 +316,7 @@ struct Engine<'m> {
     next_id: u64,
     /// Proposes tokens for decoding sequences (draft-model speculative decoding).
     drafter: Option<Drafter>,
+    planner: StepPlanner,
 }
 
 /// Blocks of a model's KV pool under `opts`' memory budget, and the bytes of one block.
@@ -347,6 +354,7 @@ impl<'m> Engine<'m> {
         );
         Engine {
             model,
+            planner: StepPlanner::new(opts.step_tokens, opts.max_decode_slowdown),
             opts,
             stats,
             ws: Workspace::default(),
@@ -370,10 +378,18 @@ impl<'m> Engine<'m> {
             if self.running.is_empty() {
                 continue;
             }
+            let started = std::time::Instant::now();
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
-            if outcome.is_err() {
-                tracing::error!("an engine step panicked; its requests fail");
-                self.fail_all(|| EngineError::Internal("generation panicked".into()));
+            match outcome {
+                Ok(Some((decode, prompt))) => {
+                    self.planner
+                        .observe(decode, prompt, started.elapsed().as_secs_f64())
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    tracing::error!("an engine step panicked; its requests fail");
+                    self.fail_all(|| EngineError::Internal("generation panicked".into()));
+                }
             }
             self.publish_stats();
         }
@@ -591,30 +607,31 @@ impl<'m> Engine<'m> {
         session.reset();
     }
 
-    /// One forward pass over the batch, then sampling and events.
-    fn step(&mut self) {
+    /// One forward pass over the batch, then sampling and events. Returns the decode and
+    /// prompt tokens the pass read (`None` when nothing ran).
+    fn step(&mut self) -> Option<(usize, usize)> {
         self.draft_proposals();
-        // Decoding sequences first (one token each), then prompt chunks in arrival order.
-        let mut budget = self.opts.step_tokens.max(1);
-        let mut plan: Vec<Option<usize>> = vec![None; self.running.len()];
-        for (i, r) in self.running.iter().enumerate() {
-            if !r.seq.is_prefilling() {
+        let wants: Vec<Want> = self
+            .running
+            .iter()
+            .map(|r| match r.seq.is_prefilling() {
+                true => Want::Prompt(r.seq.prompt_left()),
                 // One token, or the token and the predicted ones to verify after it.
-                let n = r.seq.decode_len();
-                plan[i] = Some(n);
-                budget = budget.saturating_sub(n);
-            }
-        }
-        for (i, r) in self.running.iter().enumerate() {
-            if r.seq.is_prefilling() && budget > 0 {
-                let n = r.seq.prompt_left().min(budget);
-                plan[i] = Some(n);
-                budget -= n;
-            }
-        }
+                false => Want::Decode(r.seq.decode_len()),
+            })
+            .collect();
+        let mut plan = self.planner.plan(&wants);
         self.reserve_blocks(&mut plan);
         if self.running.is_empty() {
-            return;
+            return None;
+        }
+        let (mut decode_tokens, mut prompt_tokens) = (0, 0);
+        for (r, p) in self.running.iter().zip(&plan) {
+            match (r.seq.is_prefilling(), p) {
+                (true, Some(n)) => prompt_tokens += n,
+                (false, Some(n)) => decode_tokens += n,
+                _ => {}
+            }
         }
         // Grammar masks are computed on a helper thread while the forward pass runs, so
         // constrained sequences do not hold up the others (llguidance's matcher state is known
@@ -660,7 +677,7 @@ impl<'m> Engine<'m> {
         if let Err(e) = result {
             let message = e.to_string();
             self.fail_all(|| EngineError::Internal(message.clone()));
-            return;
+            return None;
         }
         let vocab = self.model.model.cfg.vocab_size;
         let bs = self.storage.block_size();
@@ -710,6 +727,7 @@ impl<'m> Engine<'m> {
             }
         }
         self.retire();
+        Some((decode_tokens, prompt_tokens))
     }
 
     /// With a draft model: the draft reads along with every sequence that wants one and

@@ -33,6 +33,11 @@ pub struct ServeArgs {
     /// Tokens per forward pass: decode tokens plus prompt chunks (bounds a step's latency).
     #[arg(long, default_value_t = 256)]
     pub step_tokens: usize,
+    /// While some sequences decode, a step that also reads prompt tokens may take at most
+    /// this many times a decode-only step: prompt chunks are sized from measured step times,
+    /// so a long prompt does not stall the streams already answering (1 or 0: off).
+    #[arg(long, default_value_t = 2.0)]
+    pub max_decode_slowdown: f64,
     /// Memory of each model's KV block pool, in MiB: running sequences' caches and the prefix
     /// cache (blocks of finished sequences, reused by later requests that start the same way).
     #[arg(long, default_value_t = 2048)]
@@ -120,6 +125,7 @@ pub fn serve(registry: Registry, args: ServeArgs) -> anyhow::Result<()> {
                     queue_capacity: args.queue_size.max(1),
                     max_running: args.max_running.max(1),
                     step_tokens: args.step_tokens.max(1),
+                    max_decode_slowdown: args.max_decode_slowdown,
                     kv_budget_bytes: args.kv_budget_mib << 20,
                     block_size: args.kv_block_size.max(1),
                 },
