@@ -13,7 +13,20 @@ requirements=tests/e2e/requirements.txt
 stamp=$venv/.requirements.installed
 
 if [[ ! -x $venv/bin/python ]]; then
-    python3 -m venv "$venv"
+    if ! python3 -m venv "$venv"; then
+        # Debian ships venv (and its pip) in a separate package.
+        if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+            echo "installing python3-venv (Debian) for the end-to-end tests"
+            rm -rf "$venv"
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get install -y -q python3-venv >/dev/null ||
+                { apt-get update -q >/dev/null && apt-get install -y -q python3-venv >/dev/null; }
+            python3 -m venv "$venv"
+        else
+            echo "python3 -m venv failed: install Python's venv module (Debian: python3-venv)" >&2
+            exit 1
+        fi
+    fi
 fi
 # Install only when the requirements changed since the last successful install.
 if ! cmp -s "$requirements" "$stamp"; then
