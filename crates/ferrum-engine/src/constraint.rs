@@ -83,16 +83,54 @@ impl ConstraintFactory {
         self.compile(map.clone())
     }
 
-    fn compile(&self, mut schema: Map<String, Value>) -> Result<Constraint, ConstraintError> {
-        schema.insert(
-            "x-guidance".into(),
-            serde_json::json!({
-                "whitespace_flexible": false,
-                "item_separator": ", ",
-                "key_separator": ": ",
-            }),
+    fn compile(&self, schema: Map<String, Value>) -> Result<Constraint, ConstraintError> {
+        self.compile_grammar(TopLevelGrammar::from_json_schema(Value::Object(
+            with_separators(schema),
+        )))
+    }
+
+    /// A turn that may call tools ("auto"): either free text, or tool calls and then the end
+    /// of the turn. Calls are written in the Hermes format Qwen2.5 is trained on (and the
+    /// fallback prompt teaches): `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`,
+    /// one to `max_calls` of them separated by newlines; or, as small models also answer, as a
+    /// bare JSON call or array of calls. Either way each call is valid against `call_schema`
+    /// (one function's name and its parameters), so every call parses with valid arguments,
+    /// and a model that would repeat a call forever is stopped after `max_calls`. Text may
+    /// start with anything but the call forms (`<tool_call>`, `{`, `[`).
+    pub fn text_or_calls(
+        &self,
+        call_schema: &Value,
+        max_calls: usize,
+    ) -> Result<Constraint, ConstraintError> {
+        let Value::Object(call) = call_schema else {
+            return Err(ConstraintError::Grammar(
+                "the call schema must be a JSON object".into(),
+            ));
+        };
+        let max_calls = max_calls.max(1);
+        let one = Value::Object(with_separators(call.clone()));
+        let bare = Value::Object(with_separators(
+            serde_json::json!({"anyOf": [
+                call,
+                {"type": "array", "items": call, "minItems": 1, "maxItems": max_calls},
+            ]})
+            .as_object()
+            .expect("an object")
+            .clone(),
+        ));
+        let lark = format!(
+            "start: TEXT | calls | bare\n\
+             calls: call (\"\\n\" call){{0,{more}}}\n\
+             call: \"<tool_call>\\n\" %json {one} \"\\n</tool_call>\"\n\
+             bare: %json {bare}\n\
+             TEXT: /{text}/\n",
+            more = max_calls - 1,
+            text = not_starting_with(TOOL_CALL_OPEN, "{["),
         );
-        let grammar = TopLevelGrammar::from_json_schema(Value::Object(schema));
+        self.compile_grammar(TopLevelGrammar::from_lark(lark))
+    }
+
+    fn compile_grammar(&self, grammar: TopLevelGrammar) -> Result<Constraint, ConstraintError> {
         let parser = self
             .factory
             .create_parser(grammar)
@@ -111,6 +149,53 @@ impl ConstraintFactory {
     pub fn json_object(&self) -> Result<Constraint, ConstraintError> {
         self.json_schema(&serde_json::json!({"type": "object"}))
     }
+}
+
+/// The opening tag of a Hermes-format tool call.
+pub const TOOL_CALL_OPEN: &str = "<tool_call>";
+
+/// JSON output with fixed separators (`", "`, `": "`), so a small model cannot wander into
+/// endless whitespace.
+fn with_separators(mut schema: Map<String, Value>) -> Map<String, Value> {
+    schema.insert(
+        "x-guidance".into(),
+        serde_json::json!({
+            "whitespace_flexible": false,
+            "item_separator": ", ",
+            "key_separator": ": ",
+        }),
+    );
+    schema
+}
+
+/// A regex (llguidance's Rust-regex dialect, no lookaround) for non-empty text that does not
+/// start with `prefix` nor with any of the characters `first`: the proper prefixes of
+/// `prefix`, or a first difference from it followed by anything.
+fn not_starting_with(prefix: &str, first: &str) -> String {
+    let class = |c: char| -> String {
+        if "\\^]-[".contains(c) {
+            format!("\\{c}")
+        } else {
+            c.to_string()
+        }
+    };
+    let lit = |s: &str| -> String {
+        s.chars()
+            .map(|c| match c {
+                '\\' | '.' | '+' | '*' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^'
+                | '$' | '#' | '&' | '-' | '~' | '/' => format!("\\{c}"),
+                c => c.to_string(),
+            })
+            .collect()
+    };
+    let chars: Vec<char> = prefix.chars().collect();
+    let excluded: String = std::iter::once(chars[0]).chain(first.chars()).map(class).collect();
+    let mut alts = vec![format!("[^{excluded}](.|\\n)*")];
+    for i in 1..chars.len() {
+        let head: String = chars[..i].iter().collect();
+        alts.push(format!("{}([^{}](.|\\n)*)?", lit(&head), class(chars[i])));
+    }
+    alts.join("|")
 }
 
 /// How deep a recursive definition may nest in an output: OpenAI's strict Structured Outputs

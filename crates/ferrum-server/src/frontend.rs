@@ -158,6 +158,19 @@ fn constraint(
         return Ok(Some(c));
     }
     match &req.response_format {
+        // "auto" with tools: text, or calls that parse with valid arguments.
+        ResponseFormat::Text if tool_mode == ToolMode::Auto => {
+            let c = factory()?
+                .text_or_calls(&tools::call_schema(req), tools::max_auto_calls(req))
+                .map_err(|e| {
+                    ApiError::invalid_param(
+                        "tools",
+                        "invalid_function_parameters",
+                        format!("Invalid schema in 'tools': {e}"),
+                    )
+                })?;
+            Ok(Some(c))
+        }
         ResponseFormat::Text => Ok(None),
         ResponseFormat::JsonObject => {
             let mentions_json = req

@@ -2,9 +2,11 @@
 //! (`tool_choice` "required" or a named function), and reading calls back out of the text.
 //!
 //! Forced calls are generated as JSON under a grammar (one call object, or an array of them when
-//! `parallel_tool_calls`), so names and arguments always validate. With "auto" the model decides:
-//! its text is searched for `<tool_call>{...}</tool_call>` blocks, the Hermes format Qwen2.5's
-//! template teaches (and the fallback prompt below teaches templates without tools).
+//! `parallel_tool_calls`), so names and arguments always validate. With "auto" the model decides,
+//! under a grammar too (`ConstraintFactory::text_or_calls`): either text, or calls in the Hermes
+//! format Qwen2.5's template teaches (`<tool_call>{...}</tool_call>` blocks; the fallback prompt
+//! below teaches it to templates without tools) or as bare JSON, each valid against its
+//! function's parameters, after which the turn ends; the text is then searched for those calls.
 
 use ferrum_protocol::response::{FunctionCall, ToolCall};
 use ferrum_protocol::{ChatRequest, Tool, ToolChoice};
@@ -46,9 +48,9 @@ pub fn fallback_prompt(tools: &[Value]) -> String {
     )
 }
 
-/// The JSON Schema of a forced answer: a call of one of the allowed functions (an array of
-/// them when parallel calls are allowed).
-pub fn forced_schema(req: &ChatRequest) -> Value {
+/// The JSON Schema of one call of the allowed functions: `{"name": <const>, "arguments":
+/// <the function's parameters>}`, one branch per function.
+pub fn call_schema(req: &ChatRequest) -> Value {
     let allowed: Vec<&Tool> = match &req.tool_choice {
         ToolChoice::Function(name) => req.tools.iter().filter(|t| &t.name == name).collect(),
         _ => req.tools.iter().collect(),
@@ -64,15 +66,31 @@ pub fn forced_schema(req: &ChatRequest) -> Value {
             })
         })
         .collect();
-    let one = if calls.len() == 1 {
+    if calls.len() == 1 {
         calls.into_iter().next().expect("one call schema")
     } else {
         json!({"anyOf": calls})
-    };
+    }
+}
+
+/// The JSON Schema of a forced answer: a call of one of the allowed functions (an array of
+/// them when parallel calls are allowed).
+pub fn forced_schema(req: &ChatRequest) -> Value {
+    let one = call_schema(req);
     if req.parallel_tool_calls {
         json!({"type": "array", "items": one, "minItems": 1})
     } else {
         one
+    }
+}
+
+/// The most calls an "auto" turn may make: one without `parallel_tool_calls`, else one per
+/// tool and at least 8 (a model that keeps repeating a call is stopped there).
+pub fn max_auto_calls(req: &ChatRequest) -> usize {
+    if req.parallel_tool_calls {
+        req.tools.len().max(8)
+    } else {
+        1
     }
 }
 
