@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+import spec_check
 from helpers import NANO
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -127,11 +128,14 @@ class FerrumServer:
         """An OpenAI SDK client for this server (no retries, so errors surface as they are)."""
         kwargs.setdefault("max_retries", 0)
         kwargs.setdefault("timeout", HTTP_TIMEOUT_S)
+        # Every 2xx body is checked against the spec (spec_check.py).
+        kwargs.setdefault("http_client", openai.DefaultHttpxClient(event_hooks=spec_check.HOOKS))
         return openai.OpenAI(base_url=self.api_base, api_key=api_key, **kwargs)
 
     def http(self, **kwargs) -> httpx.Client:
         """A raw HTTP client whose base URL is the server root (paths start with /v1 or /admin)."""
         kwargs.setdefault("timeout", HTTP_TIMEOUT_S)
+        kwargs.setdefault("event_hooks", spec_check.HOOKS)
         return httpx.Client(base_url=self.base_url, **kwargs)
 
     def log_tail(self, chars: int = 4000) -> str:

@@ -8,6 +8,8 @@ from typing import Any, Iterable, Iterator
 
 import httpx
 
+import spec_check
+
 NANO = "gpt-4.1-nano"
 NANO_ALIAS = "gpt-4.1-nano-2025-04-14"
 MINI = "gpt-4.1-mini"
@@ -114,7 +116,10 @@ def read_stream(lines: Iterable[str]) -> tuple[list[dict], bool]:
         if data == "[DONE]":
             done = True
             continue
-        chunks.append(json.loads(data))
+        chunk = json.loads(data)
+        if "error" not in chunk:
+            spec_check.check_stream_event("POST", "/v1/chat/completions", chunk)
+        chunks.append(chunk)
     return chunks, done
 
 

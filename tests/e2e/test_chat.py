@@ -69,6 +69,29 @@ def test_completion_ids_are_unique(http):
     assert post_chat(http, max_tokens=1)["id"] != post_chat(http, max_tokens=1)["id"]
 
 
+def test_every_response_carries_a_request_id(http, client):
+    """`x-request-id` (distinct per request) and `openai-processing-ms` on answers, streams,
+    errors and other routes, as OpenAI sends them; the SDK exposes the id as `_request_id`."""
+    seen = set()
+    for response in [
+        http.post("/v1/chat/completions", json=chat_body(max_tokens=1)),
+        http.post("/v1/chat/completions", json=chat_body(max_tokens=1, stream=True)),
+        http.post("/v1/chat/completions", json=chat_body(temperature=5)),
+        http.get("/v1/models"),
+        http.get("/v1/no-such-route"),
+    ]:
+        rid = response.headers.get("x-request-id", "")
+        assert rid.startswith("req_") and len(rid) > 10, dict(response.headers)
+        assert int(response.headers["openai-processing-ms"]) >= 0, dict(response.headers)
+        seen.add(rid)
+    assert len(seen) == 5
+    echoed = http.get("/v1/models", headers={"x-client-request-id": "mine-123"})
+    assert echoed.headers["x-client-request-id"] == "mine-123"
+    completion = client.chat.completions.create(
+        model=NANO, messages=SHORT_PROMPT, max_tokens=1, temperature=0)
+    assert completion._request_id and completion._request_id.startswith("req_")
+
+
 def test_sdk_parses_response(client):
     """The SDK parses a completion into a ChatCompletion with the expected values."""
     completion = client.chat.completions.create(
@@ -514,3 +537,15 @@ def test_every_spec_field_is_accepted(http, fields):
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["object"] == "chat.completion"
+
+
+def test_the_spec_check_catches_a_body_off_the_spec(http):
+    """The spec check every 2xx body goes through (spec_check.py) can fail: a real completion
+    passes, the same with a wrong `object`, a null `created` or no `choices` does not."""
+    import spec_check
+
+    body = post_chat(http, max_tokens=2)
+    assert spec_check.problems("CreateChatCompletionResponse", body) == []
+    for broken in [{**body, "object": "chat.completions"}, {**body, "created": None},
+                   {k: v for k, v in body.items() if k != "choices"}]:
+        assert spec_check.problems("CreateChatCompletionResponse", broken), broken

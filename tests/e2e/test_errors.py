@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,16 @@ import pytest
 from helpers import ANY, NANO, SHORT_PROMPT, assert_error, chat_body
 
 REMOVE = None  # chat_body(key=None) removes the key
+
+# An assistant turn with two parallel calls (call_a, call_b).
+ASSISTANT_CALLS = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [
+        {"id": f"call_{x}", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        for x in "ab"
+    ],
+}
 
 
 @dataclass
@@ -72,6 +83,25 @@ CASES = {
         chat_body(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]),
         param_contains=("messages[1]", "tool_call_id"),
     ),
+    "tool_message_without_a_call": Case(
+        chat_body(messages=[{"role": "user", "content": "hi"},
+                            {"role": "tool", "tool_call_id": "call_1", "content": "42"}]),
+        param="messages.[1].role", code=None,
+    ),
+    "tool_message_answering_an_unknown_call": Case(
+        chat_body(messages=[{"role": "user", "content": "hi"}, ASSISTANT_CALLS,
+                            {"role": "tool", "tool_call_id": "call_zz", "content": "42"}]),
+        param="messages.[2].tool_call_id", code=None, message_contains=("call_zz",),
+    ),
+    "tool_call_left_unanswered": Case(
+        chat_body(messages=[{"role": "user", "content": "hi"}, ASSISTANT_CALLS,
+                            {"role": "tool", "tool_call_id": "call_a", "content": "42"}]),
+        param_contains=("messages.[1]",), code=None, message_contains=("call_b",),
+    ),
+    "prediction_with_two_choices": Case(
+        chat_body(n=2, prediction={"type": "content", "content": "Hello"}), param="n",
+        code="invalid_value",
+    ),
     "unknown_content_part_type": Case(
         chat_body(messages=[{"role": "user", "content": [{"type": "hologram", "text": "hi"}]}]),
         param_contains=("messages[0].content[0]",),
@@ -95,6 +125,23 @@ def test_invalid_chat_request(http, case: Case):
         assert fragment in error["message"], error
     if isinstance(case.param, str):
         assert mentions(error["message"], case.param), f"message does not name {case.param}: {error}"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "text/html; charset=utf-8"],
+)
+def test_a_body_that_is_not_json_is_refused(http, content_type):
+    """A body declared as something else than JSON gets an OpenAI error, never a generation,
+    even when its bytes happen to be JSON."""
+    body = json.dumps(chat_body()).encode()
+    response = http.post("/v1/chat/completions", content=body,
+                         headers={"content-type": content_type})
+    error = assert_error(response, 400)
+    assert "JSON" in error["message"], error
+    # A form as curl -d sends it.
+    response = http.post("/v1/chat/completions", data={"model": NANO, "messages": "hi"})
+    assert_error(response, 400)
 
 
 def test_context_length_exceeded(http):

@@ -14,7 +14,8 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from helpers import NANO, assert_error
+import spec_check
+from helpers import NANO, assert_error, sse_data
 
 WEATHER = {
     "type": "object",
@@ -123,6 +124,23 @@ def test_streaming_events_follow_the_spec_order(client):
     assert final.output_text == text and final.usage.output_tokens > 0
     # The stored response is the streamed one.
     assert client.responses.retrieve(final.id).output_text == text
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"tools": TOOLS, "tool_choice": "required"},
+    {"include": ["message.output_text.logprobs"], "top_logprobs": 2},
+], ids=["text", "function_call", "logprobs"])
+def test_every_stream_event_matches_the_spec(http, extra):
+    """Each event of a raw Responses stream validates against the spec's ResponseStreamEvent."""
+    body = {"model": NANO, "input": "Weather in Paris?", "max_output_tokens": 24,
+            "temperature": 0, "stream": True, **extra}
+    with http.stream("POST", "/v1/responses", json=body) as response:
+        assert response.status_code == 200
+        events = [json.loads(d) for d in sse_data(response.iter_lines()) if d != "[DONE]"]
+    for event in events:
+        spec_check.check_stream_event("POST", "/v1/responses", event)
+    assert events[-1]["type"] in ("response.completed", "response.incomplete"), events[-1]
 
 
 def test_streaming_equals_non_streaming(client):

@@ -48,6 +48,8 @@ def test_stored_completion_is_retrievable(client, http):
     usage as returned by the create call."""
     metadata = {"test": tag(), "k": "v"}
     created = store(client, metadata=metadata)
+    # The create response echoes the metadata, as OpenAI's does for a stored completion.
+    assert created.metadata == metadata, created
     stored = retrieve_stored(client, created.id)
     assert stored.id == created.id
     assert stored.object == "chat.completion"

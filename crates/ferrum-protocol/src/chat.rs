@@ -275,6 +275,14 @@ impl ChatRequest {
             prediction: parse_prediction(&f)?,
         };
         check_accepted_fields(&f)?;
+        check_tool_messages(&req.messages)?;
+        if req.prediction.is_some() && req.n > 1 {
+            return Err(ApiError::invalid_param(
+                "n",
+                "invalid_value",
+                "Predicted outputs do not support 'n' greater than 1.",
+            ));
+        }
         Ok(req)
     }
 }
@@ -296,6 +304,74 @@ fn max_tokens(f: &Fields) -> Result<(Option<u32>, &'static str)> {
         }
     }
     Ok((None, "max_completion_tokens"))
+}
+
+/// Tool results answer the calls just before them, as OpenAI checks: a `tool` message follows
+/// an assistant message with `tool_calls` (or another tool message) and names one of its call
+/// ids, and every call of an assistant message is answered by the tool messages after it.
+fn check_tool_messages(messages: &[Message]) -> Result<()> {
+    let ids = |m: &Message| -> Vec<String> {
+        m.tool_calls
+            .as_ref()
+            .and_then(Value::as_array)
+            .map(|calls| {
+                calls
+                    .iter()
+                    .filter_map(|c| c.get("id").and_then(Value::as_str).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Each tool message first (a wrong id is named as such), then the unanswered calls.
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != Role::Tool {
+            continue;
+        }
+        let caller = messages[..i].iter().rev().find(|p| p.role != Role::Tool);
+        let calls = caller
+            .filter(|p| p.role == Role::Assistant)
+            .map(ids)
+            .unwrap_or_default();
+        if calls.is_empty() {
+            return Err(ApiError::invalid_request(
+                "Invalid parameter: messages with role 'tool' must be a response to a \
+                 preceeding message with 'tool_calls'.",
+            )
+            .with_param(format!("messages.[{i}].role")));
+        }
+        let id = m.tool_call_id.as_deref().unwrap_or_default();
+        if !calls.iter().any(|c| c == id) {
+            return Err(ApiError::invalid_request(format!(
+                "Invalid parameter: 'tool_call_id' of '{id}' not found in 'tool_calls' of \
+                 previous message."
+            ))
+            .with_param(format!("messages.[{i}].tool_call_id")));
+        }
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != Role::Assistant {
+            continue;
+        }
+        let answered: Vec<&str> = messages[i + 1..]
+            .iter()
+            .take_while(|n| n.role == Role::Tool)
+            .filter_map(|n| n.tool_call_id.as_deref())
+            .collect();
+        let missing: Vec<String> = ids(m)
+            .into_iter()
+            .filter(|c| !answered.contains(&c.as_str()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(ApiError::invalid_request(format!(
+                "An assistant message with 'tool_calls' must be followed by tool messages \
+                 responding to each 'tool_call_id'. The following tool_call_ids did not have \
+                 response messages: {}",
+                missing.join(", ")
+            ))
+            .with_param(format!("messages.[{i}].role")));
+        }
+    }
+    Ok(())
 }
 
 fn parse_messages(f: &Fields) -> Result<Vec<Message>> {

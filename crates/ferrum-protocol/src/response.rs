@@ -13,6 +13,9 @@ pub struct ChatCompletion {
     pub usage: Usage,
     pub service_tier: &'static str,
     pub system_fingerprint: String,
+    /// The request's `metadata`, echoed when the completion is stored (`store: true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Clone, Debug, Serialize)]

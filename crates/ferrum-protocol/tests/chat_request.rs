@@ -53,7 +53,7 @@ fn accepts_a_full_request() {
         "logit_bias": {"15": -100, "7": 5.5}, "logprobs": true, "top_logprobs": 3,
         "stream": true, "stream_options": {"include_usage": true}, "user": "u1",
         "metadata": {"k": "v"}, "store": true, "service_tier": "auto", "parallel_tool_calls": true,
-        "prediction": {"type": "content", "content": "x"}, "response_format": {"type": "text"},
+        "response_format": {"type": "text"},
         "modalities": ["text"], "tools": [], "prompt_cache_key": "abc",
     }));
     let req = parse_chat_request(&body).unwrap();
@@ -432,4 +432,40 @@ fn other_errors_have_the_openai_shape() {
         ApiError::missing_api_key().body()["error"]["param"],
         Value::Null
     );
+}
+
+#[test]
+fn tool_messages_answer_the_calls_before_them() {
+    let msgs = |m: Value| with(json!({ "messages": m }));
+    let call = |id: &str| json!({"id": id, "type": "function", "function": {"name": "f", "arguments": "{}"}});
+    let user = json!({"role": "user", "content": "hi"});
+    let asst = |ids: &[&str]| json!({"role": "assistant", "content": null,
+        "tool_calls": ids.iter().map(|i| call(i)).collect::<Vec<_>>()});
+    let tool = |id: &str| json!({"role": "tool", "tool_call_id": id, "content": "42"});
+    // Parallel calls answered in any order, then more conversation: fine.
+    let ok = json!([user, asst(&["a", "b"]), tool("b"), tool("a"), {"role": "user", "content": "ok"}]);
+    assert!(parse_chat_request(&msgs(ok)).is_ok());
+    // A tool message after a plain message.
+    let err = check_rejected(&msgs(json!([user, tool("a")])), Some("messages.[1].role"), None);
+    assert!(err.message.contains("preceeding message with 'tool_calls'"), "{err:?}");
+    // Answering a call that was not made.
+    let err = check_rejected(
+        &msgs(json!([user, asst(&["a"]), tool("zz")])),
+        Some("messages.[2].tool_call_id"),
+        None,
+    );
+    assert!(err.message.contains("'zz'"), "{err:?}");
+    // A call left unanswered (also when the assistant message is the last one).
+    for list in [json!([user, asst(&["a", "b"]), tool("a"), user]), json!([user, asst(&["a"])])] {
+        let err = check_rejected(&msgs(list), Some("messages.[1].role"), None);
+        assert!(err.message.contains("did not have response messages"), "{err:?}");
+    }
+}
+
+#[test]
+fn predicted_outputs_take_one_choice() {
+    let body = with(json!({"n": 2, "prediction": {"type": "content", "content": "x"}}));
+    check_rejected(&body, Some("n"), Some("invalid_value"));
+    let body = with(json!({"n": 1, "prediction": {"type": "content", "content": "x"}}));
+    assert_eq!(parse_chat_request(&body).unwrap().prediction.as_deref(), Some("x"));
 }

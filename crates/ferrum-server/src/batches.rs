@@ -162,7 +162,7 @@ fn object(b: BatchRecord, counts: LineCounts) -> Value {
         Value::Null => Value::Null,
         data => json!({"object": "list", "data": data}),
     };
-    json!({
+    let mut out = json!({
         "id": b.id,
         "object": "batch",
         "endpoint": b.endpoint,
@@ -195,7 +195,26 @@ fn object(b: BatchRecord, counts: LineCounts) -> Value {
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": counts.input_tokens + counts.output_tokens,
         },
-    })
+    });
+    // The spec types these as plain strings, integers or objects: not set yet is absent.
+    crate::drop_nulls(
+        &mut out,
+        &[
+            "model",
+            "errors",
+            "output_file_id",
+            "error_file_id",
+            "in_progress_at",
+            "expires_at",
+            "finalizing_at",
+            "completed_at",
+            "failed_at",
+            "expired_at",
+            "cancelling_at",
+            "cancelled_at",
+        ],
+    );
+    out
 }
 
 async fn with_counts(app: &App, b: BatchRecord) -> Result<Value, ApiError> {

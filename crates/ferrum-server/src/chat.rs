@@ -340,6 +340,7 @@ impl Meta {
             usage,
             service_tier: "default",
             system_fingerprint: self.loaded.fingerprint.clone(),
+            metadata: self.req.store.then(|| self.req.metadata.clone()).flatten(),
         }
     }
 

@@ -49,10 +49,13 @@ pub struct FileObject {
     object: &'static str,
     bytes: u64,
     created_at: i64,
+    /// Absent (not null) for a file that does not expire: the spec types it as an integer.
+    #[serde(skip_serializing_if = "Option::is_none")]
     expires_at: Option<i64>,
     filename: String,
     purpose: String,
     status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
     status_details: Option<String>,
 }
 
@@ -183,7 +186,9 @@ async fn upload(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Resp
     if bytes == 0 {
         return Err(ApiError::invalid_param("file", "invalid_file", "The file is empty.").into());
     }
-    if purpose == "batch" || purpose == "fine-tune" {
+    // A batch file is stored as it is, as OpenAI does: its lines are checked when a batch is
+    // created on it (a batch with bad lines goes `validating` -> `failed`, naming each line).
+    if purpose == "fine-tune" {
         let path = temp.0.clone();
         let purpose = purpose.clone();
         tokio::task::spawn_blocking(move || check_jsonl(&path, &purpose))
@@ -210,8 +215,8 @@ async fn upload(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Resp
     Ok(Json(object(record)).into_response())
 }
 
-/// Checks that every line of a batch or fine-tune file is a JSON object of the right shape;
-/// errors name the line (1-based).
+/// Checks that every line of a fine-tune file is a JSON object of the right shape; errors name
+/// the line (1-based).
 fn check_jsonl(path: &std::path::Path, purpose: &str) -> Result<(), ApiError> {
     use std::io::BufRead;
     let file = std::fs::File::open(path)
@@ -226,7 +231,6 @@ fn check_jsonl(path: &std::path::Path, purpose: &str) -> Result<(), ApiError> {
         }
         lines += 1;
         let checked = match serde_json::from_slice::<Value>(&line) {
-            Ok(Value::Object(map)) if purpose == "batch" => batch_line_problem(&map),
             Ok(Value::Object(map)) => fine_tune_problem(&map),
             Ok(_) => Some("expected a JSON object".to_string()),
             Err(e) => Some(format!("invalid JSON ({e})")),

@@ -149,12 +149,38 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(batches::routes())
         .merge(responses::routes())
         .merge(admin::routes())
+        .route_layer(middleware::from_fn(json_bodies))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&app), auth));
     api.route("/health", get(|| async { "ok" }))
         .route("/metrics", get(render_metrics))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(request_headers))
         .with_state(app)
+}
+
+/// Headers OpenAI puts on every response: `x-request-id` (a fresh `req_...` id, also logged,
+/// which the SDKs expose as `_request_id`), `openai-processing-ms` (the time to the response
+/// head: for a stream, to its first byte), and `x-client-request-id` echoed when the client
+/// sent one.
+async fn request_headers(request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let id = random_id("req_");
+    let client_id = request.headers().get("x-client-request-id").cloned();
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
+    let headers = response.headers_mut();
+    if let Ok(v) = header::HeaderValue::from_str(&id) {
+        headers.insert("x-request-id", v);
+    }
+    let ms = started.elapsed().as_millis().to_string();
+    if let Ok(v) = header::HeaderValue::from_str(&ms) {
+        headers.insert("openai-processing-ms", v);
+    }
+    if let Some(v) = client_id {
+        headers.insert("x-client-request-id", v);
+    }
+    response
 }
 
 /// Loads the startup tiers, then serves until `shutdown` resolves; requests in flight (streams
@@ -209,6 +235,31 @@ pub enum ServeError {
     Load(String),
     #[error(transparent)]
     Io(std::io::Error),
+}
+
+/// A request body declared as something other than JSON (a form, plain text) is refused
+/// before any handler reads it, as OpenAI does, rather than parsed as JSON regardless: a
+/// client that sends a form by mistake gets a clear error, never a generation. Multipart
+/// bodies (file uploads) and bodies without a `Content-Type` go on to their handlers.
+async fn json_bodies(req: Request, next: Next) -> Response {
+    let kind = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .filter(|_| req.method() == Method::POST)
+        .map(|v| v.to_str().unwrap_or("").to_ascii_lowercase());
+    if let Some(kind) = kind {
+        let essence = kind.split(';').next().unwrap_or("").trim();
+        let json = essence == "application/json" || essence.ends_with("+json");
+        if !json && !essence.starts_with("multipart/") {
+            return HttpError(ApiError::invalid_request(format!(
+                "We could not parse the JSON body of your request. The OpenAI API expects a JSON \
+                 payload (Content-Type: application/json), but this request's Content-Type is \
+                 `{essence}`."
+            )))
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
@@ -345,6 +396,18 @@ pub(crate) fn now() -> i64 {
 }
 
 /// `prefix` + 24 random letters and digits.
+/// Removes the members of `object` named in `keys` whose value is null (fields the spec types
+/// as non-nullable, absent until they are known).
+pub(crate) fn drop_nulls(object: &mut serde_json::Value, keys: &[&str]) {
+    if let Some(map) = object.as_object_mut() {
+        for k in keys {
+            if map.get(*k).is_some_and(serde_json::Value::is_null) {
+                map.remove(*k);
+            }
+        }
+    }
+}
+
 pub(crate) fn random_id(prefix: &str) -> String {
     use rand::distributions::Alphanumeric;
     use rand::Rng;

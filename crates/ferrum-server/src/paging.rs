@@ -71,13 +71,14 @@ pub fn page(pairs: &[(String, String)], rules: &Rules) -> Result<Page, ApiError>
     Ok(page)
 }
 
-/// A page of objects as the API returns it.
+/// A page of objects as the API returns it. The spec's list objects require `first_id` and
+/// `last_id` as strings, so an empty page has empty ones (never null).
 #[derive(Serialize)]
 pub struct ListOut<T> {
     pub object: &'static str,
     pub data: Vec<T>,
-    pub first_id: Option<String>,
-    pub last_id: Option<String>,
+    pub first_id: String,
+    pub last_id: String,
     pub has_more: bool,
 }
 
@@ -85,8 +86,8 @@ impl<T> ListOut<T> {
     pub fn new(listed: Listed<T>, id: impl Fn(&T) -> &str) -> ListOut<T> {
         ListOut {
             object: "list",
-            first_id: listed.items.first().map(|x| id(x).to_string()),
-            last_id: listed.items.last().map(|x| id(x).to_string()),
+            first_id: listed.items.first().map(|x| id(x).to_string()).unwrap_or_default(),
+            last_id: listed.items.last().map(|x| id(x).to_string()).unwrap_or_default(),
             has_more: listed.has_more,
             data: listed.items,
         }

@@ -74,7 +74,7 @@ impl Ctx {
         incomplete: bool,
     ) -> Value {
         let r = &self.req;
-        json!({
+        let mut out = json!({
             "id": self.id,
             "object": "response",
             "created_at": self.created_at,
@@ -105,7 +105,10 @@ impl Ctx {
             "metadata": r.metadata.clone().unwrap_or_default(),
             "prompt_cache_key": null,
             "safety_identifier": null,
-        })
+        });
+        // Not nullable in the spec: absent until known.
+        crate::drop_nulls(&mut out, &["usage", "user"]);
+        out
     }
 
     fn failed(&self, e: &ApiError) -> Value {
@@ -118,7 +121,12 @@ impl Ctx {
 fn usage_json(u: &Usage) -> Value {
     json!({
         "input_tokens": u.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": u.prompt_tokens_details.cached_tokens},
+        // ferrum's prefix cache is written as a side effect of reading a prompt, at no extra
+        // price: no tokens are billed as cache writes.
+        "input_tokens_details": {
+            "cached_tokens": u.prompt_tokens_details.cached_tokens,
+            "cache_write_tokens": 0,
+        },
         "output_tokens": u.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": u.prompt_tokens + u.completion_tokens,
