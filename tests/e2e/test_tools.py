@@ -190,3 +190,29 @@ def test_auto_streams_text_and_calls_as_they_are_generated(tiers_server, tier, m
         assert fragments > len(calls), "arguments came whole, not as they were generated"
     if whole.message.content and len(whole.message.content) > 40:
         assert len(contents) > 3, "text came whole, not as it was generated"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("tier", ["gpt-4.1-mini", "gpt-4.1"])
+def test_auto_calls_are_always_valid_tool_calls(tiers_server, tier, stream):
+    """With tool_choice "auto", mini and gpt-4.1 answer a two-city question with calls in a
+    ```json fence, their own habit: the auto grammar checks that form too, so the answer is
+    `tool_calls` with arguments valid against the schema (before, gpt-4.1 wrote
+    `"city": ["Paris", "Tokyo"]`), never text holding a call, streamed or not."""
+    client = tiers_server.client()
+    kwargs = dict(model=tier, tools=TOOLS, max_tokens=200, temperature=0, messages=[
+        {"role": "user", "content": "Get the weather for each of these cities: Paris, Tokyo (celsius)."}])
+    if stream:
+        contents, calls, _, finish = stream_choice(client, **kwargs)
+        found = [(c["name"], c["arguments"]) for c in calls.values()]
+        text = "".join(contents)
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        finish = choice.finish_reason
+        found = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+        text = choice.message.content or ""
+    assert finish == "tool_calls", (finish, text, found)
+    assert not text, text
+    assert found, found
+    for name, arguments in found:
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])

@@ -93,10 +93,11 @@ impl ConstraintFactory {
     /// of the turn. Calls are written in the Hermes format Qwen2.5 is trained on (and the
     /// fallback prompt teaches): `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`,
     /// one to `max_calls` of them separated by newlines; or, as small models also answer, as a
-    /// bare JSON call or array of calls. Either way each call is valid against `call_schema`
+    /// bare JSON call or array of calls, or one in a ```json fence (Qwen2.5-Coder's habit). Either way each call is valid against `call_schema`
     /// (one function's name and its parameters), so every call parses with valid arguments,
     /// and a model that would repeat a call forever is stopped after `max_calls`. Text may
-    /// start with anything but the call forms (`<tool_call>`, `{`, `[`).
+    /// start with anything but the call forms (`<tool_call>`, `{`, `[`, ```` ```json ````) and
+    /// whitespace.
     pub fn text_or_calls(
         &self,
         call_schema: &Value,
@@ -119,13 +120,17 @@ impl ConstraintFactory {
             .clone(),
         ));
         let lark = format!(
-            "start: TEXT | calls | bare\n\
+            "start: TEXT | calls | bare | fences\n\
              calls: call (\"\\n\" call){{0,{more}}}\n\
              call: \"<tool_call>\\n\" %json {one} \"\\n</tool_call>\"\n\
              bare: %json {bare}\n\
+             fences: fence (\"\\n\" fence){{0,{more}}}\n\
+             fence: \"```json\\n\" %json {bare} \"\\n```\"\n\
              TEXT: /{text}/\n",
             more = max_calls - 1,
-            text = not_starting_with(TOOL_CALL_OPEN, "{["),
+            // Nor whitespace: a call indented or after a newline would otherwise pass as text
+            // and be read back as an unchecked call.
+            text = not_starting_with(&[TOOL_CALL_OPEN, "```json", "{", "[", " ", "\t", "\r", "\n"]),
         );
         self.compile_grammar(TopLevelGrammar::from_lark(lark))
     }
@@ -168,34 +173,38 @@ fn with_separators(mut schema: Map<String, Value>) -> Map<String, Value> {
     schema
 }
 
-/// A regex (llguidance's Rust-regex dialect, no lookaround) for non-empty text that does not
-/// start with `prefix` nor with any of the characters `first`: the proper prefixes of
-/// `prefix`, or a first difference from it followed by anything.
-fn not_starting_with(prefix: &str, first: &str) -> String {
-    let class = |c: char| -> String {
-        if "\\^]-[".contains(c) {
-            format!("\\{c}")
-        } else {
-            c.to_string()
+/// A regex (llguidance's Rust-regex dialect, no lookaround) for non-empty text that starts
+/// with none of the strings `forbidden`: walking the trie of their prefixes, at each node the
+/// text may end, or differ from every continuation, or go on along one that does not complete
+/// a forbidden string.
+fn not_starting_with(forbidden: &[&str]) -> String {
+    fn esc(c: char, in_class: bool) -> String {
+        match c {
+            '\n' => "\\n".into(),
+            '\t' => "\\t".into(),
+            '\r' => "\\r".into(),
+            c if in_class && "\\^]-[".contains(c) => format!("\\{c}"),
+            c if !in_class && "\\.+*?()|[]{}^$#&-~/".contains(c) => format!("\\{c}"),
+            c => c.to_string(),
         }
-    };
-    let lit = |s: &str| -> String {
-        s.chars()
-            .map(|c| match c {
-                '\\' | '.' | '+' | '*' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^'
-                | '$' | '#' | '&' | '-' | '~' | '/' => format!("\\{c}"),
-                c => c.to_string(),
-            })
-            .collect()
-    };
-    let chars: Vec<char> = prefix.chars().collect();
-    let excluded: String = std::iter::once(chars[0]).chain(first.chars()).map(class).collect();
-    let mut alts = vec![format!("[^{excluded}](.|\\n)*")];
-    for i in 1..chars.len() {
-        let head: String = chars[..i].iter().collect();
-        alts.push(format!("{}([^{}](.|\\n)*)?", lit(&head), class(chars[i])));
     }
-    alts.join("|")
+    fn alternatives(prefix: &str, forbidden: &[&str]) -> Vec<String> {
+        let next: std::collections::BTreeSet<char> = forbidden
+            .iter()
+            .filter_map(|f| f.strip_prefix(prefix)?.chars().next())
+            .collect();
+        let class: String = next.iter().map(|&c| esc(c, true)).collect();
+        let mut alts = vec![format!("[^{class}](.|\\n)*")];
+        for c in next {
+            let longer = format!("{prefix}{c}");
+            if !forbidden.contains(&longer.as_str()) {
+                let rest = alternatives(&longer, forbidden).join("|");
+                alts.push(format!("{}({rest})?", esc(c, false)));
+            }
+        }
+        alts
+    }
+    alternatives("", forbidden).join("|")
 }
 
 /// How deep a recursive definition may nest in an output: OpenAI's strict Structured Outputs

@@ -78,6 +78,18 @@ fn check(tier: &str) {
     let array = r#"[{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Tokyo"}}]"#;
     assert_eq!(feed(&tok, &c, array), Ok(true), "{tier}");
     assert!(feed(&tok, &c, r#"{"answer": 42}"#).is_err(), "{tier}");
+    // Separators are fixed: no pretty-printing (a small model can wander in whitespace).
+    let pretty = "<tool_call>\n{\n  \"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+    assert!(feed(&tok, &c, pretty).is_err(), "{tier}");
+    // Nor a call dressed as text after whitespace.
+    assert!(feed(&tok, &c, "\n{\"name\": \"get_time\", \"arguments\": {}}").is_err(), "{tier}");
+    assert!(feed(&tok, &c, " <tool_call>").is_err(), "{tier}");
+    // A fenced call (Qwen2.5-Coder's habit) is checked like the others; other fences are text.
+    let fenced = "```json\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Tokyo\"}}\n```";
+    assert_eq!(feed(&tok, &c, fenced), Ok(true), "{tier}");
+    assert!(feed(&tok, &c, &fenced.replace("Tokyo", "Rome")).is_err(), "{tier}");
+    assert_eq!(feed(&tok, &c, "```python\nprint(1)\n```"), Ok(true), "{tier}");
+    assert_eq!(feed(&tok, &c, "```js"), Ok(true), "{tier}");
 }
 
 #[test]
