@@ -207,4 +207,17 @@ fn deep_context_logits_do_not_depend_on_the_path() {
             assert_eq!(a, b, "{mode:?}: token {t} differs from decoding it");
         }
     }
+    // Short chunks deep in the context (the scheduler caps chunks while others decode): 20
+    // tokens take the f32 tile, 5 the per-token path; both give what decoding gives.
+    for size in [20, 5] {
+        let mut kv = prefilled(&mut ws);
+        let mut got = Vec::new();
+        for chunk in new.chunks(size) {
+            let rows = m.forward(&pool, &mut ws, &mut kv, chunk, Logits::Prompt).unwrap();
+            got.extend_from_slice(rows);
+        }
+        for (t, (a, b)) in got.chunks(vocab).zip(decoded.chunks(vocab)).enumerate() {
+            assert_eq!(a, b, "chunks of {size}: token {t} differs from decoding it");
+        }
+    }
 }

@@ -371,7 +371,7 @@ async fn usage_totals(
         .store
         .usage_totals(q.since)
         .await
-        .map_err(|e| ApiError::internal(format!("reading the usage ledger failed: {e}")))?;
+        .map_err(paging::store_error)?;
     Ok(Json(List::new(
         totals
             .into_iter()

@@ -124,9 +124,14 @@ pub fn store_error(e: StoreError) -> ApiError {
             "invalid_value",
             format!("Invalid 'after': no object with id '{id}' in this list."),
         ),
+        // The database's own words (SQL, table names, connection details) stay in the log,
+        // under the request's id; the client gets OpenAI's generic server error.
         e => {
             tracing::error!(error = %e, "database error");
-            ApiError::internal(format!("database error: {e}"))
+            ApiError::internal(
+                "The server had an error while processing your request (its database failed). \
+                 Retry, or report the x-request-id of this response.",
+            )
         }
     }
 }

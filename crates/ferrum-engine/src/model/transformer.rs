@@ -468,8 +468,8 @@ impl Transformer {
     /// ([`AttnItem`]) for the pool:
     /// - a prompt chunk of at least [`FLASH_MIN_TOKENS`] tokens, in tiles of 16 consecutive
     ///   queries per head for the tiled kernels (`flash`), where the CPU has them: from
-    ///   [`flash::F32_MIN_TOKENS`] tokens llama.cpp's tiled f32 arithmetic, below it the exact
-    ///   replay of the per-token path;
+    ///   [`flash::F32_MIN_TOKENS`] tokens, or when the chunk starts [`DEEP_CONTEXT`] positions
+    ///   deep, llama.cpp's tiled f32 arithmetic, else the exact replay of the per-token path;
     /// - any other token (decoding, short chunks, verification passes, which must reproduce
     ///   decoding exactly) one by one: with at least [`DEEP_CONTEXT`] positions, all the heads
     ///   that share a key head in one f32 tile (each key row read once for them all), else per
@@ -490,7 +490,11 @@ impl Transformer {
             let n = seq.tokens.len();
             let start = tok[t].1 as usize;
             if flash && n >= FLASH_MIN_TOKENS && seq.logits != Logits::All {
-                let (kind, step) = if n >= flash::F32_MIN_TOKENS {
+                // Deep in the context, a short chunk (the scheduler keeps chunks short while
+                // others decode) takes the f32 kernel too: what decoding there computes, and
+                // several times cheaper than the f16 replay over thousands of keys.
+                let deep = start + 1 >= DEEP_CONTEXT;
+                let (kind, step) = if n >= flash::F32_MIN_TOKENS || deep {
                     (Kernel::Tile32, flash::F32_QUERIES)
                 } else {
                     (Kernel::Tile16, flash::TILE)
