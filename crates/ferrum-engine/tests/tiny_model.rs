@@ -213,7 +213,9 @@ fn deep_context_logits_do_not_depend_on_the_path() {
         let mut kv = prefilled(&mut ws);
         let mut got = Vec::new();
         for chunk in new.chunks(size) {
-            let rows = m.forward(&pool, &mut ws, &mut kv, chunk, Logits::Prompt).unwrap();
+            let rows = m
+                .forward(&pool, &mut ws, &mut kv, chunk, Logits::Prompt)
+                .unwrap();
             got.extend_from_slice(rows);
         }
         for (t, (a, b)) in got.chunks(vocab).zip(decoded.chunks(vocab)).enumerate() {

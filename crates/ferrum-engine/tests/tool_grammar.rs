@@ -45,7 +45,10 @@ fn feed(tok: &Tokenizer, c: &Constraint, text: &str) -> Result<bool, usize> {
     }
     logits.iter_mut().for_each(|l| *l = 0.0);
     c.mask(&mut logits).unwrap();
-    let eos = tok.eos_id().or_else(|| tok.eog_ids().first().copied()).unwrap();
+    let eos = tok
+        .eos_id()
+        .or_else(|| tok.eog_ids().first().copied())
+        .unwrap();
     Ok(logits[eos as usize] != f32::NEG_INFINITY)
 }
 
@@ -58,7 +61,11 @@ fn check(tier: &str) {
     };
     // Text, including text that mentions calls later on, ends when the model likes.
     assert_eq!(feed(&tok, &c, "Hello! How can I help?"), Ok(true), "{tier}");
-    assert_eq!(feed(&tok, &c, "I will use <tool_call> later"), Ok(true), "{tier}");
+    assert_eq!(
+        feed(&tok, &c, "I will use <tool_call> later"),
+        Ok(true),
+        "{tier}"
+    );
     assert_eq!(feed(&tok, &c, "<b>bold</b> text"), Ok(true), "{tier}");
     // One call, two calls; then only the end.
     assert_eq!(feed(&tok, &c, &call("Paris")), Ok(true), "{tier}");
@@ -67,7 +74,10 @@ fn check(tier: &str) {
     // A third call is past max_calls (2): refused, as is text after a call.
     let three = format!("{two}\n{}", call("Paris"));
     assert!(feed(&tok, &c, &three).is_err(), "{tier}");
-    assert!(feed(&tok, &c, &format!("{} and more", call("Paris"))).is_err(), "{tier}");
+    assert!(
+        feed(&tok, &c, &format!("{} and more", call("Paris"))).is_err(),
+        "{tier}"
+    );
     // Arguments off the schema, an unknown function: refused.
     assert!(feed(&tok, &c, &call("Berlin")).is_err(), "{tier}");
     let unknown = "<tool_call>\n{\"name\": \"get_stock\", \"arguments\": {}}\n</tool_call>";
@@ -82,13 +92,23 @@ fn check(tier: &str) {
     let pretty = "<tool_call>\n{\n  \"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
     assert!(feed(&tok, &c, pretty).is_err(), "{tier}");
     // Nor a call dressed as text after whitespace.
-    assert!(feed(&tok, &c, "\n{\"name\": \"get_time\", \"arguments\": {}}").is_err(), "{tier}");
+    assert!(
+        feed(&tok, &c, "\n{\"name\": \"get_time\", \"arguments\": {}}").is_err(),
+        "{tier}"
+    );
     assert!(feed(&tok, &c, " <tool_call>").is_err(), "{tier}");
     // A fenced call (Qwen2.5-Coder's habit) is checked like the others; other fences are text.
     let fenced = "```json\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Tokyo\"}}\n```";
     assert_eq!(feed(&tok, &c, fenced), Ok(true), "{tier}");
-    assert!(feed(&tok, &c, &fenced.replace("Tokyo", "Rome")).is_err(), "{tier}");
-    assert_eq!(feed(&tok, &c, "```python\nprint(1)\n```"), Ok(true), "{tier}");
+    assert!(
+        feed(&tok, &c, &fenced.replace("Tokyo", "Rome")).is_err(),
+        "{tier}"
+    );
+    assert_eq!(
+        feed(&tok, &c, "```python\nprint(1)\n```"),
+        Ok(true),
+        "{tier}"
+    );
     assert_eq!(feed(&tok, &c, "```js"), Ok(true), "{tier}");
 }
 

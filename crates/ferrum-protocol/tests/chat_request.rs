@@ -439,15 +439,25 @@ fn tool_messages_answer_the_calls_before_them() {
     let msgs = |m: Value| with(json!({ "messages": m }));
     let call = |id: &str| json!({"id": id, "type": "function", "function": {"name": "f", "arguments": "{}"}});
     let user = json!({"role": "user", "content": "hi"});
-    let asst = |ids: &[&str]| json!({"role": "assistant", "content": null,
-        "tool_calls": ids.iter().map(|i| call(i)).collect::<Vec<_>>()});
+    let asst = |ids: &[&str]| {
+        json!({"role": "assistant", "content": null,
+        "tool_calls": ids.iter().map(|i| call(i)).collect::<Vec<_>>()})
+    };
     let tool = |id: &str| json!({"role": "tool", "tool_call_id": id, "content": "42"});
     // Parallel calls answered in any order, then more conversation: fine.
-    let ok = json!([user, asst(&["a", "b"]), tool("b"), tool("a"), {"role": "user", "content": "ok"}]);
+    let ok =
+        json!([user, asst(&["a", "b"]), tool("b"), tool("a"), {"role": "user", "content": "ok"}]);
     assert!(parse_chat_request(&msgs(ok)).is_ok());
     // A tool message after a plain message.
-    let err = check_rejected(&msgs(json!([user, tool("a")])), Some("messages.[1].role"), None);
-    assert!(err.message.contains("preceeding message with 'tool_calls'"), "{err:?}");
+    let err = check_rejected(
+        &msgs(json!([user, tool("a")])),
+        Some("messages.[1].role"),
+        None,
+    );
+    assert!(
+        err.message.contains("preceeding message with 'tool_calls'"),
+        "{err:?}"
+    );
     // Answering a call that was not made.
     let err = check_rejected(
         &msgs(json!([user, asst(&["a"]), tool("zz")])),
@@ -456,9 +466,15 @@ fn tool_messages_answer_the_calls_before_them() {
     );
     assert!(err.message.contains("'zz'"), "{err:?}");
     // A call left unanswered (also when the assistant message is the last one).
-    for list in [json!([user, asst(&["a", "b"]), tool("a"), user]), json!([user, asst(&["a"])])] {
+    for list in [
+        json!([user, asst(&["a", "b"]), tool("a"), user]),
+        json!([user, asst(&["a"])]),
+    ] {
         let err = check_rejected(&msgs(list), Some("messages.[1].role"), None);
-        assert!(err.message.contains("did not have response messages"), "{err:?}");
+        assert!(
+            err.message.contains("did not have response messages"),
+            "{err:?}"
+        );
     }
 }
 
@@ -467,5 +483,8 @@ fn predicted_outputs_take_one_choice() {
     let body = with(json!({"n": 2, "prediction": {"type": "content", "content": "x"}}));
     check_rejected(&body, Some("n"), Some("invalid_value"));
     let body = with(json!({"n": 1, "prediction": {"type": "content", "content": "x"}}));
-    assert_eq!(parse_chat_request(&body).unwrap().prediction.as_deref(), Some("x"));
+    assert_eq!(
+        parse_chat_request(&body).unwrap().prediction.as_deref(),
+        Some("x")
+    );
 }

@@ -167,7 +167,10 @@ fn require_pip() {
         .args(["-m", "pip", "--version"])
         .output()
         .is_ok_and(|o| o.status.success());
-    assert!(ok, "`python3 -m pip` is not available (Debian: apt-get install python3-pip)");
+    assert!(
+        ok,
+        "`python3 -m pip` is not available (Debian: apt-get install python3-pip)"
+    );
 }
 
 /// Records every progress call, to check what a fetch reported (or that it did nothing).

@@ -86,8 +86,16 @@ impl<T> ListOut<T> {
     pub fn new(listed: Listed<T>, id: impl Fn(&T) -> &str) -> ListOut<T> {
         ListOut {
             object: "list",
-            first_id: listed.items.first().map(|x| id(x).to_string()).unwrap_or_default(),
-            last_id: listed.items.last().map(|x| id(x).to_string()).unwrap_or_default(),
+            first_id: listed
+                .items
+                .first()
+                .map(|x| id(x).to_string())
+                .unwrap_or_default(),
+            last_id: listed
+                .items
+                .last()
+                .map(|x| id(x).to_string())
+                .unwrap_or_default(),
             has_more: listed.has_more,
             data: listed.items,
         }
