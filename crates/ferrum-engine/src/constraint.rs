@@ -93,8 +93,9 @@ impl ConstraintFactory {
     /// of the turn. Calls are written in the Hermes format Qwen2.5 is trained on (and the
     /// fallback prompt teaches): `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`,
     /// one to `max_calls` of them separated by newlines; or, as small models also answer, as a
-    /// bare JSON call or array of calls, or one in a ```json fence (Qwen2.5-Coder's habit). Either way each call is valid against `call_schema`
-    /// (one function's name and its parameters), so every call parses with valid arguments,
+    /// bare JSON call or array of calls, or one in a ```json fence (Qwen2.5-Coder's habit).
+    /// Either way each call is valid against `call_schema` (one function's name and its
+    /// parameters), so every call parses with valid arguments,
     /// and a model that would repeat a call forever is stopped after `max_calls`. Text may
     /// start with anything but the call forms (`<tool_call>`, `{`, `[`, ```` ```json ````) and
     /// whitespace.
@@ -157,7 +158,7 @@ impl ConstraintFactory {
 }
 
 /// The opening tag of a Hermes-format tool call.
-pub const TOOL_CALL_OPEN: &str = "<tool_call>";
+const TOOL_CALL_OPEN: &str = "<tool_call>";
 
 /// JSON output with fixed separators (`", "`, `": "`), so a small model cannot wander into
 /// endless whitespace.

@@ -190,8 +190,7 @@ async fn upload(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Resp
     // created on it (a batch with bad lines goes `validating` -> `failed`, naming each line).
     if purpose == "fine-tune" {
         let path = temp.0.clone();
-        let purpose = purpose.clone();
-        tokio::task::spawn_blocking(move || check_jsonl(&path, &purpose))
+        tokio::task::spawn_blocking(move || check_fine_tune_file(&path))
             .await
             .map_err(|e| ApiError::internal(format!("checking the file panicked: {e}")))??;
     }
@@ -217,7 +216,7 @@ async fn upload(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Resp
 
 /// Checks that every line of a fine-tune file is a JSON object of the right shape; errors name
 /// the line (1-based).
-fn check_jsonl(path: &std::path::Path, purpose: &str) -> Result<(), ApiError> {
+fn check_fine_tune_file(path: &std::path::Path) -> Result<(), ApiError> {
     use std::io::BufRead;
     let file = std::fs::File::open(path)
         .map_err(|e| ApiError::internal(format!("reading the upload failed: {e}")))?;
@@ -255,7 +254,7 @@ fn check_jsonl(path: &std::path::Path, purpose: &str) -> Result<(), ApiError> {
     Err(ApiError::invalid_param(
         "file",
         "invalid_file",
-        format!("The {purpose} file is invalid: {}", problems.join("; ")),
+        format!("The fine-tune file is invalid: {}", problems.join("; ")),
     ))
 }
 

@@ -3,7 +3,7 @@
 //! routes use it, and the batch runner will take the same path.
 
 use ferrum_engine::chat_template::ChatTemplate;
-use ferrum_engine::constraint::Constraint;
+use ferrum_engine::constraint::{Constraint, ConstraintError};
 
 use crate::tools::{self, ToolMode};
 use ferrum_engine::engine::LoadedModel;
@@ -144,17 +144,18 @@ fn constraint(
             .constraints()
             .map_err(|e| ApiError::internal(e.to_string()))
     };
+    let tools_error = |e: ConstraintError| {
+        ApiError::invalid_param(
+            "tools",
+            "invalid_function_parameters",
+            format!("Invalid schema in 'tools': {e}"),
+        )
+    };
     if tool_mode == ToolMode::Forced {
         // A forced call: the output is the call, its arguments valid against the schema.
         let c = factory()?
             .json_schema(&tools::forced_schema(req))
-            .map_err(|e| {
-                ApiError::invalid_param(
-                    "tools",
-                    "invalid_function_parameters",
-                    format!("Invalid schema in 'tools': {e}"),
-                )
-            })?;
+            .map_err(tools_error)?;
         return Ok(Some(c));
     }
     match &req.response_format {
@@ -162,13 +163,7 @@ fn constraint(
         ResponseFormat::Text if tool_mode == ToolMode::Auto => {
             let c = factory()?
                 .text_or_calls(&tools::call_schema(req), tools::max_auto_calls(req))
-                .map_err(|e| {
-                    ApiError::invalid_param(
-                        "tools",
-                        "invalid_function_parameters",
-                        format!("Invalid schema in 'tools': {e}"),
-                    )
-                })?;
+                .map_err(tools_error)?;
             Ok(Some(c))
         }
         ResponseFormat::Text => Ok(None),
