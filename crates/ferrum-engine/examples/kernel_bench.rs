@@ -177,10 +177,24 @@ fn main() {
         // The k-quants need a multiple of 256 columns; their shapes round 896 and 576 up.
         // The first shape fits in L2 and shows the kernels' compute ceiling; the other two
         // stream from L3 or memory, as real weights do.
-        let shapes: [(usize, usize); 3] = if dtype.block_size() == 256 {
-            [(256, 1024), (4864, 1024), (49152, 768)]
+        // The last two are long rows (gpt-4.1's ffn_down is 1536 x 8960), in L2 and from
+        // memory (256 MiB, beyond the L3 of most machines).
+        let shapes: [(usize, usize); 5] = if dtype.block_size() == 256 {
+            [
+                (256, 1024),
+                (4864, 1024),
+                (49152, 768),
+                (48, 8960),
+                (51200, 8960),
+            ]
         } else {
-            [(256, 896), (4864, 896), (49152, 576)]
+            [
+                (256, 896),
+                (4864, 896),
+                (49152, 576),
+                (48, 8960),
+                (51200, 8960),
+            ]
         };
         for (rows, cols) in shapes {
             let m = Matrix::new(dtype, rows, cols, &mut rng);

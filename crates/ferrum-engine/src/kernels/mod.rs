@@ -299,7 +299,11 @@ impl QMatrix {
     /// The one-row kernel, and the four-row kernel where [`matmul`] takes one, for an
     /// activation row of `kind` in a call over `n_tokens` rows.
     fn kernels(&self, kind: RowKind, n_tokens: usize) -> (DotFn, Option<simd::Dot4Fn>) {
-        let dot4 = self.dot4.filter(|_| n_tokens >= X4_MIN_TOKENS);
+        let min = match self.dtype() {
+            GgmlDType::Q4K => X4_MIN_TOKENS,
+            _ => X4_MIN_TOKENS_32,
+        };
+        let dot4 = self.dot4.filter(|_| n_tokens >= min);
         match self.batched {
             Some(b) if (b.applies)(kind) => (b.dot, dot4.map(|_| b.dot4)),
             _ => (self.dot, dot4),
@@ -439,8 +443,17 @@ unsafe impl Sync for SendPtr {}
 /// rows at once from memory is much slower than one: measured on the dev VM (AMD EPYC, AVX-512),
 /// mini's 151936 x 896 Q8_0 and Q5_0 output-sized matrices ran 2.5-3.5x slower with them for
 /// one token, 2x for two, about even at four, faster from eight (`kernel_bench`); taking them
-/// for every decode step had held mini's decode at ~28 tok/s, one-row kernels give ~48.
+/// for every decode step had held mini's decode at ~28 tok/s, one-row kernels give ~48. This is
+/// the threshold for Q4_K, whose one-row kernel (512-bit on AVX-512) still streams faster than
+/// its four-row one on the Xeon VM the project later moved to (10.8 against 9.0 GB/s).
 const X4_MIN_TOKENS: usize = 8;
+
+/// The same for the 32-weight formats (Q4_0, Q4_1, Q5_0, Q8_0), whose four-row kernels give the
+/// one-row kernels' numbers. With the kernels prefetching their rows, four rows at once stream
+/// faster than one on the Xeon dev VM, even for a single token: a 246 MiB Q4_1 matrix at 10.3
+/// against 9.7 GB/s on one core, 15 against 10 GB/s from L3, and nano's decode (Q4_1 and Q8_0)
+/// went from 113 to 150-160 tok/s with them (`kernel_bench`, `ferrum bench`).
+const X4_MIN_TOKENS_32: usize = 1;
 
 /// Rows per chunk: small enough that a descheduled thread holds up little work, large enough
 /// that dispatch overhead stays small.

@@ -16,10 +16,10 @@ use std::arch::x86_64::*;
 use candle_core::quantized::GgmlDType;
 
 use super::x86::{
-    blocks4, f16_table, h, hs, hsum4, hsum_i32, hsum_i32x4, k4_scales_mins, q4k_block, rd_f32,
-    rd_u32, K4_SCALE, Q4K, Q4_0, Q4_1, Q5_0, Q8K, Q8_0, Q8_1,
+    blocks, blocks4, f16_table, h, hs, hsum4, hsum_i32, hsum_i32x4, k4_scales_mins, prefetch,
+    q4k_block, rd_f32, rd_u32, K4_SCALE, Q4K, Q4_0, Q4_1, Q5_0, Q8K, Q8_0, Q8_1,
 };
-use super::Dot4Fn;
+use super::{Dot4Fn, DotFn};
 
 /// Two 16-byte nibble fields, of rows `a` and `b`, as `[a | a | b | b]` 128-bit lanes.
 ///
@@ -145,6 +145,10 @@ pub(super) unsafe fn q4_0_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32
             let xd = _mm512_set1_ps(h(t, xb));
             for (pair, acc) in acc.iter_mut().enumerate() {
                 let (a, b) = (w[2 * pair].add(i * Q4_0), w[2 * pair + 1].add(i * Q4_0));
+                if i % 2 == 0 {
+                    prefetch(a, 1);
+                    prefetch(b, 1);
+                }
                 let u = _mm512_and_si512(pair128(a.add(2), b.add(2)), mask);
                 let p = _mm512_dpbusd_epi32(corr, u, xv);
                 // ggml's order: the scales' product, then one fused multiply-add.
@@ -176,6 +180,10 @@ pub(super) unsafe fn q4_1_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32
             let xs = hs(t, xb.add(2));
             for (pair, acc) in acc.iter_mut().enumerate() {
                 let (a, b) = (w[2 * pair].add(i * Q4_1), w[2 * pair + 1].add(i * Q4_1));
+                if i % 2 == 0 {
+                    prefetch(a, 1);
+                    prefetch(b, 1);
+                }
                 let u = _mm512_and_si512(pair128(a.add(4), b.add(4)), mask);
                 let p = _mm512_dpbusd_epi32(zero, u, xv);
                 // ggml's order: the scales' product, then one fused multiply-add.
@@ -211,6 +219,10 @@ pub(super) unsafe fn q5_0_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32
             let xd = _mm512_set1_ps(h(t, xb));
             for (pair, acc) in acc.iter_mut().enumerate() {
                 let (a, b) = (w[2 * pair].add(i * Q5_0), w[2 * pair + 1].add(i * Q5_0));
+                if i % 2 == 0 {
+                    prefetch(a, 1);
+                    prefetch(b, 1);
+                }
                 let q = _mm512_srlv_epi64(pair128(a.add(6), b.add(6)), shift);
                 let q = _mm512_and_si512(q, m4);
                 // The fifth bits of both rows, bit j for byte j.
@@ -246,6 +258,8 @@ pub(super) unsafe fn q8_0_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32
             let xd = _mm512_set1_ps(h(t, xb));
             for (pair, acc) in acc.iter_mut().enumerate() {
                 let (a, b) = (w[2 * pair].add(i * Q8_0), w[2 * pair + 1].add(i * Q8_0));
+                prefetch(a, 1);
+                prefetch(b, 1);
                 let u = _mm512_xor_si512(pair256(a.add(2), b.add(2)), flip);
                 let p = _mm512_dpbusd_epi32(corr, u, xv);
                 // ggml's order: the scales' product, then one fused multiply-add.
@@ -284,6 +298,8 @@ pub(super) unsafe fn q4k_x4(nb: usize, w: [*const u8; 4], x: *const u8) -> [f32;
             );
             for pair in 0..2 {
                 let (a, b) = (w[2 * pair].add(i * Q4K), w[2 * pair + 1].add(i * Q4K));
+                prefetch(a, 3);
+                prefetch(b, 3);
                 let (sm_a, sm_b) = (k4_scales_mins(a.add(4)), k4_scales_mins(b.add(4)));
                 // The scales of both rows as 128-bit lanes [a | a | b | b].
                 let sab = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(sm_a), sm_b);
@@ -347,6 +363,81 @@ fn q4k(n: usize, w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
     let nb = blocks4(n, 256, &w, Q4K, x, Q8K);
     // SAFETY: as in `q4_0`.
     unsafe { q4k_x4(nb, w.map(<[u8]>::as_ptr), x.as_ptr()) }
+}
+
+/// Q4_K · Q8_K for one row on 512-bit vectors, the decode kernel: the same numbers as the
+/// 256-bit `q4k` (the GEMV order of llama.cpp's repacked Q4_K kernels), since only the exact
+/// integer sums of a block are computed differently: each register holds the low and the high
+/// nibbles of 32 weight bytes (sub-blocks `2j` and `2j + 1`, one merge-masked shift) against the
+/// 64 activation bytes they meet, and one `vpdpwssd` applies both sub-blocks' scales. Half the
+/// instructions of the 256-bit kernel per block; decode streams Q4_K rows faster than one core
+/// reads memory only with it (`kernel_bench`).
+///
+/// # Safety
+/// The CPU must support the tier; `w` and `x` must hold `nb` blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4k_row_k(nb: usize, w: *const u8, x: *const u8) -> f32 {
+    let t = f16_table();
+    let m4 = _mm512_set1_epi8(0x0F);
+    // SAFETY: the masks are 8 entries of 32 bytes.
+    let scale_mask: [__m512i; 4] = std::array::from_fn(|j| unsafe {
+        let lo = _mm256_loadu_si256(K4_SCALE[2 * j].as_ptr().cast());
+        let hi = _mm256_loadu_si256(K4_SCALE[2 * j + 1].as_ptr().cast());
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    });
+    let mut acc = [0f32; 2];
+    for i in 0..nb {
+        // SAFETY: block `i` is in bounds of both rows.
+        unsafe {
+            let (wb, xb) = (w.add(i * Q4K), x.add(i * Q8K));
+            prefetch(wb, 3);
+            let yd = rd_f32(xb);
+            let d = yd * h(t, wb);
+            let dmin = yd * h(t, wb.add(2));
+            let sm = k4_scales_mins(wb.add(4));
+            let bsums = _mm256_loadu_si256(xb.add(260).cast());
+            let bs = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bsums),
+                _mm256_extracti128_si256::<1>(bsums),
+            );
+            let msum = hsum_i32x4(_mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), bs));
+            let sc = _mm512_broadcast_i32x4(_mm256_castsi256_si128(sm));
+            let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for (j, mask) in scale_mask.iter().enumerate() {
+                let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(wb.add(16 + 32 * j).cast()));
+                // Low nibbles in the low half, high nibbles in the high half.
+                let q = _mm512_and_si512(_mm512_mask_srli_epi16(q, 0xFFFF_0000, q, 4), m4);
+                let p = _mm512_maddubs_epi16(q, _mm512_loadu_si512(xb.add(4 + 64 * j).cast()));
+                let s = _mm512_dpwssd_epi32(
+                    if j & 1 == 0 { s0 } else { s1 },
+                    _mm512_shuffle_epi8(sc, *mask),
+                    p,
+                );
+                if j & 1 == 0 {
+                    s0 = s;
+                } else {
+                    s1 = s;
+                }
+            }
+            let isum = _mm512_reduce_add_epi32(_mm512_add_epi32(s0, s1));
+            acc = q4k_block(acc, isum, msum, d, dmin);
+        }
+    }
+    acc[0] - acc[1]
+}
+
+fn q4k_row(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = blocks(n, 256, w, Q4K, x, Q8K);
+    // SAFETY: the caller checked the tier; `blocks` checked the lengths.
+    unsafe { q4k_row_k(nb, w.as_ptr(), x.as_ptr()) }
+}
+
+/// The 512-bit one-row kernel for weight type `w`, if there is one; as [`dot4_fn`].
+pub(super) fn dot_fn(w: GgmlDType) -> Option<DotFn> {
+    Some(match w {
+        GgmlDType::Q4K => q4k_row,
+        _ => return None,
+    })
 }
 
 /// The 512-bit four-row kernel for weight type `w`, if there is one; the caller has checked that

@@ -218,6 +218,29 @@ fn dot4_products_match_single_row() {
 }
 
 #[test]
+fn every_tier_gives_the_same_bits() {
+    // The tiers differ in instructions, not arithmetic (the 512-bit Q4_K row kernel computes a
+    // block's exact integer sums differently and then adds them as the 256-bit one does), so a
+    // row's dot product must not depend on the CPU's tier.
+    let mut rng = StdRng::seed_from_u64(17);
+    for dtype in TYPES {
+        for n in widths(dtype) {
+            let w = quantize(dtype, &random_vec(&mut rng, n, 0.1));
+            let x = quantize(vec_dot_dtype(dtype), &random_vec(&mut rng, n, 2.0));
+            let want = dot_fn_for(dtype, Tier::Avx2).map(|f| f(n, &w, &x));
+            for tier in Tier::supported() {
+                let got = dot_fn_for(dtype, tier).unwrap()(n, &w, &x);
+                assert_eq!(
+                    Some(got.to_bits()),
+                    want.map(f32::to_bits),
+                    "{dtype:?} {tier:?} n={n}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn extreme_blocks_are_exact() {
     // Weights at the ends of their ranges against activations of ±127, where a saturating 16-bit
     // intermediate would show; the reference and the kernels must agree to float rounding.
