@@ -47,6 +47,46 @@ impl Default for TinyModel {
 impl TinyModel {
     /// Writes the model to `path` as a GGUF file.
     pub fn write(&self, path: &Path) -> candle_core::Result<()> {
+        self.write_with(path, Vec::new())
+    }
+
+    /// Writes the model with a vocabulary and a chat template, so that it loads as a
+    /// `LoadedModel` a server can template and tokenize with: a byte-level BPE vocabulary of
+    /// the 256 bytes (no merges, so one token per byte) plus the control tokens
+    /// `<|im_start|>` (256) and `<|im_end|>` (257, end of generation), and a ChatML template.
+    /// The vocabulary size is 258 whatever `vocab` says.
+    pub fn write_chat(&self, path: &Path) -> candle_core::Result<()> {
+        let mut tokens: Vec<Value> = byte_level_alphabet()
+            .into_iter()
+            .map(|c| Value::String(c.to_string()))
+            .collect();
+        tokens.push(Value::String("<|im_start|>".into()));
+        tokens.push(Value::String("<|im_end|>".into()));
+        let mut types = vec![Value::I32(1); 256];
+        types.extend([Value::I32(3), Value::I32(3)]);
+        let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n\
+                        {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let metadata = vec![
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::String("qwen2".into())),
+            ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+            ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+            ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(257)),
+            ("tokenizer.ggml.bos_token_id".into(), Value::U32(256)),
+            (
+                "tokenizer.chat_template".into(),
+                Value::String(template.into()),
+            ),
+        ];
+        TinyModel {
+            vocab: 258,
+            ..self.clone()
+        }
+        .write_with(path, metadata)
+    }
+
+    fn write_with(&self, path: &Path, extra: Vec<(String, Value)>) -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let mut rng = self.seed;
         // A small deterministic generator keeps files identical across runs and platforms.
@@ -124,9 +164,27 @@ impl TinyModel {
                 Value::F32(1e-5),
             ),
         ];
+        let metadata: Vec<(String, Value)> = metadata.into_iter().chain(extra).collect();
         let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let mut file = std::fs::File::create(path)?;
         gguf_file::write(&mut file, &md, &ts)
     }
+}
+
+/// GPT-2's byte-level alphabet: the character each byte is written as in a byte-level BPE
+/// vocabulary (printable Latin-1 bytes as themselves, the others shifted past U+0100).
+fn byte_level_alphabet() -> Vec<char> {
+    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+    let mut shifted = 0;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                shifted += 1;
+                char::from_u32(255 + shifted).unwrap()
+            }
+        })
+        .collect()
 }

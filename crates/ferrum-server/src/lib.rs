@@ -31,7 +31,7 @@ use ferrum_store::{BlobStore, Store, UsageRecord};
 use tokio::net::TcpListener;
 
 pub use batches::BatchConfig;
-pub use models::{EngineConfig, Models};
+pub use models::{Engine, EngineConfig, Loaded, Models};
 pub use stored::{export as export_completions, training_example};
 
 /// Largest request body: long-context prompts are big, but not unbounded.
@@ -183,16 +183,9 @@ async fn request_headers(request: Request, next: Next) -> Response {
     response
 }
 
-/// Loads the startup tiers, then serves until `shutdown` resolves; requests in flight (streams
-/// included) finish before this returns.
-pub async fn serve(
-    listener: TcpListener,
-    registry: Registry,
-    store: Store,
-    config: ServerConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    let app = Arc::new(App {
+/// The shared state of a server over `registry` and `store`, with no tier loaded yet.
+pub fn app(registry: Registry, store: Store, config: ServerConfig) -> Arc<App> {
+    Arc::new(App {
         models: Models::new(registry, config.engine),
         store,
         blobs: config.blobs,
@@ -205,7 +198,25 @@ pub async fn serve(
         background: Default::default(),
         api_key: config.api_key,
         metrics: Arc::default(),
-    });
+    })
+}
+
+/// Runs the batch worker of `app` until `stop` turns true (what [`serve`] runs beside the
+/// routes).
+pub async fn run_batch_worker(app: Arc<App>, stop: tokio::sync::watch::Receiver<bool>) {
+    batches::run_worker(app, stop).await
+}
+
+/// Loads the startup tiers, then serves until `shutdown` resolves; requests in flight (streams
+/// included) finish before this returns.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    store: Store,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let app = app(registry, store, config);
     app.models
         .load_startup_tiers()
         .await

@@ -12,7 +12,7 @@ use ferrum_engine::engine::{LoadOptions, LoadedModel};
 use ferrum_engine::gguf::WeightsMemory;
 use ferrum_engine::kv::KvType;
 use ferrum_engine::model::ops::RopeScaling;
-use ferrum_engine::service::{EngineOptions, ModelHandle};
+use ferrum_engine::service::{EngineOptions, EngineStats, ModelHandle, Request, SubmitError};
 use ferrum_protocol::ApiError;
 use ferrum_registry::{
     KvCacheType, LoadPolicy, Registry, RopeScalingConfig, RopeScalingKind, Tier, WeightsSource,
@@ -46,11 +46,37 @@ fn rope_scaling(config: &RopeScalingConfig) -> RopeScaling {
     }
 }
 
+/// The seam between the HTTP layer and a model's engine: the loaded model (to template and
+/// tokenize requests off the engine thread), a queue taking requests whose `Sink` receives
+/// their events (a sink returning `Break` cancels), and counters. `ModelHandle` is the real
+/// one; tests drive the routes with a scripted engine behind this trait, without weights.
+pub trait Engine: Send + Sync {
+    fn model(&self) -> &LoadedModel;
+    fn shared_model(&self) -> Arc<LoadedModel>;
+    fn stats(&self) -> &EngineStats;
+    fn submit(&self, request: Request) -> Result<(), SubmitError>;
+}
+
+impl Engine for ModelHandle {
+    fn model(&self) -> &LoadedModel {
+        ModelHandle::model(self)
+    }
+    fn shared_model(&self) -> Arc<LoadedModel> {
+        ModelHandle::shared_model(self)
+    }
+    fn stats(&self) -> &EngineStats {
+        ModelHandle::stats(self)
+    }
+    fn submit(&self, request: Request) -> Result<(), SubmitError> {
+        ModelHandle::submit(self, request)
+    }
+}
+
 /// A tier that is ready to serve.
 #[derive(Clone)]
 pub struct Loaded {
     pub tier: Tier,
-    pub handle: ModelHandle,
+    pub handle: Arc<dyn Engine>,
     /// `system_fingerprint`: names the weights file and the ferrum build that serve it.
     pub fingerprint: String,
 }
@@ -182,6 +208,21 @@ impl Models {
         self.load_into(&slot, &mut state).await
     }
 
+    /// Serves a tier with an engine that is already running (tests, or an embedder that runs
+    /// its own engine), in place of loading its weights.
+    pub async fn install(&self, tier_id: &str, engine: Arc<dyn Engine>) -> Result<(), ApiError> {
+        let slot = self.slot(&self.resolve(tier_id)?.id)?;
+        let mut state = slot.state.lock().await;
+        state.held_unloaded = false;
+        state.path = Some(engine.model().path.clone());
+        state.loaded = Some(Loaded {
+            tier: slot.tier.clone(),
+            fingerprint: fingerprint(&engine.model().path),
+            handle: engine,
+        });
+        Ok(())
+    }
+
     /// Unloads a tier; its memory is freed once its queued requests are done.
     pub async fn unload(&self, tier_id: &str) -> Result<bool, ApiError> {
         let slot = self.slot(&self.resolve(tier_id)?.id)?;
@@ -286,7 +327,7 @@ impl Models {
         tracing::info!(tier = %tier.id, path = %path.display(), %fingerprint, "model ready");
         let loaded = Loaded {
             tier,
-            handle,
+            handle: Arc::new(handle),
             fingerprint,
         };
         state.loaded = Some(loaded.clone());

@@ -633,7 +633,7 @@ macro_rules! tier_kernels {
                 for i in 0..nb {
                     // SAFETY: `i < nb`.
                     if i % 2 == 0 {
-                        prefetch(w.add(i * Q4_0), 1);
+                        prefetch(w.wrapping_add(i * Q4_0), 1);
                     }
                     a0 = unsafe { q4_0_step(t, w.add(i * Q4_0), x.add(i * Q8_0), a0) };
                 }
@@ -651,7 +651,7 @@ macro_rules! tier_kernels {
                 for i in 0..nb {
                     // SAFETY: `i < nb`.
                     if i % 2 == 0 {
-                        prefetch(w.add(i * Q4_1), 1);
+                        prefetch(w.wrapping_add(i * Q4_1), 1);
                     }
                     (a0, m0) = unsafe { q4_1_step(t, w.add(i * Q4_1), x.add(i * Q8_1), a0, m0) };
                 }
@@ -668,7 +668,7 @@ macro_rules! tier_kernels {
                 for i in 0..nb {
                     // SAFETY: `i < nb`.
                     if i % 2 == 0 {
-                        prefetch(w.add(i * Q5_0), 1);
+                        prefetch(w.wrapping_add(i * Q5_0), 1);
                     }
                     a0 = unsafe { q5_0_step(t, w.add(i * Q5_0), x.add(i * Q8_0), a0) };
                 }
@@ -684,7 +684,7 @@ macro_rules! tier_kernels {
                 let mut a0 = _mm256_setzero_ps();
                 for i in 0..nb {
                     // SAFETY: `i < nb`.
-                    prefetch(w.add(i * Q8_0), 1);
+                    prefetch(w.wrapping_add(i * Q8_0), 1);
                     a0 = unsafe { q8_0_step(t, w.add(i * Q8_0), x.add(i * Q8_0), a0) };
                 }
                 hsum(a0)
