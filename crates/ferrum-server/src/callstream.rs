@@ -3,6 +3,8 @@
 //! each call's name as soon as it is complete and its arguments as they are written (OpenAI's
 //! `tool_calls` deltas), instead of the whole call at the end.
 
+use crate::tools::{self, ToolMode};
+
 /// What the scanned text adds to the calls.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CallDelta {
@@ -487,6 +489,86 @@ impl AutoScanner {
     }
 }
 
+/// One choice's output as it is generated, whatever the tool mode: the single place that
+/// turns generated text into content and call deltas, shared by chat completion streams and
+/// Responses streams (each only maps the deltas to its own events). Plain text passes through;
+/// a forced call streams its name and argument fragments ([`CallScanner`]); an "auto" answer
+/// streams text and `<tool_call>` blocks ([`AutoScanner`]), and an answer held as possible bare
+/// JSON calls is parsed whole at the end.
+#[derive(Debug)]
+pub struct ChoiceDecoder {
+    mode: ToolMode,
+    forced: CallScanner,
+    auto: AutoScanner,
+    names: Vec<String>,
+}
+
+impl ChoiceDecoder {
+    /// A decoder for an answer in `mode` that may call the functions `names`.
+    pub fn new(mode: ToolMode, names: Vec<String>) -> ChoiceDecoder {
+        ChoiceDecoder {
+            mode,
+            forced: CallScanner::new(),
+            auto: AutoScanner::new(names.clone()),
+            names,
+        }
+    }
+
+    /// What a piece of generated text adds now.
+    pub fn push(&mut self, piece: &str) -> Vec<AutoDelta> {
+        match self.mode {
+            ToolMode::Off if piece.is_empty() => Vec::new(),
+            ToolMode::Off => vec![AutoDelta::Content(piece.to_string())],
+            ToolMode::Forced => self
+                .forced
+                .push(piece)
+                .into_iter()
+                .map(AutoDelta::Call)
+                .collect(),
+            ToolMode::Auto => self.auto.push(piece),
+        }
+    }
+
+    /// The end of the answer, whose whole text is `text` (`cut`: it ended at `max_tokens`):
+    /// what is left to send, and whether the answer is tool calls (`finish_reason`
+    /// "tool_calls").
+    pub fn finish(&mut self, text: &str, cut: bool) -> (Vec<AutoDelta>, bool) {
+        match self.mode {
+            ToolMode::Off => (Vec::new(), false),
+            // The calls were streamed; a text cut short before any call is still JSON text.
+            ToolMode::Forced if self.forced.calls().is_empty() => {
+                (vec![AutoDelta::Content(text.to_string())], false)
+            }
+            ToolMode::Forced => (Vec::new(), !cut),
+            ToolMode::Auto => match self.auto.finish() {
+                Some(rest) => rest,
+                // Held as possible bare JSON calls: parsed whole now.
+                None => {
+                    let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+                    let (content, calls) = tools::parse(text, self.mode, &names, String::new);
+                    let mut deltas: Vec<AutoDelta> = content
+                        .filter(|t| !t.is_empty())
+                        .map(AutoDelta::Content)
+                        .into_iter()
+                        .collect();
+                    let any = !calls.is_empty();
+                    for (index, c) in calls.into_iter().enumerate() {
+                        deltas.push(AutoDelta::Call(CallDelta::Start {
+                            index,
+                            name: c.function.name,
+                        }));
+                        deltas.push(AutoDelta::Call(CallDelta::Args {
+                            index,
+                            fragment: c.function.arguments,
+                        }));
+                    }
+                    (deltas, any)
+                }
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{CallDelta, CallScanner};
@@ -677,5 +759,39 @@ mod tests {
         );
         let (content, _, fin) = auto(&["`", "`", "`", "p", "y"]);
         assert_eq!((content.as_str(), fin), ("```py", Some(false)));
+    }
+
+    #[test]
+    fn choice_decoder_finishes_each_mode() {
+        use super::{AutoDelta, ChoiceDecoder};
+        use crate::tools::ToolMode;
+        let names = vec!["f".to_string()];
+        // Plain text passes through and ends with nothing left.
+        let mut d = ChoiceDecoder::new(ToolMode::Off, names.clone());
+        assert_eq!(d.push("hi"), [AutoDelta::Content("hi".into())]);
+        assert_eq!(d.finish("hi", false), (vec![], false));
+        // A forced call streams; cut at max_tokens it is not "tool_calls".
+        let call = r#"{"name": "f", "arguments": {"a": 1}}"#;
+        let mut d = ChoiceDecoder::new(ToolMode::Forced, names.clone());
+        let streamed = d.push(call);
+        assert!(
+            matches!(&streamed[0], AutoDelta::Call(CallDelta::Start { name, .. }) if name == "f")
+        );
+        assert_eq!(d.finish(call, false), (vec![], true));
+        let mut d = ChoiceDecoder::new(ToolMode::Forced, names.clone());
+        d.push(r#"{"na"#);
+        assert_eq!(
+            d.finish(r#"{"na"#, true),
+            (vec![AutoDelta::Content(r#"{"na"#.into())], false)
+        );
+        // "auto": a bare JSON call is held, then parsed whole.
+        let mut d = ChoiceDecoder::new(ToolMode::Auto, names);
+        let held = d.push(r#"{"name": "g""#);
+        assert!(held.is_empty());
+        let text = r#"{"name": "g"}"#;
+        d.push("}");
+        let (rest, calls) = d.finish(text, false);
+        assert!(!calls);
+        assert_eq!(rest, [AutoDelta::Content(text.into())]);
     }
 }

@@ -20,7 +20,7 @@ use ferrum_protocol::{parse_chat_request, ApiError, ChatRequest};
 use futures_util::stream::{self, Stream, StreamExt};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::callstream::{AutoDelta, AutoScanner, CallDelta, CallScanner};
+use crate::callstream::{AutoDelta, CallDelta, ChoiceDecoder};
 use crate::frontend::{self, engine_error, finish_reason, logprobs_of, token_logprob};
 use crate::models::Loaded;
 use crate::tools::{self, ToolMode};
@@ -392,10 +392,8 @@ struct StreamState {
     rx: UnboundedReceiver<Event>,
     /// Completions by choice index.
     done: Vec<Option<Completion>>,
-    /// Forced tool calls: per choice, the scanner that streams calls as they are generated.
-    scanners: Vec<CallScanner>,
-    /// "auto" tool choice: per choice, the scanner that streams text and calls.
-    autos: Vec<AutoScanner>,
+    /// With tools: per choice, what turns the generated text into content and call deltas.
+    decoders: Vec<ChoiceDecoder>,
     finished: bool,
 }
 
@@ -405,9 +403,11 @@ fn stream_response(
 ) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let state = StreamState {
         done: vec![None; meta.req.n as usize],
-        scanners: (0..meta.req.n).map(|_| CallScanner::new()).collect(),
-        autos: (0..meta.req.n)
-            .map(|_| AutoScanner::new(meta.tool_names().into_iter().map(String::from).collect()))
+        decoders: (0..meta.req.n)
+            .map(|_| {
+                let names = meta.tool_names().into_iter().map(String::from).collect();
+                ChoiceDecoder::new(meta.tool_mode, names)
+            })
             .collect(),
         meta,
         rx,
@@ -517,17 +517,11 @@ impl StreamState {
                     }]))
                 })
                 .collect(),
-            // A forced call streams as it is generated: its name once complete, then its
-            // arguments fragment by fragment.
-            Event::Token { choice, token } if self.meta.tool_mode == ToolMode::Forced => {
-                let deltas = self.scanners[choice as usize].push(&token.text);
-                let deltas = deltas.into_iter().map(AutoDelta::Call).collect();
-                self.auto_chunks(choice, deltas)
-            }
-            // With "auto", text streams as soon as it cannot be the start of a call, and the
-            // calls of `<tool_call>` blocks as they are written.
-            Event::Token { choice, token } if self.meta.tool_mode == ToolMode::Auto => {
-                let deltas = self.autos[choice as usize].push(&token.text);
+            // With tools, a forced call streams as it is generated (its name once complete,
+            // then its arguments fragment by fragment); with "auto", text streams as soon as it
+            // cannot be the start of a call, and the calls of `<tool_call>` blocks as written.
+            Event::Token { choice, token } if self.meta.tool_mode != ToolMode::Off => {
+                let deltas = self.decoders[choice as usize].push(&token.text);
                 self.auto_chunks(choice, deltas)
             }
             Event::Token { choice, token } => {
@@ -548,49 +542,13 @@ impl StreamState {
             Event::ChoiceDone { choice, completion } => {
                 let mut reason = finish_reason(completion.finish_reason);
                 let mut out = Vec::new();
-                if self.meta.tool_mode == ToolMode::Forced {
-                    // The calls were streamed; a text cut short (max_tokens) is still JSON text.
-                    if self.scanners[choice as usize].calls().is_empty() {
-                        let text = vec![AutoDelta::Content(completion.text.clone())];
-                        out.extend(self.auto_chunks(choice, text));
-                    } else if completion.finish_reason != FinishReason::Length {
+                if self.meta.tool_mode != ToolMode::Off {
+                    let cut = completion.finish_reason == FinishReason::Length;
+                    let (rest, calls) =
+                        self.decoders[choice as usize].finish(&completion.text, cut);
+                    out.extend(self.auto_chunks(choice, rest));
+                    if calls {
                         reason = "tool_calls";
-                    }
-                } else if self.meta.tool_mode == ToolMode::Auto {
-                    match self.autos[choice as usize].finish() {
-                        Some((rest, calls)) => {
-                            out.extend(self.auto_chunks(choice, rest));
-                            if calls {
-                                reason = "tool_calls";
-                            }
-                        }
-                        // An answer that may be only calls as JSON was held: parsed whole now.
-                        None => {
-                            let names = self.meta.tool_names();
-                            let (content, calls) =
-                                tools::parse(&completion.text, self.meta.tool_mode, &names, || {
-                                    random_id("call_")
-                                });
-                            let mut deltas: Vec<AutoDelta> = content
-                                .filter(|t| !t.is_empty())
-                                .map(AutoDelta::Content)
-                                .into_iter()
-                                .collect();
-                            if !calls.is_empty() {
-                                reason = "tool_calls";
-                            }
-                            for (index, c) in calls.into_iter().enumerate() {
-                                deltas.push(AutoDelta::Call(CallDelta::Start {
-                                    index,
-                                    name: c.function.name,
-                                }));
-                                deltas.push(AutoDelta::Call(CallDelta::Args {
-                                    index,
-                                    fragment: c.function.arguments,
-                                }));
-                            }
-                            out.extend(self.auto_chunks(choice, deltas));
-                        }
                     }
                 }
                 self.done[choice as usize] = Some(completion);

@@ -32,11 +32,11 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::callstream::{AutoDelta, AutoScanner, CallDelta, CallScanner};
+use crate::callstream::{AutoDelta, CallDelta, ChoiceDecoder};
 use crate::chat::{self, Endpoint, Meta};
 use crate::frontend::{engine_error, finish_reason};
 use crate::paging::{self, store_error, ListOut, Rules};
-use crate::tools::{self, ToolMode};
+use crate::tools::ToolMode;
 use crate::{now, random_id, App, HttpError};
 
 /// Longest chain of `previous_response_id` followed (a guard, far above real conversations).
@@ -491,19 +491,16 @@ struct Streamer {
     /// `message_index`.
     message: Option<(String, String)>,
     message_index: usize,
-    /// With "auto": the scanner, the calls streamed (output index, item id, call id, name,
-    /// arguments so far) and the output items opened.
-    auto: AutoScanner,
+    /// With tools: what turns the generated text into content and call deltas, the calls
+    /// streamed (output index, item id, call id, name, arguments so far) and the output items
+    /// opened.
+    decoder: ChoiceDecoder,
     auto_calls: Vec<(usize, String, String, String, String)>,
     opened: usize,
     /// Token log-probabilities of the text (when asked for): all so far, and those not sent
     /// with a delta yet.
     logprobs: Vec<Value>,
     delta_logprobs: Vec<Value>,
-    /// A forced call streaming as it is generated: the scanner, and per call its item id and
-    /// call id.
-    scanner: CallScanner,
-    call_ids: Vec<(String, String)>,
     done: Option<Completion>,
     finished: bool,
 }
@@ -528,12 +525,6 @@ impl Streamer {
         self.meta
             .as_ref()
             .is_some_and(|m| m.tool_mode != ToolMode::Off)
-    }
-
-    fn forced(&self) -> bool {
-        self.meta
-            .as_ref()
-            .is_some_and(|m| m.tool_mode == ToolMode::Forced)
     }
 
     /// Opens the message item (output 0) and its text part.
@@ -631,34 +622,10 @@ impl Streamer {
         };
         match ev {
             Event::Started => Vec::new(),
-            Event::Token { token, .. } if self.forced() => {
-                let mut out = Vec::new();
-                for d in self.scanner.push(&token.text) {
-                    match d {
-                        CallDelta::Start { index, name } => {
-                            let ids = (random_id("fc_"), random_id("call_"));
-                            let added = call_item(&ids.0, &ids.1, &name, "", "in_progress");
-                            self.call_ids.push(ids);
-                            out.push(self.event(json!({
-                                "type": "response.output_item.added", "output_index": index,
-                                "item": added,
-                            })));
-                        }
-                        CallDelta::Args { index, fragment } => {
-                            let item_id = self.call_ids[index].0.clone();
-                            out.push(self.event(json!({
-                                "type": "response.function_call_arguments.delta",
-                                "item_id": item_id, "output_index": index, "delta": fragment,
-                            })));
-                        }
-                    }
-                }
-                out
-            }
-            // With "auto", text streams as soon as it cannot be the start of a call, and calls
-            // as they are written.
+            // With tools, a forced call streams as it is generated; with "auto", text streams
+            // as soon as it cannot be the start of a call, and calls as they are written.
             Event::Token { token, .. } if self.tools_on() => {
-                let deltas = self.auto.push(&token.text);
+                let deltas = self.decoder.push(&token.text);
                 let mut out = Vec::new();
                 self.auto_events(deltas, &mut out);
                 out
@@ -710,30 +677,15 @@ impl Streamer {
         let incomplete = finish_reason(done.finish_reason) == "length";
         let mut out = Vec::new();
         let mut items = Vec::new();
-        let auto = match meta.tool_mode {
-            ToolMode::Auto => self.auto.finish(),
-            _ => None,
-        };
         if meta.tool_mode == ToolMode::Off {
             let (id, text) = match self.message.take() {
                 Some(m) => m,
                 None => (self.open_message(&mut out, 0), String::new()),
             };
             items.push(self.close_message(&mut out, 0, &id, &text));
-        } else if meta.tool_mode == ToolMode::Forced && !self.call_ids.is_empty() {
-            // The calls were streamed: close each one.
-            for (index, (name, args)) in self.scanner.calls().into_iter().enumerate() {
-                let (id, call_id) = self.call_ids[index].clone();
-                out.push(self.event(json!({
-                    "type": "response.function_call_arguments.done", "item_id": id,
-                    "output_index": index, "name": name, "arguments": args,
-                })));
-                let item = call_item(&id, &call_id, &name, &args, "completed");
-                out.push(self.event(json!({"type": "response.output_item.done", "output_index": index, "item": item})));
-                items.push(item);
-            }
-        } else if let Some((rest, _)) = auto {
-            // "auto", streamed: close what was opened, in output order.
+        } else {
+            // Tools: what is left of the answer, then close what was opened, in output order.
+            let (rest, _) = self.decoder.finish(&done.text, incomplete);
             self.auto_events(rest, &mut out);
             if self.message.is_none() && self.auto_calls.is_empty() {
                 self.message = Some((self.open_message(&mut out, 0), String::new()));
@@ -754,35 +706,6 @@ impl Streamer {
             }
             closing.sort_by_key(|c| c.0);
             items.extend(closing.into_iter().map(|c| c.1));
-        } else {
-            let names = meta.tool_names();
-            let (content, calls) =
-                tools::parse(&done.text, meta.tool_mode, &names, || random_id("call_"));
-            if let Some(text) = content.filter(|t| !t.is_empty() || calls.is_empty()) {
-                let id = self.open_message(&mut out, 0);
-                if !text.is_empty() {
-                    out.push(self.delta(0, &id, &text));
-                }
-                items.push(self.close_message(&mut out, 0, &id, &text));
-            }
-            for call in calls {
-                let index = items.len();
-                let id = random_id("fc_");
-                let (name, args) = (&call.function.name, &call.function.arguments);
-                let added = call_item(&id, &call.id, name, "", "in_progress");
-                out.push(self.event(json!({"type": "response.output_item.added", "output_index": index, "item": added})));
-                out.push(self.event(json!({
-                    "type": "response.function_call_arguments.delta", "item_id": id,
-                    "output_index": index, "delta": args,
-                })));
-                out.push(self.event(json!({
-                    "type": "response.function_call_arguments.done", "item_id": id,
-                    "output_index": index, "name": name, "arguments": args,
-                })));
-                let item = call_item(&id, &call.id, name, args, "completed");
-                out.push(self.event(json!({"type": "response.output_item.done", "output_index": index, "item": item})));
-                items.push(item);
-            }
         }
         let status = if incomplete {
             "incomplete"
@@ -810,6 +733,7 @@ fn stream_response(
     ctx: Ctx,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let names = meta.tool_names().into_iter().map(String::from).collect();
+    let decoder = ChoiceDecoder::new(meta.tool_mode, names);
     let mut st = Streamer {
         app,
         meta: Some(meta),
@@ -818,13 +742,11 @@ fn stream_response(
         seq: 0,
         message: None,
         message_index: 0,
-        auto: AutoScanner::new(names),
+        decoder,
         auto_calls: Vec::new(),
         opened: 0,
         logprobs: Vec::new(),
         delta_logprobs: Vec::new(),
-        scanner: CallScanner::new(),
-        call_ids: Vec::new(),
         done: None,
         finished: false,
     };

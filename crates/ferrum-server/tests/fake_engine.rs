@@ -502,3 +502,117 @@ async fn a_batch_runs_through_the_worker() {
     ids.sort();
     assert_eq!(ids, ["a", "b"]);
 }
+
+fn weather_tools() -> Value {
+    json!([{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]}
+        }
+    }])
+}
+
+fn sse_data(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn forced_parallel_calls_stream_as_tool_call_deltas() {
+    let calls = r#"[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]"#;
+    let s = server(&[calls], false).await;
+    let (status, _, text) = s
+        .raw(
+            "POST",
+            "/v1/chat/completions",
+            Some(chat(
+                json!({"tools": weather_tools(), "tool_choice": "required", "stream": true}),
+            )),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let chunks = sse_data(&text);
+    // Reassemble the calls from their deltas, as the SDKs do.
+    let mut calls: Vec<(String, String, String)> = Vec::new();
+    for c in &chunks {
+        for d in c["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let i = d["index"].as_u64().unwrap() as usize;
+            if calls.len() <= i {
+                calls.push(Default::default());
+            }
+            if let Some(id) = d["id"].as_str() {
+                calls[i].0 = id.into();
+            }
+            if let Some(n) = d["function"]["name"].as_str() {
+                calls[i].1.push_str(n);
+            }
+            if let Some(a) = d["function"]["arguments"].as_str() {
+                calls[i].2.push_str(a);
+            }
+        }
+    }
+    assert_eq!(calls.len(), 2, "{text}");
+    for (call, city) in calls.iter().zip(["Paris", "Rome"]) {
+        assert!(call.0.starts_with("call_"));
+        assert_eq!(call.1, "get_weather");
+        let args: Value = serde_json::from_str(&call.2).unwrap();
+        assert_eq!(args, json!({"city": city}));
+    }
+    let last = chunks
+        .iter()
+        .rev()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null())
+        .unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[tokio::test]
+async fn responses_stream_an_auto_call_as_a_function_call_item() {
+    let reply = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+    let s = server(&[reply], false).await;
+    let tools = json!([{"type": "function", "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}]);
+    let (status, _, text) = s
+        .raw(
+            "POST",
+            "/v1/responses",
+            Some(
+                json!({"model": "gpt-4.1-nano", "input": "Weather in Oslo?", "tools": tools,
+                        "stream": true}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let events = sse_data(&text);
+    let seq: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seq, (0..events.len() as u64).collect::<Vec<_>>());
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "response.completed", "{text}");
+    let output = done["response"]["output"].as_array().unwrap();
+    assert_eq!(output.len(), 2, "{output:?}");
+    assert_eq!(output[0]["type"], "message");
+    assert_eq!(output[0]["content"][0]["text"], "Let me check.");
+    assert_eq!(output[1]["type"], "function_call");
+    assert_eq!(output[1]["name"], "get_weather");
+    let args: Value = serde_json::from_str(output[1]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Oslo"}));
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.function_call_arguments.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, output[1]["arguments"].as_str().unwrap());
+}
