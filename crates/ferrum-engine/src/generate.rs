@@ -318,13 +318,6 @@ impl<'m> Sequence<'m> {
         self.fed = session.reuse_prefix(&self.context);
     }
 
-    /// Picks the next token from the logits of the last input; returns the events to report
-    /// (the token, and the flush of held-back text when the sequence ends on a limit).
-    pub fn sample(&mut self, kv: &KvCache, logits: &mut [f32]) -> Vec<TokenEvent> {
-        debug_assert_eq!(kv.len(), self.fed);
-        self.sample_rows(logits, logits.len())
-    }
-
     /// Samples from each row of logits of the last input (one row, or one per position when
     /// proposals were run), in order, like one row per step: a proposal is kept while the
     /// token sampled before it equals it; the first sampled token that differs is the next

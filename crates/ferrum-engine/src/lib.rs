@@ -1,22 +1,46 @@
 //! ferrum-engine: the model runtime. GGUF weights, tokenizer, chat templates, model
 //! architectures, kernels and the generation loop. It knows nothing of HTTP or databases.
+//!
+//! The crate's API is what this file re-exports: loading a model ([`LoadedModel`]), running
+//! it on its engine thread ([`ModelHandle`], fed [`Request`]s and answering with [`Event`]s),
+//! templating and tokenizing ([`ChatTemplate`], [`Tokenizer`]), constraints, and the forward
+//! pass for benchmarks ([`Transformer`], [`Workspace`], [`KvCache`]). The modules are private,
+//! so their insides can change freely; only `kernels` (its unit tests and the kernel bench
+//! reach into the SIMD tiers) and the `testing` helpers stay reachable, hidden from the docs.
 
-pub mod chat_template;
-pub mod constraint;
-pub mod draft;
-pub mod error;
-pub mod gguf;
+mod chat_template;
+mod constraint;
+mod draft;
+mod engine;
+mod error;
+mod generate;
+mod gguf;
+mod kv;
+mod model;
+mod sampler;
+mod sched;
+mod service;
+mod speculative;
+mod tokenizer;
+
+#[doc(hidden)]
 pub mod kernels;
-pub mod tokenizer;
-
-pub use error::{EngineError, Result};
-pub mod engine;
-pub mod generate;
-pub mod kv;
-pub mod model;
-pub mod sampler;
-pub mod sched;
-pub mod service;
-pub mod speculative;
 #[doc(hidden)]
 pub mod testing;
+
+pub use chat_template::{ChatTemplate, TemplateCaps, TemplateError, CHATML_SOURCE};
+pub use constraint::{Constraint, ConstraintError, ConstraintFactory};
+pub use draft::Draft;
+pub use engine::{LoadOptions, LoadedModel};
+pub use error::{EngineError, Result};
+pub use generate::{Completion, FinishReason, GenerateParams, Session, TokenEvent};
+pub use gguf::{GgufFile, WeightsMemory};
+pub use kv::{KvCache, KvType, DEFAULT_BLOCK_SIZE};
+pub use model::ops::RopeScaling;
+pub use model::transformer::{Logits, Transformer, Workspace};
+pub use model::ModelOptions;
+pub use sampler::{argmax, log_sum_exp, top_k, SamplingParams};
+pub use service::{
+    EngineOptions, EngineStats, Event, ModelHandle, Priority, Request, Sink, SubmitError,
+};
+pub use tokenizer::{StreamDecoder, Tokenizer, TokenizerError};

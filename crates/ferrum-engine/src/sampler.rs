@@ -77,10 +77,6 @@ impl Sampler {
         }
     }
 
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
-    }
-
     /// Picks the next token from `logits` (modified in place) and records it for penalties.
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
         // Log-probabilities cost a pass of exp() over the vocabulary: only when asked for.

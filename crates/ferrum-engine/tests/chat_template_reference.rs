@@ -3,8 +3,8 @@
 
 mod common;
 
-use ferrum_engine::chat_template::ChatTemplate;
-use ferrum_engine::tokenizer::Tokenizer;
+use ferrum_engine::ChatTemplate;
+use ferrum_engine::Tokenizer;
 
 fn template(tier: &str) -> ChatTemplate {
     let metadata = common::gguf_metadata(tier);

@@ -10,11 +10,11 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 
-use ferrum_engine::draft::Draft;
-use ferrum_engine::engine::{LoadOptions, LoadedModel};
-use ferrum_engine::generate::{Completion, GenerateParams};
-use ferrum_engine::sampler::SamplingParams;
-use ferrum_engine::service::{EngineOptions, Event, ModelHandle, Priority, Request};
+use ferrum_engine::Draft;
+use ferrum_engine::SamplingParams;
+use ferrum_engine::{Completion, GenerateParams};
+use ferrum_engine::{EngineOptions, Event, ModelHandle, Priority, Request};
+use ferrum_engine::{LoadOptions, LoadedModel};
 
 fn load(tier: &str) -> LoadedModel {
     let opts = LoadOptions {

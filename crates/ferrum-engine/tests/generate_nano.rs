@@ -5,9 +5,9 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use ferrum_engine::engine::{LoadOptions, LoadedModel};
-use ferrum_engine::generate::{FinishReason, GenerateParams};
-use ferrum_engine::sampler::SamplingParams;
+use ferrum_engine::SamplingParams;
+use ferrum_engine::{FinishReason, GenerateParams};
+use ferrum_engine::{LoadOptions, LoadedModel};
 
 fn nano() -> LoadedModel {
     let opts = LoadOptions {
@@ -30,11 +30,7 @@ fn greedy(max_tokens: usize) -> GenerateParams {
 }
 
 /// Generates and returns (completion, concatenated streamed deltas).
-fn run(
-    m: &LoadedModel,
-    p: &[u32],
-    params: &GenerateParams,
-) -> (ferrum_engine::generate::Completion, String) {
+fn run(m: &LoadedModel, p: &[u32], params: &GenerateParams) -> (ferrum_engine::Completion, String) {
     let mut session = m.new_session();
     let mut streamed = String::new();
     let c = m

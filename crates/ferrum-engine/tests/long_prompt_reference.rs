@@ -10,13 +10,13 @@
 
 mod common;
 
-use ferrum_engine::gguf::GgufFile;
 use ferrum_engine::kernels::ThreadPool;
-use ferrum_engine::kv::KvType;
-use ferrum_engine::model::ops::RopeScaling;
-use ferrum_engine::model::transformer::{Logits, Transformer, Workspace};
-use ferrum_engine::model::ModelOptions;
-use ferrum_engine::sampler::{log_sum_exp, top_k};
+use ferrum_engine::GgufFile;
+use ferrum_engine::KvType;
+use ferrum_engine::ModelOptions;
+use ferrum_engine::RopeScaling;
+use ferrum_engine::{log_sum_exp, top_k};
+use ferrum_engine::{Logits, Transformer, Workspace};
 
 /// Positions per forward pass: llama.cpp's micro-batch (`n_ubatch`), which picks its kernels
 /// (and so their rounding). Every position's logits are scored, as llama.cpp computed them.

@@ -8,11 +8,11 @@ use std::ops::ControlFlow;
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-use ferrum_engine::engine::{LoadOptions, LoadedModel};
-use ferrum_engine::generate::{Completion, GenerateParams};
-use ferrum_engine::kv::DEFAULT_BLOCK_SIZE as BLOCK_SIZE;
-use ferrum_engine::sampler::SamplingParams;
-use ferrum_engine::service::{EngineOptions, Event, ModelHandle, Priority, Request, SubmitError};
+use ferrum_engine::SamplingParams;
+use ferrum_engine::DEFAULT_BLOCK_SIZE as BLOCK_SIZE;
+use ferrum_engine::{Completion, GenerateParams};
+use ferrum_engine::{EngineOptions, Event, ModelHandle, Priority, Request, SubmitError};
+use ferrum_engine::{LoadOptions, LoadedModel};
 
 fn handle_with(opts: EngineOptions) -> ModelHandle {
     let load = LoadOptions {
@@ -366,7 +366,7 @@ fn the_context_window_is_capped_by_the_kv_pool() {
     assert_eq!(h.model().context_length, positions);
     let load = LoadOptions {
         context_length: Some(1024),
-        kv_type: ferrum_engine::kv::KvType::Q8_0,
+        kv_type: ferrum_engine::KvType::Q8_0,
         ..Default::default()
     };
     let model = LoadedModel::load(&common::model_path("nano"), &load).unwrap();

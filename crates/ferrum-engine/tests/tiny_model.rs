@@ -2,11 +2,11 @@
 //! token-by-token equivalence, and typed errors for bad input.
 
 use candle_core::quantized::GgmlDType;
-use ferrum_engine::error::EngineError;
-use ferrum_engine::gguf::GgufFile;
 use ferrum_engine::kernels::ThreadPool;
-use ferrum_engine::model::transformer::{Logits, Transformer, Workspace};
 use ferrum_engine::testing::TinyModel;
+use ferrum_engine::EngineError;
+use ferrum_engine::GgufFile;
+use ferrum_engine::{Logits, Transformer, Workspace};
 
 fn write(model: &TinyModel) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Instant;
 
-use ferrum_engine::tokenizer::{StreamDecoder, Tokenizer};
+use ferrum_engine::{StreamDecoder, Tokenizer};
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()

@@ -3,8 +3,8 @@
 
 mod common;
 
-use ferrum_engine::constraint::{Constraint, ConstraintFactory};
-use ferrum_engine::tokenizer::Tokenizer;
+use ferrum_engine::Tokenizer;
+use ferrum_engine::{Constraint, ConstraintFactory};
 use serde_json::json;
 
 fn call_schema() -> serde_json::Value {

@@ -13,7 +13,7 @@ use ferrum_registry::WeightsSource;
 use serde_json::json;
 
 use crate::models::ModelStatus;
-use crate::{App, HttpError};
+use crate::{App, ServerError};
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
@@ -25,7 +25,7 @@ pub fn routes() -> Router<Arc<App>> {
 
 /// Re-reads the config file the server started with: new tiers appear, removed ones go, and
 /// changed ones are unloaded so their next use loads the new definition.
-async fn reload(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, HttpError> {
+async fn reload(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, ServerError> {
     let Some(path) = app.models.config_path() else {
         return Err(ApiError::invalid_request(
             "The server runs on the embedded default config; there is no file to reload.",
@@ -36,10 +36,7 @@ async fn reload(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, 
         ApiError::invalid_request(format!("The config file could not be reloaded: {e}"))
     })?;
     app.models.replace_registry(registry);
-    app.models
-        .load_startup_tiers()
-        .await
-        .map_err(HttpError::from)?;
+    app.models.load_startup_tiers().await?;
     Ok(Json(
         json!({"reloaded": path.display().to_string(), "data": app.models.status().await}),
     ))
@@ -59,7 +56,7 @@ async fn load(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Json<serde_json::Value>, HttpError> {
+) -> Result<Json<serde_json::Value>, ServerError> {
     let weights = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
@@ -80,7 +77,7 @@ async fn load(
 async fn unload(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, HttpError> {
+) -> Result<Json<serde_json::Value>, ServerError> {
     let tier = app.models.resolve(&id)?;
     let was_loaded = app.models.unload(&tier.id).await?;
     Ok(Json(

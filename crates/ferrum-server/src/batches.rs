@@ -25,8 +25,8 @@ use ferrum_store::{
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use crate::paging::{self, store_error, ListOut, Rules};
-use crate::{now, random_id, App, HttpError};
+use crate::paging::{self, ListOut, Rules};
+use crate::{now, random_id, App, ServerError};
 
 /// The endpoints batches can run.
 const ENDPOINTS: &[&str] = &["/v1/chat/completions", "/v1/responses"];
@@ -76,7 +76,7 @@ pub fn routes() -> Router<Arc<App>> {
 async fn create(
     State(app): State<Arc<App>>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<Value>, ServerError> {
     let map = parse_object(&body)?;
     let f = Fields::new(&map, "");
     f.deny_unknown(&[
@@ -145,7 +145,7 @@ async fn create(
         cancelling_at: None,
         cancelled_at: None,
     };
-    app.store.create_batch(&record).await.map_err(store_error)?;
+    app.store.create_batch(&record).await?;
     tracing::info!(id = %record.id, input = %record.input_file_id, "batch created");
     app.batch_wakeup.notify_one();
     Ok(Json(object(record, LineCounts::default())))
@@ -217,23 +217,23 @@ fn object(b: BatchRecord, counts: LineCounts) -> Value {
     out
 }
 
-async fn with_counts(app: &App, b: BatchRecord) -> Result<Value, ApiError> {
-    let counts = app.store.batch_counts(&b.id).await.map_err(store_error)?;
+async fn with_counts(app: &App, b: BatchRecord) -> Result<Value, ServerError> {
+    let counts = app.store.batch_counts(&b.id).await?;
     Ok(object(b, counts))
 }
 
-async fn find(app: &App, id: &str) -> Result<BatchRecord, ApiError> {
-    app.store
-        .get_batch(id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| ApiError::not_found(format!("No such Batch object: {id}")).with_param("id"))
+async fn find(app: &App, id: &str) -> Result<BatchRecord, ServerError> {
+    app.store.get_batch(id).await?.ok_or_else(|| {
+        ApiError::not_found(format!("No such Batch object: {id}"))
+            .with_param("id")
+            .into()
+    })
 }
 
 async fn retrieve(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<Value>, ServerError> {
     let b = find(&app, &id).await?;
     Ok(Json(with_counts(&app, b).await?))
 }
@@ -241,7 +241,7 @@ async fn retrieve(
 async fn list(
     State(app): State<Arc<App>>,
     Query(pairs): Query<Vec<(String, String)>>,
-) -> Result<Json<ListOut<Value>>, HttpError> {
+) -> Result<Json<ListOut<Value>>, ServerError> {
     let page = paging::page(
         &pairs,
         &Rules {
@@ -251,7 +251,7 @@ async fn list(
             has_order: false,
         },
     )?;
-    let listed = app.store.list_batches(&page).await.map_err(store_error)?;
+    let listed = app.store.list_batches(&page).await?;
     let mut items = Vec::with_capacity(listed.items.len());
     for b in listed.items {
         items.push(with_counts(&app, b).await?);
@@ -268,18 +268,12 @@ async fn list(
 async fn cancel(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, HttpError> {
-    let Some((changed, b)) = app
-        .store
-        .cancel_batch(&id, now())
-        .await
-        .map_err(store_error)?
-    else {
+) -> Result<Json<Value>, ServerError> {
+    let Some((changed, b)) = app.store.cancel_batch(&id, now()).await? else {
         return Err(find(&app, &id)
             .await
             .err()
-            .unwrap_or_else(|| ApiError::not_found(id.clone()))
-            .into());
+            .unwrap_or_else(|| ApiError::not_found(id.clone()).into()));
     };
     if !changed && !matches!(b.status, BatchStatus::Cancelling | BatchStatus::Cancelled) {
         return Err(ApiError::invalid_request(format!(
@@ -323,7 +317,7 @@ pub async fn run_worker(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bo
                 }
                 stop_cancelled(&app, &worker, &mut in_flight).await;
                 if let Err(e) = crate::files::reap_expired(&app).await {
-                    tracing::warn!(error = %e.message, "could not delete expired files");
+                    tracing::warn!(error = %e, "could not delete expired files");
                 }
             }
             Some(done) = running.join_next_with_id() => {
@@ -336,7 +330,7 @@ pub async fn run_worker(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bo
             _ = tokio::time::sleep(config.poll) => {}
         }
         if let Err(e) = step(&app, &worker, lease_ms, &mut running, &mut in_flight).await {
-            tracing::warn!(error = %e.message, "batch worker step failed; retrying");
+            tracing::warn!(error = %e, "batch worker step failed; retrying");
             tokio::time::sleep(config.poll).await;
         }
     }
@@ -356,12 +350,11 @@ async fn step(
     lease_ms: i64,
     running: &mut JoinSet<()>,
     in_flight: &mut InFlight,
-) -> Result<(), ApiError> {
+) -> Result<(), ServerError> {
     while let Some(b) = app
         .store
         .claim_validation(worker, now_ms(), lease_ms)
-        .await
-        .map_err(store_error)?
+        .await?
     {
         validate(app, worker, b).await?;
     }
@@ -370,8 +363,7 @@ async fn step(
         let lines = app
             .store
             .claim_lines(worker, now_ms(), lease_ms, room)
-            .await
-            .map_err(store_error)?;
+            .await?;
         for line in lines {
             let (app2, worker2, line2) = (Arc::clone(app), worker.to_string(), line.clone());
             let handle = running.spawn(async move { run_line(&app2, &worker2, line2).await });
@@ -381,8 +373,7 @@ async fn step(
     while let Some(b) = app
         .store
         .claim_finalization(worker, now_ms(), lease_ms, now())
-        .await
-        .map_err(store_error)?
+        .await?
     {
         finalize(app, worker, b).await?;
     }
@@ -427,20 +418,19 @@ async fn stop_cancelled(app: &App, worker: &str, in_flight: &mut InFlight) {
 
 /// Reads the input file and checks every line; starts the batch or fails it with line-numbered
 /// errors.
-async fn validate(app: &App, worker: &str, b: BatchRecord) -> Result<(), ApiError> {
+async fn validate(app: &App, worker: &str, b: BatchRecord) -> Result<(), ServerError> {
     let path = app.blobs.path(&b.input_file_id);
     let endpoint = b.endpoint.clone();
     let checked = tokio::task::spawn_blocking(move || read_lines(&path, &endpoint))
         .await
-        .map_err(|e| ApiError::internal(format!("validating a batch panicked: {e}")))?;
+        .map_err(|e| ServerError::internal("validating a batch", e))?;
     match checked {
         Ok((lines, model)) => {
             let n = lines.len();
             let started = app
                 .store
                 .start_batch(&b.id, worker, model.as_deref(), &lines, now())
-                .await
-                .map_err(store_error)?;
+                .await?;
             if started {
                 tracing::info!(id = %b.id, lines = n, "batch in progress");
             }
@@ -448,10 +438,7 @@ async fn validate(app: &App, worker: &str, b: BatchRecord) -> Result<(), ApiErro
         Err(errors) => {
             tracing::info!(id = %b.id, errors = errors.len(), "batch failed validation");
             let errors = Value::Array(errors).to_string();
-            app.store
-                .fail_batch(&b.id, worker, &errors, now())
-                .await
-                .map_err(store_error)?;
+            app.store.fail_batch(&b.id, worker, &errors, now()).await?;
         }
     }
     Ok(())
@@ -596,7 +583,7 @@ async fn run_line(app: &Arc<App>, worker: &str, line: ClaimedLine) {
                     let body = serde_json::to_value(&completion).expect("responses serialize");
                     (body, usage)
                 }),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     };
     let mut result = LineResult {
@@ -639,6 +626,7 @@ async fn run_line(app: &Arc<App>, worker: &str, line: ClaimedLine) {
         }
         Err(e) => {
             result.failed = true;
+            let e = e.into_api_logged();
             (e.status, e.body())
         }
     };
@@ -667,7 +655,7 @@ async fn run_line(app: &Arc<App>, worker: &str, line: ClaimedLine) {
 }
 
 /// Writes a finished batch's output and error files and sets its final status.
-async fn finalize(app: &App, worker: &str, b: BatchRecord) -> Result<(), ApiError> {
+async fn finalize(app: &App, worker: &str, b: BatchRecord) -> Result<(), ServerError> {
     let final_status = if b.status == BatchStatus::Cancelling {
         BatchStatus::Cancelled
     } else if now() >= b.expires_at {
@@ -676,12 +664,7 @@ async fn finalize(app: &App, worker: &str, b: BatchRecord) -> Result<(), ApiErro
         BatchStatus::Completed
     };
     if final_status == BatchStatus::Expired {
-        for (line, custom_id) in app
-            .store
-            .unfinished_lines(&b.id)
-            .await
-            .map_err(store_error)?
-        {
+        for (line, custom_id) in app.store.unfinished_lines(&b.id).await? {
             let result = json!({
                 "id": random_id("batch_req_"),
                 "custom_id": custom_id,
@@ -691,15 +674,12 @@ async fn finalize(app: &App, worker: &str, b: BatchRecord) -> Result<(), ApiErro
                     "message": "This request could not be executed before the completion window expired.",
                 },
             });
-            app.store
-                .end_line(&b.id, line, &result.to_string())
-                .await
-                .map_err(store_error)?;
+            app.store.end_line(&b.id, line, &result.to_string()).await?;
         }
     }
-    let done = app.store.done_lines(&b.id).await.map_err(store_error)?;
+    let done = app.store.done_lines(&b.id).await?;
     let suffix = b.id.trim_start_matches("batch_");
-    let write = |failed: bool| -> Result<Option<FileRecord>, ApiError> {
+    let write = |failed: bool| -> Result<Option<FileRecord>, ServerError> {
         let mut text = String::new();
         for l in done.iter().filter(|l| l.failed == failed) {
             text.push_str(&l.result);
@@ -715,9 +695,9 @@ async fn finalize(app: &App, worker: &str, b: BatchRecord) -> Result<(), ApiErro
         } else {
             ("output", format!("file-{suffix}out"))
         };
-        app.blobs.write(&id, text.as_bytes()).map_err(|e| {
-            ApiError::internal(format!("writing the batch {kind} file failed: {e}"))
-        })?;
+        app.blobs
+            .write(&id, text.as_bytes())
+            .map_err(ServerError::io("writing a batch result file"))?;
         Ok(Some(FileRecord {
             id,
             created_at: now(),
@@ -739,8 +719,7 @@ async fn finalize(app: &App, worker: &str, b: BatchRecord) -> Result<(), ApiErro
             errors.as_ref(),
             now(),
         )
-        .await
-        .map_err(store_error)?;
+        .await?;
     if done {
         tracing::info!(id = %b.id, status = final_status.as_str(), "batch finished");
     }

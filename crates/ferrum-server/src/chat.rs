@@ -10,8 +10,8 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ferrum_engine::generate::{Completion, FinishReason};
-use ferrum_engine::service::{Event, Priority, Request, Sink, SubmitError};
+use ferrum_engine::{Completion, FinishReason};
+use ferrum_engine::{Event, Priority, Request, Sink, SubmitError};
 use ferrum_protocol::response::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
     FunctionDelta, TokenLogprob, ToolCallDelta,
@@ -21,12 +21,12 @@ use futures_util::stream::{self, Stream, StreamExt};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::callstream::{AutoDelta, CallDelta, ChoiceDecoder};
-use crate::frontend::{self, engine_error, finish_reason, logprobs_of, token_logprob};
+use crate::frontend::{self, finish_reason, logprobs_of, token_logprob};
 use crate::models::Loaded;
 use crate::tools::{self, ToolMode};
-use crate::{now, random_id, App, HttpError};
+use crate::{now, random_id, App, ServerError};
 
-pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, HttpError> {
+pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ServerError> {
     let received = Instant::now();
     let req = parse_chat_request(&body)?;
     let stored_request = if req.store {
@@ -49,13 +49,14 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
 pub async fn run_for_batch(
     app: &Arc<App>,
     req: ChatRequest,
-) -> Result<(ChatCompletion, ferrum_protocol::response::Usage), ApiError> {
+) -> Result<(ChatCompletion, ferrum_protocol::response::Usage), ServerError> {
     if req.stream {
         return Err(ApiError::invalid_param(
             "stream",
             "invalid_value",
             "Streaming is not supported in batch requests.",
-        ));
+        )
+        .into());
     }
     let (mut meta, rx) = submit(
         app,
@@ -94,7 +95,7 @@ pub(crate) async fn submit(
     received: Instant,
     priority: Priority,
     endpoint: Endpoint,
-) -> Result<(Meta, UnboundedReceiver<Event>), ApiError> {
+) -> Result<(Meta, UnboundedReceiver<Event>), ServerError> {
     let loaded = app.models.get(&req.model).await?;
     let (prompt_req, req) = {
         let loaded = loaded.clone();
@@ -103,7 +104,7 @@ pub(crate) async fn submit(
             (p, req)
         })
         .await
-        .map_err(|e| ApiError::internal(format!("preparing the prompt panicked: {e}")))?
+        .map_err(|e| ServerError::internal("preparing the prompt", e))?
     };
     let prepared = prompt_req?;
     let (id, created) = (random_id(endpoint.id_prefix), now());
@@ -271,7 +272,7 @@ impl Meta {
         self.req.tools.iter().map(|t| t.name.as_str()).collect()
     }
 
-    pub(crate) fn logprob(&self, ev: &ferrum_engine::generate::TokenEvent) -> Option<TokenLogprob> {
+    pub(crate) fn logprob(&self, ev: &ferrum_engine::TokenEvent) -> Option<TokenLogprob> {
         if !self.req.logprobs {
             return None;
         }
@@ -356,7 +357,7 @@ impl Meta {
 pub(crate) async fn collect(
     meta: Meta,
     mut rx: UnboundedReceiver<Event>,
-) -> Result<(ChatCompletion, ferrum_protocol::response::Usage), ApiError> {
+) -> Result<(ChatCompletion, ferrum_protocol::response::Usage), ServerError> {
     let n = meta.req.n as usize;
     let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
     // Choices run side by side: their completions arrive in any order.
@@ -372,13 +373,11 @@ pub(crate) async fn collect(
             Event::ChoiceDone { choice, completion } => {
                 finished[choice as usize] = Some(completion)
             }
-            Event::Error(e) => return Err(engine_error(e)),
+            Event::Error(e) => return Err(e.into()),
         }
     }
     let Some(done) = finished.into_iter().collect::<Option<Vec<Completion>>>() else {
-        return Err(ApiError::internal(
-            "the engine stopped before the response was complete",
-        ));
+        return Err(ServerError::EngineStopped);
     };
     let usage = meta.record_usage(&done).await;
     let completion = meta.completion(done, logprobs, usage.clone());
@@ -562,7 +561,7 @@ impl StreamState {
             }
             Event::Error(e) => {
                 self.finished = true;
-                vec![Self::data(&engine_error(e).body())]
+                vec![Self::data(&ServerError::from(e).into_api_logged().body())]
             }
         }
     }
@@ -575,7 +574,7 @@ impl StreamState {
             .cloned()
             .collect::<Option<Vec<Completion>>>()
         else {
-            let err = ApiError::internal("the engine stopped before the response was complete");
+            let err = ServerError::EngineStopped.into_api_logged();
             return vec![Self::data(&err.body())];
         };
         let usage = self.meta.record_usage(&done).await;

@@ -15,8 +15,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
-use crate::paging::{self, store_error, ListOut, Rules};
-use crate::{now, random_id, App, HttpError};
+use crate::paging::{self, ListOut, Rules};
+use crate::{now, random_id, App, ServerError};
 
 /// Purposes a client may upload for (outputs get `batch_output`).
 const PURPOSES: &[&str] = &[
@@ -89,7 +89,7 @@ impl Drop for TempFile {
     }
 }
 
-async fn upload(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Response, HttpError> {
+async fn upload(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Response, ServerError> {
     let limit = app.files.max_bytes;
     let mut purpose: Option<String> = None;
     let mut upload: Option<(String, TempFile, u64)> = None;
@@ -103,7 +103,7 @@ async fn upload(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Resp
                 let temp = TempFile(app.blobs.temp_path());
                 let mut out = tokio::fs::File::create(&temp.0)
                     .await
-                    .map_err(|e| ApiError::internal(format!("storing the upload failed: {e}")))?;
+                    .map_err(ServerError::io("storing the upload"))?;
                 let mut bytes = 0u64;
                 while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
                     bytes += chunk.len() as u64;
@@ -113,13 +113,13 @@ async fn upload(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Resp
                         too_large = true;
                         continue;
                     }
-                    out.write_all(&chunk).await.map_err(|e| {
-                        ApiError::internal(format!("storing the upload failed: {e}"))
-                    })?;
+                    out.write_all(&chunk)
+                        .await
+                        .map_err(ServerError::io("storing the upload"))?;
                 }
                 out.sync_all()
                     .await
-                    .map_err(|e| ApiError::internal(format!("storing the upload failed: {e}")))?;
+                    .map_err(ServerError::io("storing the upload"))?;
                 upload = Some((filename, temp, bytes));
             }
             "purpose" => purpose = Some(field.text().await.map_err(multipart_error)?),
@@ -192,7 +192,7 @@ async fn upload(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Resp
         let path = temp.0.clone();
         tokio::task::spawn_blocking(move || check_fine_tune_file(&path))
             .await
-            .map_err(|e| ApiError::internal(format!("checking the file panicked: {e}")))??;
+            .map_err(|e| ServerError::internal("checking the file", e))??;
     }
     let created_at = now();
     let record = FileRecord {
@@ -205,10 +205,10 @@ async fn upload(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Resp
     };
     app.blobs
         .commit(&temp.0, &record.id)
-        .map_err(|e| ApiError::internal(format!("storing the upload failed: {e}")))?;
+        .map_err(ServerError::io("storing the upload"))?;
     if let Err(e) = app.store.insert_file(&record).await {
         let _ = app.blobs.remove(&record.id);
-        return Err(store_error(e).into());
+        return Err(e.into());
     }
     tracing::info!(id = %record.id, purpose = %record.purpose, bytes, "file uploaded");
     Ok(Json(object(record)).into_response())
@@ -216,15 +216,13 @@ async fn upload(State(app): State<Arc<App>>, mut form: Multipart) -> Result<Resp
 
 /// Checks that every line of a fine-tune file is a JSON object of the right shape; errors name
 /// the line (1-based).
-fn check_fine_tune_file(path: &std::path::Path) -> Result<(), ApiError> {
+fn check_fine_tune_file(path: &std::path::Path) -> Result<(), ServerError> {
     use std::io::BufRead;
-    let file = std::fs::File::open(path)
-        .map_err(|e| ApiError::internal(format!("reading the upload failed: {e}")))?;
+    let file = std::fs::File::open(path).map_err(ServerError::io("reading the upload"))?;
     let mut problems = Vec::new();
     let mut lines = 0usize;
     for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
-        let line =
-            line.map_err(|e| ApiError::internal(format!("reading the upload failed: {e}")))?;
+        let line = line.map_err(ServerError::io("reading the upload"))?;
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
@@ -242,11 +240,9 @@ fn check_fine_tune_file(path: &std::path::Path) -> Result<(), ApiError> {
         }
     }
     if lines == 0 {
-        return Err(ApiError::invalid_param(
-            "file",
-            "invalid_file",
-            "The file has no lines.",
-        ));
+        return Err(
+            ApiError::invalid_param("file", "invalid_file", "The file has no lines.").into(),
+        );
     }
     if problems.is_empty() {
         return Ok(());
@@ -255,7 +251,8 @@ fn check_fine_tune_file(path: &std::path::Path) -> Result<(), ApiError> {
         "file",
         "invalid_file",
         format!("The fine-tune file is invalid: {}", problems.join("; ")),
-    ))
+    )
+    .into())
 }
 
 /// What is wrong with a batch input line, if anything.
@@ -312,7 +309,7 @@ fn fine_tune_problem(map: &serde_json::Map<String, Value>) -> Option<String> {
 async fn list(
     State(app): State<Arc<App>>,
     Query(pairs): Query<Vec<(String, String)>>,
-) -> Result<Json<ListOut<FileObject>>, HttpError> {
+) -> Result<Json<ListOut<FileObject>>, ServerError> {
     let page = paging::page(
         &pairs,
         &Rules {
@@ -326,36 +323,31 @@ async fn list(
         .iter()
         .find(|(k, v)| k == "purpose" && !v.is_empty())
         .map(|(_, v)| v.as_str());
-    let listed = app
-        .store
-        .list_files(purpose, &page, crate::now())
-        .await
-        .map_err(store_error)?;
+    let listed = app.store.list_files(purpose, &page, crate::now()).await?;
     Ok(Json(ListOut::new(listed.map(object), |f| &f.id)))
 }
 
 /// A file that exists and has not expired (an expired one is gone for clients at once, and
 /// deleted by [`reap_expired`] soon after).
-pub async fn find(app: &App, id: &str) -> Result<FileRecord, ApiError> {
+pub async fn find(app: &App, id: &str) -> Result<FileRecord, ServerError> {
     app.store
         .get_file(id)
-        .await
-        .map_err(store_error)?
+        .await?
         .filter(|f| f.expires_at.is_none_or(|at| at > crate::now()))
-        .ok_or_else(|| ApiError::not_found(format!("No such File object: {id}")).with_param("id"))
+        .ok_or_else(|| {
+            ApiError::not_found(format!("No such File object: {id}"))
+                .with_param("id")
+                .into()
+        })
 }
 
 /// Deletes files whose `expires_after` has passed: the record first (so no client sees a file
 /// without content), then the content. Idempotent, so several servers may reap together.
-pub async fn reap_expired(app: &App) -> Result<usize, ApiError> {
-    let ids = app
-        .store
-        .expired_files(crate::now(), 100)
-        .await
-        .map_err(store_error)?;
+pub async fn reap_expired(app: &App) -> Result<usize, ServerError> {
+    let ids = app.store.expired_files(crate::now(), 100).await?;
     let mut deleted = 0;
     for id in ids {
-        if app.store.delete_file(&id).await.map_err(store_error)? {
+        if app.store.delete_file(&id).await? {
             deleted += 1;
             if let Err(e) = app.blobs.remove(&id) {
                 tracing::warn!(%id, error = %e, "could not remove an expired file's content");
@@ -371,18 +363,18 @@ pub async fn reap_expired(app: &App) -> Result<usize, ApiError> {
 async fn retrieve(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> Result<Json<FileObject>, HttpError> {
+) -> Result<Json<FileObject>, ServerError> {
     Ok(Json(object(find(&app, &id).await?)))
 }
 
 async fn content(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> Result<Response, HttpError> {
+) -> Result<Response, ServerError> {
     let f = find(&app, &id).await?;
     let file = tokio::fs::File::open(app.blobs.path(&f.id))
         .await
-        .map_err(|e| ApiError::internal(format!("the content of {id} is missing: {e}")))?;
+        .map_err(ServerError::io("opening a file's content"))?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok((
         [
@@ -397,9 +389,9 @@ async fn content(
 async fn delete(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<Value>, ServerError> {
     let f = find(&app, &id).await?;
-    if app.store.delete_file(&f.id).await.map_err(store_error)? {
+    if app.store.delete_file(&f.id).await? {
         if let Err(e) = app.blobs.remove(&f.id) {
             tracing::warn!(id = %f.id, error = %e, "could not remove a deleted file's content");
         }

@@ -2,15 +2,15 @@
 //! context check, sampling parameters) and engine events back into OpenAI responses. The HTTP
 //! routes use it, and the batch runner will take the same path.
 
-use ferrum_engine::chat_template::ChatTemplate;
-use ferrum_engine::constraint::{Constraint, ConstraintError};
+use ferrum_engine::ChatTemplate;
+use ferrum_engine::{Constraint, ConstraintError};
 
 use crate::tools::{self, ToolMode};
-use ferrum_engine::engine::LoadedModel;
-use ferrum_engine::generate::{Completion, FinishReason, GenerateParams, TokenEvent};
-use ferrum_engine::sampler::SamplingParams;
-use ferrum_engine::tokenizer::Tokenizer;
-use ferrum_engine::EngineError;
+use crate::ServerError;
+use ferrum_engine::LoadedModel;
+use ferrum_engine::SamplingParams;
+use ferrum_engine::Tokenizer;
+use ferrum_engine::{Completion, FinishReason, GenerateParams, TokenEvent};
 use ferrum_protocol::chat::MAX_OUTPUT_TOKENS;
 use ferrum_protocol::response::{ChoiceLogprobs, TokenLogprob, TopLogprob, Usage};
 use ferrum_protocol::{ApiError, ChatRequest, ResponseFormat};
@@ -24,7 +24,7 @@ pub struct Prepared {
 
 /// Renders the conversation with the model's chat template and tokenizes it, checks the
 /// context window and builds the generation parameters. CPU work: run it off the async threads.
-pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ApiError> {
+pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ServerError> {
     let mut messages: Vec<serde_json::Value> =
         req.messages.iter().map(|m| m.to_template()).collect();
     let tool_mode = tools::mode(req);
@@ -59,23 +59,17 @@ pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ApiEr
     let prompt = model
         .tokenizer
         .encode(&text, false, true)
-        .map_err(|e| ApiError::internal(format!("tokenizing the prompt failed: {e}")))?;
+        .map_err(|e| ServerError::internal("tokenizing the prompt", e))?;
     let context = model.context_length;
     if prompt.len() >= context {
-        return Err(ApiError::context_length_exceeded(
-            context,
-            prompt.len(),
-            None,
-        ));
+        return Err(ApiError::context_length_exceeded(context, prompt.len(), None).into());
     }
     let room = context - prompt.len();
     let max_tokens = match req.max_tokens {
         Some(m) if m as usize > room => {
-            return Err(ApiError::context_length_exceeded(
-                context,
-                prompt.len(),
-                Some(m as usize),
-            ))
+            return Err(
+                ApiError::context_length_exceeded(context, prompt.len(), Some(m as usize)).into(),
+            )
         }
         Some(m) => m as usize,
         None => room.min(MAX_OUTPUT_TOKENS as usize),
@@ -101,7 +95,7 @@ pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ApiEr
         Some(text) => model
             .tokenizer
             .encode(text, false, false)
-            .map_err(|e| ApiError::internal(format!("tokenizing the prediction failed: {e}")))?,
+            .map_err(|e| ServerError::internal("tokenizing the prediction", e))?,
         None => Vec::new(),
     };
     // Without a seed, sampling is random; with one it is reproducible, as OpenAI's best effort.
@@ -138,11 +132,11 @@ fn constraint(
     model: &LoadedModel,
     req: &ChatRequest,
     tool_mode: ToolMode,
-) -> Result<Option<Constraint>, ApiError> {
+) -> Result<Option<Constraint>, ServerError> {
     let factory = || {
         model
             .constraints()
-            .map_err(|e| ApiError::internal(e.to_string()))
+            .map_err(|e| ServerError::internal("building the grammar compiler", e))
     };
     let tools_error = |e: ConstraintError| {
         ApiError::invalid_param(
@@ -178,11 +172,12 @@ fn constraint(
                     "invalid_value",
                     "'messages' must contain the word 'json' in some form, to use \
                      'response_format' of type 'json_object'.",
-                ));
+                )
+                .into());
             }
             let c = factory()?
                 .json_object()
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+                .map_err(|e| ServerError::internal("compiling the JSON grammar", e))?;
             Ok(Some(c))
         }
         ResponseFormat::JsonSchema { name, schema, .. } => {
@@ -263,34 +258,4 @@ pub fn usage_of<'a>(completions: impl IntoIterator<Item = &'a Completion>) -> Us
     usage.completion_tokens_details.accepted_prediction_tokens = accepted;
     usage.completion_tokens_details.rejected_prediction_tokens = rejected;
     usage
-}
-
-/// The one place engine errors become API errors.
-pub fn engine_error(e: EngineError) -> ApiError {
-    match e {
-        EngineError::ContextLengthExceeded { requested, max } => {
-            ApiError::context_length_exceeded(max, requested, None)
-        }
-        EngineError::EmptyPrompt => {
-            ApiError::invalid_param("messages", "invalid_value", "The prompt is empty.")
-        }
-        EngineError::TokenOutOfRange { id, vocab } => ApiError::invalid_param(
-            "messages",
-            "invalid_value",
-            format!("Token id {id} is outside the vocabulary (size {vocab})."),
-        ),
-        EngineError::Template(e) => {
-            ApiError::invalid_param("messages", "invalid_value", e.to_string())
-        }
-        EngineError::Tokenizer(e) => ApiError::invalid_request(e.to_string()),
-        e @ (EngineError::Io { .. }
-        | EngineError::CorruptGguf { .. }
-        | EngineError::MissingMetadata { .. }
-        | EngineError::MissingTensor { .. }
-        | EngineError::BadTensorShape { .. }
-        | EngineError::UnsupportedArchitecture(_)
-        | EngineError::UnsupportedQuantization { .. }
-        | EngineError::InvalidOption(_)
-        | EngineError::Internal(_)) => ApiError::internal(e.to_string()),
-    }
 }

@@ -6,6 +6,7 @@ mod admin;
 mod batches;
 mod callstream;
 mod chat;
+mod error;
 mod files;
 mod frontend;
 mod metrics;
@@ -19,7 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,6 +32,7 @@ use ferrum_store::{BlobStore, Store, UsageRecord};
 use tokio::net::TcpListener;
 
 pub use batches::BatchConfig;
+pub use error::ServerError;
 pub use models::{Engine, EngineConfig, Loaded, Models};
 pub use stored::{export as export_completions, training_example};
 
@@ -112,31 +114,6 @@ impl App {
     }
 }
 
-/// An [`ApiError`] as an HTTP response: the status and the OpenAI error body.
-pub struct HttpError(pub ApiError);
-
-impl From<ApiError> for HttpError {
-    fn from(e: ApiError) -> Self {
-        HttpError(e)
-    }
-}
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = (status, Json(self.0.body())).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            // The queue drains as running sequences finish: a short wait is enough (the SDKs
-            // honour Retry-After in their retries).
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        }
-        response
-    }
-}
-
 /// The router over a shared [`App`].
 pub fn router(app: Arc<App>) -> Router {
     let api = Router::new()
@@ -155,20 +132,31 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(render_metrics))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn(request_headers))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            request_headers,
+        ))
         .with_state(app)
 }
 
 /// Headers OpenAI puts on every response: `x-request-id` (a fresh `req_...` id, also logged,
 /// which the SDKs expose as `_request_id`), `openai-processing-ms` (the time to the response
 /// head: for a stream, to its first byte), and `x-client-request-id` echoed when the client
-/// sent one.
-async fn request_headers(request: Request, next: Next) -> Response {
+/// sent one. A failed response is logged and counted here, from the [`error::ErrorReport`] its
+/// error left on it, inside the request's span.
+async fn request_headers(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
     let id = random_id("req_");
     let client_id = request.headers().get("x-client-request-id").cloned();
     let span = tracing::info_span!("request", request_id = %id);
-    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
+    let mut response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    if let Some(report) = response.extensions().get::<error::ErrorReport>() {
+        app.metrics.count_error(report.label);
+        if let Some(detail) = &report.detail {
+            let _entered = span.enter();
+            tracing::error!(kind = report.label, error = %detail, "request failed");
+        }
+    }
     let headers = response.headers_mut();
     if let Ok(v) = header::HeaderValue::from_str(&id) {
         headers.insert("x-request-id", v);
@@ -262,7 +250,7 @@ async fn json_bodies(req: Request, next: Next) -> Response {
         let essence = kind.split(';').next().unwrap_or("").trim();
         let json = essence == "application/json" || essence.ends_with("+json");
         if !json && !essence.starts_with("multipart/") {
-            return HttpError(ApiError::invalid_request(format!(
+            return ServerError::from(ApiError::invalid_request(format!(
                 "We could not parse the JSON body of your request. The OpenAI API expects a JSON \
                  payload (Content-Type: application/json), but this request's Content-Type is \
                  `{essence}`."
@@ -284,9 +272,9 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match given {
-        None | Some("") => HttpError(ApiError::missing_api_key()).into_response(),
+        None | Some("") => ServerError::from(ApiError::missing_api_key()).into_response(),
         Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => next.run(req).await,
-        Some(g) => HttpError(ApiError::invalid_api_key(&redact(g))).into_response(),
+        Some(g) => ServerError::from(ApiError::invalid_api_key(&redact(g))).into_response(),
     }
 }
 
@@ -309,7 +297,7 @@ fn redact(key: &str) -> String {
 /// `GET /metrics` (Prometheus text format; not behind the API key, like a health check).
 async fn render_metrics(State(app): State<Arc<App>>) -> Response {
     let loaded = app.models.loaded().await;
-    let stats: Vec<(String, &ferrum_engine::service::EngineStats)> = loaded
+    let stats: Vec<(String, &ferrum_engine::EngineStats)> = loaded
         .iter()
         .map(|l| (l.tier.id.clone(), l.handle.stats()))
         .collect();
@@ -320,11 +308,8 @@ async fn render_metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
-async fn not_found(method: Method, uri: Uri) -> HttpError {
-    HttpError(ApiError::not_found(format!(
-        "Invalid URL ({method} {})",
-        uri.path()
-    )))
+async fn not_found(method: Method, uri: Uri) -> ServerError {
+    ApiError::not_found(format!("Invalid URL ({method} {})", uri.path())).into()
 }
 
 fn model_object(id: &str, tier: &Tier) -> ferrum_protocol::response::Model {
@@ -352,7 +337,7 @@ async fn list_models(State(app): State<Arc<App>>) -> Json<List<ferrum_protocol::
 async fn get_model(
     State(app): State<Arc<App>>,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<ferrum_protocol::response::Model>, HttpError> {
+) -> Result<Json<ferrum_protocol::response::Model>, ServerError> {
     let tier = app.models.resolve(&id)?;
     Ok(Json(model_object(&id, &tier)))
 }
@@ -377,12 +362,8 @@ struct UsageQuery {
 async fn usage_totals(
     State(app): State<Arc<App>>,
     axum::extract::Query(q): axum::extract::Query<UsageQuery>,
-) -> Result<Json<List<UsageTotalOut>>, HttpError> {
-    let totals = app
-        .store
-        .usage_totals(q.since)
-        .await
-        .map_err(paging::store_error)?;
+) -> Result<Json<List<UsageTotalOut>>, ServerError> {
+    let totals = app.store.usage_totals(q.since).await?;
     Ok(Json(List::new(
         totals
             .into_iter()
@@ -406,7 +387,6 @@ pub(crate) fn now() -> i64 {
         .unwrap_or(0)
 }
 
-/// `prefix` + 24 random letters and digits.
 /// Removes the members of `object` named in `keys` whose value is null (fields the spec types
 /// as non-nullable, absent until they are known).
 pub(crate) fn drop_nulls(object: &mut serde_json::Value, keys: &[&str]) {
@@ -419,6 +399,7 @@ pub(crate) fn drop_nulls(object: &mut serde_json::Value, keys: &[&str]) {
     }
 }
 
+/// `prefix` + 24 random letters and digits.
 pub(crate) fn random_id(prefix: &str) -> String {
     use rand::distributions::Alphanumeric;
     use rand::Rng;

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ferrum_engine::service::EngineStats;
+use ferrum_engine::EngineStats;
 
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 14] = [
@@ -77,9 +77,17 @@ pub struct Metrics {
     /// Batch lines this server ran whose result it wrote, by outcome.
     pub batch_lines_completed: AtomicU64,
     pub batch_lines_failed: AtomicU64,
+    /// Failed responses by kind (`ServerError`'s labels), in label order for the exposition.
+    errors: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
+    /// Counts one failed response of kind `label`.
+    pub fn count_error(&self, label: &'static str) {
+        let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        *errors.entry(label).or_default() += 1;
+    }
+
     /// Counts a batch line whose result this server wrote (`completed` or `failed`).
     pub fn batch_line(&self, outcome: &str) {
         let counter = if outcome == "failed" {
@@ -225,6 +233,14 @@ impl Metrics {
             self.batch_lines_completed.load(Ordering::Relaxed),
             self.batch_lines_failed.load(Ordering::Relaxed),
         );
+        let _ = writeln!(
+            out,
+            "# HELP ferrum_errors_total Failed API responses, by kind.\n\
+             # TYPE ferrum_errors_total counter"
+        );
+        for (kind, n) in self.errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "ferrum_errors_total{{kind=\"{kind}\"}} {n}");
+        }
         self.ttft.render(
             &mut out,
             "ferrum_time_to_first_token_seconds",

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use ferrum_engine::draft::Draft;
-use ferrum_engine::engine::{LoadOptions, LoadedModel};
-use ferrum_engine::gguf::WeightsMemory;
-use ferrum_engine::kv::KvType;
-use ferrum_engine::model::ops::RopeScaling;
-use ferrum_engine::service::{EngineOptions, EngineStats, ModelHandle, Request, SubmitError};
+use ferrum_engine::Draft;
+use ferrum_engine::KvType;
+use ferrum_engine::RopeScaling;
+use ferrum_engine::WeightsMemory;
+use ferrum_engine::{EngineOptions, EngineStats, ModelHandle, Request, SubmitError};
+use ferrum_engine::{LoadOptions, LoadedModel};
 use ferrum_protocol::ApiError;
 use ferrum_registry::{
     KvCacheType, LoadPolicy, Registry, RopeScalingConfig, RopeScalingKind, Tier, WeightsSource,

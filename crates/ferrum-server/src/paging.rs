@@ -5,6 +5,8 @@ use ferrum_protocol::ApiError;
 use ferrum_store::{Listed, Order, Page, StoreError};
 use serde::Serialize;
 
+use crate::ServerError;
+
 /// A list endpoint's paging rules.
 pub struct Rules {
     pub default_limit: usize,
@@ -107,14 +109,14 @@ pub fn in_memory<T>(
     mut all: Vec<T>,
     page: &Page,
     id: impl Fn(&T) -> &str,
-) -> Result<ListOut<T>, ApiError> {
+) -> Result<ListOut<T>, ServerError> {
     if page.order == Order::Desc {
         all.reverse();
     }
     let start = match &page.after {
         Some(after) => match all.iter().position(|x| id(x) == after) {
             Some(i) => i + 1,
-            None => return Err(store_error(StoreError::UnknownCursor(after.clone()))),
+            None => return Err(StoreError::UnknownCursor(after.clone()).into()),
         },
         None => 0,
     };
@@ -122,24 +124,4 @@ pub fn in_memory<T>(
     let has_more = rest.len() > page.limit;
     let items: Vec<T> = rest.into_iter().take(page.limit).collect();
     Ok(ListOut::new(Listed { items, has_more }, id))
-}
-
-/// A store failure as an API error: an unknown `after` cursor is the caller's mistake.
-pub fn store_error(e: StoreError) -> ApiError {
-    match e {
-        StoreError::UnknownCursor(id) => ApiError::invalid_param(
-            "after",
-            "invalid_value",
-            format!("Invalid 'after': no object with id '{id}' in this list."),
-        ),
-        // The database's own words (SQL, table names, connection details) stay in the log,
-        // under the request's id; the client gets OpenAI's generic server error.
-        e => {
-            tracing::error!(error = %e, "database error");
-            ApiError::internal(
-                "The server had an error while processing your request (its database failed). \
-                 Retry, or report the x-request-id of this response.",
-            )
-        }
-    }
 }

@@ -20,8 +20,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferrum_engine::generate::Completion;
-use ferrum_engine::service::{Event, Priority};
+use ferrum_engine::Completion;
+use ferrum_engine::{Event, Priority};
 use ferrum_protocol::response::{ChatCompletion, Usage};
 use ferrum_protocol::responses::{
     parse_item, parse_responses_request, to_messages, Item, ResponsesRequest,
@@ -34,10 +34,10 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::callstream::{AutoDelta, CallDelta, ChoiceDecoder};
 use crate::chat::{self, Endpoint, Meta};
-use crate::frontend::{engine_error, finish_reason};
-use crate::paging::{self, store_error, ListOut, Rules};
+use crate::frontend::finish_reason;
+use crate::paging::{self, ListOut, Rules};
 use crate::tools::ToolMode;
-use crate::{now, random_id, App, HttpError};
+use crate::{now, random_id, App, ServerError};
 
 /// Longest chain of `previous_response_id` followed (a guard, far above real conversations).
 const MAX_CHAIN: usize = 10_000;
@@ -195,15 +195,16 @@ fn call_item(id: &str, call_id: &str, name: &str, arguments: &str, status: &str)
 }
 
 /// The items of a stored conversation, oldest first: each response's input, then its output.
-async fn history(app: &App, previous: &str) -> Result<Vec<Item>, ApiError> {
+async fn history(app: &App, previous: &str) -> Result<Vec<Item>, ServerError> {
     let mut chain = Vec::new();
     let mut next = Some(previous.to_string());
     while let Some(id) = next {
-        let Some(r) = app.store.get_response(&id).await.map_err(store_error)? else {
+        let Some(r) = app.store.get_response(&id).await? else {
             return Err(ApiError::not_found(format!(
                 "Previous response with id '{id}' not found."
             ))
-            .with_param("previous_response_id"));
+            .with_param("previous_response_id")
+            .into());
         };
         if matches!(r.status.as_str(), "queued" | "in_progress") {
             return Err(ApiError::invalid_param(
@@ -213,7 +214,8 @@ async fn history(app: &App, previous: &str) -> Result<Vec<Item>, ApiError> {
                     "The previous response '{id}' is still {}; wait for it to finish.",
                     r.status
                 ),
-            ));
+            )
+            .into());
         }
         next = r.previous_response_id.clone();
         chain.push(r);
@@ -222,15 +224,15 @@ async fn history(app: &App, previous: &str) -> Result<Vec<Item>, ApiError> {
                 "previous_response_id",
                 "invalid_value",
                 "The conversation is too long.",
-            ));
+            )
+            .into());
         }
     }
     let mut items = Vec::new();
     for r in chain.iter().rev() {
         for text in [&r.input_items, &r.output] {
-            let list: Vec<Value> = serde_json::from_str(text).map_err(|e| {
-                ApiError::internal(format!("stored response {} is corrupt: {e}", r.id))
-            })?;
+            let list: Vec<Value> =
+                serde_json::from_str(text).map_err(|e| ServerError::corrupt(&r.id, e))?;
             for v in &list {
                 items.push(parse_item("previous_response_id", v)?);
             }
@@ -244,7 +246,7 @@ async fn history(app: &App, previous: &str) -> Result<Vec<Item>, ApiError> {
 async fn conversation(
     app: &App,
     req: &ResponsesRequest,
-) -> Result<(Vec<Item>, Vec<Value>), ApiError> {
+) -> Result<(Vec<Item>, Vec<Value>), ServerError> {
     let mut items = match &req.previous_response_id {
         Some(prev) => history(app, prev).await?,
         None => Vec::new(),
@@ -300,29 +302,30 @@ async fn submit(
     mut items: Vec<Item>,
     received: Instant,
     priority: Priority,
-) -> Result<(Meta, UnboundedReceiver<Event>), ApiError> {
+) -> Result<(Meta, UnboundedReceiver<Event>), ServerError> {
     loop {
         let chat = chat_request(req, &items, req.stream && !req.background);
         match chat::submit(app, chat, received, priority, Endpoint::RESPONSES).await {
-            Err(e)
+            Err(ServerError::Api(e))
                 if req.truncate
                     && items.len() > 1
                     && e.code.as_deref() == Some("context_length_exceeded") =>
             {
                 items.remove(0);
             }
-            Err(e) if e.code.as_deref() == Some("context_length_exceeded") => {
+            Err(ServerError::Api(e)) if e.code.as_deref() == Some("context_length_exceeded") => {
                 return Err(ApiError {
                     param: Some("input".into()),
                     ..e
-                })
+                }
+                .into())
             }
             other => return other,
         }
     }
 }
 
-async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, HttpError> {
+async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ServerError> {
     let received = Instant::now();
     let req = parse_responses_request(&body)?;
     if req.background && req.stream {
@@ -376,9 +379,7 @@ async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, Ht
         return Ok(stream_response(app, meta, rx, ctx).into_response());
     }
     // A failed generation answers with its error, as a chat completion would.
-    let done = complete(meta, rx, &ctx)
-        .await
-        .map_err(|e| ApiError::internal(e.message))?;
+    let done = complete(meta, rx, &ctx).await?;
     if ctx.req.store {
         save(&app, &ctx, done.status, &done.output, &done.object).await?;
     }
@@ -387,7 +388,7 @@ async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, Ht
 
 /// A response run for a batch line, at background priority: the response object and its
 /// usage (which the caller records with the line's result), or the API error.
-pub async fn run_for_batch(app: &Arc<App>, body: &[u8]) -> Result<(Value, Usage), ApiError> {
+pub async fn run_for_batch(app: &Arc<App>, body: &[u8]) -> Result<(Value, Usage), ServerError> {
     let req = parse_responses_request(body)?;
     if req.stream || req.background {
         let param = if req.stream { "stream" } else { "background" };
@@ -395,7 +396,8 @@ pub async fn run_for_batch(app: &Arc<App>, body: &[u8]) -> Result<(Value, Usage)
             param,
             "invalid_value",
             format!("'{param}' is not supported in batch requests."),
-        ));
+        )
+        .into());
     }
     let tier = app.models.resolve(&req.model)?;
     let (items, input_json) = conversation(app, &req).await?;
@@ -422,7 +424,11 @@ struct Done {
 }
 
 /// Runs a response to its end.
-async fn complete(meta: Meta, rx: UnboundedReceiver<Event>, ctx: &Ctx) -> Result<Done, ApiError> {
+async fn complete(
+    meta: Meta,
+    rx: UnboundedReceiver<Event>,
+    ctx: &Ctx,
+) -> Result<Done, ServerError> {
     let (completion, usage) = chat::collect(meta, rx).await?;
     let (output, incomplete) = output_items(&completion);
     let status = if incomplete {
@@ -448,7 +454,7 @@ async fn finish(
 ) -> (&'static str, String, Value) {
     match complete(meta, rx, ctx).await {
         Ok(d) => (d.status, Value::Array(d.output).to_string(), d.object),
-        Err(e) => ("failed", "[]".into(), ctx.failed(&e)),
+        Err(e) => ("failed", "[]".into(), ctx.failed(&e.into_api_logged())),
     }
 }
 
@@ -459,7 +465,7 @@ async fn save(
     status: &str,
     output: &[Value],
     object: &Value,
-) -> Result<(), ApiError> {
+) -> Result<(), ServerError> {
     if !ctx.req.store {
         return Ok(());
     }
@@ -473,10 +479,8 @@ async fn save(
         output: Value::Array(output.to_vec()).to_string(),
         object: object.to_string(),
     };
-    app.store
-        .insert_response(&record)
-        .await
-        .map_err(store_error)
+    app.store.insert_response(&record).await?;
+    Ok(())
 }
 
 /// The typed event stream of a response (`response.created` ... `response.completed`), each
@@ -655,7 +659,7 @@ impl Streamer {
             }
             Event::Error(e) => {
                 self.finished = true;
-                let e = engine_error(e);
+                let e = ServerError::from(e).into_api_logged();
                 let failed = self.ctx.failed(&e);
                 vec![
                     self.event(json!({"type": "error", "code": e.code, "message": e.message, "param": e.param})),
@@ -669,7 +673,7 @@ impl Streamer {
     /// (or `response.incomplete`); the usage is recorded and the response stored.
     async fn end(&mut self) -> Vec<SseEvent> {
         let (Some(meta), Some(done)) = (self.meta.take(), self.done.take()) else {
-            let e = ApiError::internal("the engine stopped before the response was complete");
+            let e = ServerError::EngineStopped.into_api_logged();
             let failed = self.ctx.failed(&e);
             return vec![self.event(json!({"type": "response.failed", "response": failed}))];
         };
@@ -714,7 +718,7 @@ impl Streamer {
         };
         let object = self.ctx.object(status, &items, Some(&usage), incomplete);
         if let Err(e) = save(&self.app, &self.ctx, status, &items, &object).await {
-            tracing::error!(error = %e.message, id = %self.ctx.id, "could not store a streamed response");
+            tracing::error!(error = %e, id = %self.ctx.id, "could not store a streamed response");
         }
         let kind = if incomplete {
             "response.incomplete"
@@ -762,35 +766,32 @@ fn stream_response(
     Sse::new(stream::iter(first).chain(rest).map(Ok)).keep_alive(KeepAlive::default())
 }
 
-async fn find(app: &App, id: &str) -> Result<ResponseRecord, ApiError> {
-    app.store
-        .get_response(id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| {
-            ApiError::not_found(format!("Response with id '{id}' not found."))
-                .with_param("response_id")
-        })
+async fn find(app: &App, id: &str) -> Result<ResponseRecord, ServerError> {
+    app.store.get_response(id).await?.ok_or_else(|| {
+        ApiError::not_found(format!("Response with id '{id}' not found."))
+            .with_param("response_id")
+            .into()
+    })
 }
 
 async fn retrieve(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<Value>, ServerError> {
     let r = find(&app, &id).await?;
-    let object: Value = serde_json::from_str(&r.object)
-        .map_err(|e| ApiError::internal(format!("stored response {id} is corrupt: {e}")))?;
+    let object: Value =
+        serde_json::from_str(&r.object).map_err(|e| ServerError::corrupt(&id, e))?;
     Ok(Json(object))
 }
 
 async fn delete(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<Value>, ServerError> {
     if let Some(task) = app.background.0.lock().expect("lock").remove(&id) {
         task.abort();
     }
-    if !app.store.delete_response(&id).await.map_err(store_error)? {
+    if !app.store.delete_response(&id).await? {
         return Err(
             ApiError::not_found(format!("Response with id '{id}' not found."))
                 .with_param("response_id")
@@ -806,10 +807,10 @@ async fn delete(
 async fn cancel(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<Value>, ServerError> {
     let r = find(&app, &id).await?;
-    let mut object: Value = serde_json::from_str(&r.object)
-        .map_err(|e| ApiError::internal(format!("stored response {id} is corrupt: {e}")))?;
+    let mut object: Value =
+        serde_json::from_str(&r.object).map_err(|e| ServerError::corrupt(&id, e))?;
     if object["background"] != json!(true) {
         return Err(
             ApiError::invalid_request("Only background responses can be cancelled.")
@@ -824,8 +825,7 @@ async fn cancel(
     if app
         .store
         .finish_response(&id, "cancelled", "[]", &object.to_string())
-        .await
-        .map_err(store_error)?
+        .await?
     {
         tracing::info!(%id, "background response cancelled");
         return Ok(Json(object));
@@ -839,11 +839,11 @@ async fn input_items(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     Query(pairs): Query<Vec<(String, String)>>,
-) -> Result<Json<ListOut<Value>>, HttpError> {
+) -> Result<Json<ListOut<Value>>, ServerError> {
     let page = paging::page(&pairs, &Rules::of(Order::Desc))?;
     let r = find(&app, &id).await?;
-    let items: Vec<Value> = serde_json::from_str(&r.input_items)
-        .map_err(|e| ApiError::internal(format!("stored response {id} is corrupt: {e}")))?;
+    let items: Vec<Value> =
+        serde_json::from_str(&r.input_items).map_err(|e| ServerError::corrupt(&id, e))?;
     Ok(Json(paging::in_memory(items, &page, |v| {
         v["id"].as_str().unwrap_or("")
     })?))

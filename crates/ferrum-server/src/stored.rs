@@ -11,8 +11,8 @@ use ferrum_protocol::{ApiError, ChatRequest};
 use ferrum_store::{CompletionFilter, Order, StoredCompletion};
 use serde_json::{json, Map, Value};
 
-use crate::paging::{self, store_error, ListOut, Rules};
-use crate::{App, HttpError};
+use crate::paging::{self, ListOut, Rules};
+use crate::{App, ServerError};
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
@@ -73,7 +73,7 @@ fn object(c: &StoredCompletion) -> Value {
 pub async fn list(
     State(app): State<Arc<App>>,
     Query(pairs): Query<Vec<(String, String)>>,
-) -> Result<Json<ListOut<Value>>, HttpError> {
+) -> Result<Json<ListOut<Value>>, ServerError> {
     let page = paging::page(&pairs, &Rules::of(Order::Asc))?;
     let mut filter = CompletionFilter::default();
     for (k, v) in &pairs {
@@ -86,32 +86,25 @@ pub async fn list(
             filter.metadata.push((key.to_string(), v.clone()));
         }
     }
-    let listed = app
-        .store
-        .list_completions(&filter, &page)
-        .await
-        .map_err(store_error)?;
+    let listed = app.store.list_completions(&filter, &page).await?;
     let listed = listed.map(|c| object(&c));
     Ok(Json(ListOut::new(listed, |v| {
         v["id"].as_str().unwrap_or("")
     })))
 }
 
-async fn find(app: &App, id: &str) -> Result<StoredCompletion, ApiError> {
-    app.store
-        .get_completion(id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| {
-            ApiError::not_found(format!("No chat completion found with id '{id}'."))
-                .with_param("completion_id")
-        })
+async fn find(app: &App, id: &str) -> Result<StoredCompletion, ServerError> {
+    app.store.get_completion(id).await?.ok_or_else(|| {
+        ApiError::not_found(format!("No chat completion found with id '{id}'."))
+            .with_param("completion_id")
+            .into()
+    })
 }
 
 async fn retrieve(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<Value>, ServerError> {
     Ok(Json(object(&find(&app, &id).await?)))
 }
 
@@ -120,7 +113,7 @@ async fn update(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<Value>, ServerError> {
     let map = ferrum_protocol::reader::parse_object(&body)?;
     let fields = ferrum_protocol::reader::Fields::new(&map, "");
     fields.deny_unknown(&["metadata"])?;
@@ -131,17 +124,11 @@ async fn update(
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default();
-    let found = app
-        .store
-        .update_completion_metadata(&id, &metadata)
-        .await
-        .map_err(store_error)?;
+    let found = app.store.update_completion_metadata(&id, &metadata).await?;
     if !found {
-        return Err(find(&app, &id)
-            .await
-            .err()
-            .unwrap_or_else(|| ApiError::internal("the completion vanished while it was updated"))
-            .into());
+        return Err(find(&app, &id).await.err().unwrap_or(ServerError::Conflict(
+            "the completion vanished while it was updated",
+        )));
     }
     Ok(Json(object(&find(&app, &id).await?)))
 }
@@ -149,18 +136,11 @@ async fn update(
 async fn delete(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, HttpError> {
-    if !app
-        .store
-        .delete_completion(&id)
-        .await
-        .map_err(store_error)?
-    {
-        return Err(find(&app, &id)
-            .await
-            .err()
-            .unwrap_or_else(|| ApiError::internal("the completion reappeared while it was deleted"))
-            .into());
+) -> Result<Json<Value>, ServerError> {
+    if !app.store.delete_completion(&id).await? {
+        return Err(find(&app, &id).await.err().unwrap_or(ServerError::Conflict(
+            "the completion reappeared while it was deleted",
+        )));
     }
     Ok(Json(
         json!({"object": "chat.completion.deleted", "id": id, "deleted": true}),
@@ -172,7 +152,7 @@ async fn messages(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     Query(pairs): Query<Vec<(String, String)>>,
-) -> Result<Json<ListOut<Value>>, HttpError> {
+) -> Result<Json<ListOut<Value>>, ServerError> {
     let page = paging::page(&pairs, &Rules::of(Order::Asc))?;
     let c = find(&app, &id).await?;
     let request: Value = serde_json::from_str(&c.request).unwrap_or_else(|_| json!({}));

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request as HttpRequest, StatusCode};
-use ferrum_engine::engine::{LoadOptions, LoadedModel};
-use ferrum_engine::generate::{Completion, FinishReason, TokenEvent};
-use ferrum_engine::service::{EngineStats, Event, Request, SubmitError};
 use ferrum_engine::testing::TinyModel;
+use ferrum_engine::{Completion, FinishReason, TokenEvent};
+use ferrum_engine::{EngineStats, Event, Request, SubmitError};
+use ferrum_engine::{LoadOptions, LoadedModel};
 use ferrum_registry::Registry;
 use ferrum_server::{BatchConfig, Engine, EngineConfig, ServerConfig};
 use ferrum_store::{BlobStore, Store};

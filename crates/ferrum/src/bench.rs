@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use ferrum_engine::model::transformer::{Logits, Workspace};
+use ferrum_engine::{Logits, Workspace};
 use ferrum_registry::Registry;
 
 use crate::cli::{load_model, ModelArgs};
@@ -95,10 +95,7 @@ pub fn bench(registry: &Registry, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(
-    model: &ferrum_engine::engine::LoadedModel,
-    args: &BenchArgs,
-) -> anyhow::Result<Figures> {
+fn measure(model: &ferrum_engine::LoadedModel, args: &BenchArgs) -> anyhow::Result<Figures> {
     let m = &model.model;
     let vocab = m.cfg.vocab_size as u32;
     // Deterministic pseudo-random tokens, as llama-bench uses random tokens.
@@ -111,7 +108,7 @@ fn measure(
     let context: Vec<u32> = (0..args.depth as u32)
         .map(|i| (i.wrapping_mul(2_246_822_519) >> 9) % vocab)
         .collect();
-    let fill = |ws: &mut Workspace| -> anyhow::Result<ferrum_engine::kv::KvCache> {
+    let fill = |ws: &mut Workspace| -> anyhow::Result<ferrum_engine::KvCache> {
         let mut kv = m.new_cache(ctx);
         for chunk in context.chunks(model.prefill_chunk) {
             m.forward(&model.pool, ws, &mut kv, chunk, Logits::None)?;
@@ -136,7 +133,7 @@ fn measure(
             let t = Instant::now();
             for _ in 0..args.gen_tokens {
                 let logits = m.forward(&model.pool, &mut ws, &mut kv, &[tok], Logits::Last)?;
-                tok = ferrum_engine::sampler::argmax(logits);
+                tok = ferrum_engine::argmax(logits);
             }
             decode.push(args.gen_tokens as f64 / t.elapsed().as_secs_f64());
         }

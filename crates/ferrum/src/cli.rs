@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use ferrum_engine::engine::{LoadOptions, LoadedModel};
-use ferrum_engine::generate::{FinishReason, GenerateParams};
-use ferrum_engine::kv::KvType;
-use ferrum_engine::model::ops::RopeScaling;
-use ferrum_engine::sampler::SamplingParams;
+use ferrum_engine::KvType;
+use ferrum_engine::RopeScaling;
+use ferrum_engine::SamplingParams;
+use ferrum_engine::{FinishReason, GenerateParams};
+use ferrum_engine::{LoadOptions, LoadedModel};
 use ferrum_registry::Registry;
 
 #[derive(Parser)]
@@ -210,7 +210,7 @@ pub fn load_model(registry: &Registry, args: &ModelArgs) -> anyhow::Result<Loade
         threads: args.threads,
         context_length: args.context_length,
         prefill_chunk: None,
-        weights_memory: ferrum_engine::gguf::WeightsMemory::from_env(),
+        weights_memory: ferrum_engine::WeightsMemory::from_env(),
         rope_scaling: args.rope_scaling(),
         kv_type: args.kv_type,
     };
@@ -239,7 +239,7 @@ fn chat_prompt(model: &LoadedModel, msgs: &[serde_json::Value]) -> anyhow::Resul
 /// Generates and streams one reply to stdout; returns the full text.
 fn stream_reply(
     model: &LoadedModel,
-    session: &mut ferrum_engine::generate::Session,
+    session: &mut ferrum_engine::Session,
     prompt: &[u32],
     params: &GenerateParams,
 ) -> anyhow::Result<String> {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Args;
-use ferrum_engine::service::EngineOptions;
+use ferrum_engine::EngineOptions;
 use ferrum_registry::Registry;
 use ferrum_server::{BatchConfig, EngineConfig, ServerConfig};
 use ferrum_store::{BlobStore, CompletionFilter, Store};
@@ -43,12 +43,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mib: usize,
     /// Positions per KV block: the granularity of prefix reuse and of KV allocation.
-    #[arg(long, default_value_t = ferrum_engine::kv::DEFAULT_BLOCK_SIZE)]
+    #[arg(long, default_value_t = ferrum_engine::DEFAULT_BLOCK_SIZE)]
     pub kv_block_size: usize,
     /// KV cache type of tiers whose config names none: f16, or q8_0 (half the memory, so
     /// twice the context or sequences in the same budget).
     #[arg(long, default_value = "f16", value_parser = crate::cli::parse_kv_type)]
-    pub kv_type: ferrum_engine::kv::KvType,
+    pub kv_type: ferrum_engine::KvType,
     /// Directory of file contents (uploads, batch outputs); default: `files/` beside the
     /// SQLite database, else in $FERRUM_HOME. Servers sharing a Postgres database must share it.
     #[arg(long, env = "FERRUM_DATA_DIR")]

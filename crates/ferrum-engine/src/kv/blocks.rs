@@ -145,13 +145,14 @@ impl BlockAllocator {
         self.by_hash.insert(hash, b);
     }
 
-    pub fn refs(&self, b: u32) -> u32 {
+    #[cfg(test)]
+    fn refs(&self, b: u32) -> u32 {
         self.refs[b as usize]
     }
 
     /// Checks every invariant (tests).
-    #[doc(hidden)]
-    pub fn check(&self) {
+    #[cfg(test)]
+    fn check(&self) {
         let n = self.refs.len();
         let mut seen = vec![0u8; n];
         for &b in &self.free {

@@ -93,7 +93,7 @@ pub fn gguf_metadata(tier: &str) -> &'static HashMap<String, Value> {
 
 /// A conversation rendered with the model's chat template (generation prompt added) and
 /// tokenized, as the server does it.
-pub fn chat_tokens(m: &ferrum_engine::engine::LoadedModel, msgs: &[serde_json::Value]) -> Vec<u32> {
+pub fn chat_tokens(m: &ferrum_engine::LoadedModel, msgs: &[serde_json::Value]) -> Vec<u32> {
     let text = m
         .template
         .as_ref()
@@ -104,15 +104,13 @@ pub fn chat_tokens(m: &ferrum_engine::engine::LoadedModel, msgs: &[serde_json::V
 }
 
 /// One user message as a prompt.
-pub fn user_prompt(m: &ferrum_engine::engine::LoadedModel, user: &str) -> Vec<u32> {
+pub fn user_prompt(m: &ferrum_engine::LoadedModel, user: &str) -> Vec<u32> {
     chat_tokens(m, &[serde_json::json!({"role": "user", "content": user})])
 }
 
 /// Greedy sampling that never ends on its own: the model's end-of-generation tokens are banned.
-pub fn greedy_without_eos(
-    m: &ferrum_engine::engine::LoadedModel,
-) -> ferrum_engine::sampler::SamplingParams {
-    let mut sampling = ferrum_engine::sampler::SamplingParams::greedy();
+pub fn greedy_without_eos(m: &ferrum_engine::LoadedModel) -> ferrum_engine::SamplingParams {
+    let mut sampling = ferrum_engine::SamplingParams::greedy();
     sampling.logit_bias = m
         .tokenizer
         .eog_ids()
@@ -124,9 +122,9 @@ pub fn greedy_without_eos(
 
 /// The completion of a one-choice request from its events; panics on an error event.
 pub fn completion_of(
-    rx: &std::sync::mpsc::Receiver<ferrum_engine::service::Event>,
-) -> ferrum_engine::generate::Completion {
-    use ferrum_engine::service::Event;
+    rx: &std::sync::mpsc::Receiver<ferrum_engine::Event>,
+) -> ferrum_engine::Completion {
+    use ferrum_engine::Event;
     rx.iter()
         .find_map(|e| match e {
             Event::ChoiceDone { completion, .. } => Some(completion),
