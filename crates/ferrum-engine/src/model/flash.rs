@@ -54,10 +54,31 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether this CPU runs the q8_0 tile ([`attend_tile_q8`]): the tiled kernel's features and
+/// AVX-512 VNNI for the integer dot products.
+pub fn available_q8() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        available()
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Scratch of one thread: the tile's transposed queries, output accumulator and the current
 /// keys and values widened to f32.
 #[derive(Default)]
 pub struct FlashScratch {
+    /// The q8_0 tile's queries: per block and group of four quants, each lane's four bytes
+    /// (`[block][group][lane]`), 128 times each group's sum, and each block's scale per lane.
+    q8: Vec<i32>,
+    q8_sum: Vec<i32>,
+    q8_scale: Vec<f32>,
+    q8_bytes: Vec<u8>,
     qt: Vec<f32>,
     ot: Vec<f32>,
     k: Vec<f32>,
@@ -133,6 +154,90 @@ pub fn attend_tile<'a>(
     }
 }
 
+/// Attention over a q8_0 cache (34-byte rows per 32 values: an f16 scale, 32 signed bytes) of
+/// `n_q <= 16` consecutive queries at positions `pos0..pos0 + n_q`, bit for bit what
+/// [`super::ops::attend_q8_0`] computes query by query, which is llama.cpp's arithmetic for a
+/// q8_0 cache (it has no tiled kernel for one): each query quantized to q8_0, each score its
+/// integer dot products with the key summed in ggml's order, the online softmax key by key with
+/// libm's `exp`, values dequantized and added in f32. The lanes are the queries, so each key and
+/// value row is read once per 16 queries instead of once per query, and every step is one
+/// 16-lane operation (the dot products with VNNI).
+///
+/// # Panics
+/// If [`available_q8`] is false, `hd` is not a multiple of 32, or `kv` yields fewer than
+/// `pos0 + n_q` rows.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_tile_q8<'a>(
+    hd: usize,
+    n_q: usize,
+    pos0: usize,
+    q: impl Fn(usize) -> &'a [f32],
+    kv: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    scale: f32,
+    scratch: &mut FlashScratch,
+    mut out: impl FnMut(usize, &[f32]),
+) {
+    use candle_core::quantized::GgmlDType;
+    assert!(available_q8(), "the q8_0 tile needs AVX-512 VNNI");
+    assert!((1..=TILE).contains(&n_q) && hd.is_multiple_of(32));
+    let nb = hd / 32;
+    let FlashScratch {
+        q8,
+        q8_sum,
+        q8_scale,
+        q8_bytes,
+        ot,
+        v,
+        row,
+        ..
+    } = scratch;
+    q8.clear();
+    q8.resize(nb * 8 * TILE, 0);
+    q8_sum.clear();
+    q8_sum.resize(nb * 8 * TILE, 0);
+    q8_scale.clear();
+    q8_scale.resize(nb * TILE, 0.0);
+    q8_bytes.resize(nb * 34, 0);
+    for i in 0..n_q {
+        crate::kernels::quantize_row(GgmlDType::Q8_0, q(i), q8_bytes);
+        for (b, block) in q8_bytes.chunks_exact(34).enumerate() {
+            q8_scale[b * TILE + i] = f16::from_le_bytes([block[0], block[1]]).to_f32();
+            for (g, four) in block[2..].chunks_exact(4).enumerate() {
+                let at = (b * 8 + g) * TILE + i;
+                q8[at] = i32::from_le_bytes([four[0], four[1], four[2], four[3]]);
+                q8_sum[at] = 128 * four.iter().map(|&x| x as i8 as i32).sum::<i32>();
+            }
+        }
+    }
+    ot.clear();
+    ot.resize(hd * TILE, 0.0);
+    v.resize(hd, 0.0);
+    let mut state = Softmax::new();
+    for (j, (kr, vr)) in kv.take(pos0 + n_q).enumerate() {
+        assert!(kr.len() == nb * 34 && vr.len() == nb * 34);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available_q8` checked the features; the buffers have the sizes set above
+        // and the rows `nb` blocks (asserted).
+        unsafe {
+            x86::key_q8(
+                hd, j, pos0, scale, q8, q8_sum, q8_scale, kr, vr, v, ot, &mut state,
+            )
+        };
+    }
+    row.resize(hd, 0.0);
+    for i in 0..n_q {
+        let inv = if state.l[i] == 0.0 {
+            0.0
+        } else {
+            1.0 / state.l[i]
+        };
+        for (d, o) in row.iter_mut().enumerate() {
+            *o = ot[d * TILE + i] * inv;
+        }
+        out(i, row);
+    }
+}
+
 /// The most queries [`attend_tile_f32`] takes at once: four 16-lane tiles share each widened
 /// key block, so a long prompt's keys are converted and walked a quarter as often.
 pub const F32_QUERIES: usize = 4 * TILE;
@@ -172,6 +277,7 @@ pub fn attend_tile_f32<'a>(
         v,
         row,
         kq,
+        ..
     } = scratch;
     let tile_len = hd * TILE;
     qt.clear();
@@ -442,6 +548,104 @@ mod x86 {
         }
     }
 
+    /// Key `kpos` (q8_0 row `k`, value row `vr`) against the q8_0 tile's 16 queries at
+    /// positions `pos0..pos0 + 16`, as [`crate::model::ops::attend_q8_0`] takes it for each.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW, VNNI, FMA and F16C; `q8` and `q8_sum` must hold
+    /// `hd / 32 × 8 × 16` values, `q8_scale` `hd / 32 × 16`, `k` and `vr` `hd / 32` blocks,
+    /// `v` `hd` floats and `ot` `hd × 16`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+    pub(super) unsafe fn key_q8(
+        hd: usize,
+        kpos: usize,
+        pos0: usize,
+        scale: f32,
+        q8: &[i32],
+        q8_sum: &[i32],
+        q8_scale: &[f32],
+        k: &[u8],
+        vr: &[u8],
+        v: &mut [f32],
+        ot: &mut [f32],
+        st: &mut Softmax,
+    ) {
+        let lane = _mm512_add_epi32(
+            _mm512_set1_epi32(pos0 as i32),
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        );
+        let valid = _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32(kpos as i32));
+        if valid == 0 {
+            // No query sees this key (per token it is never visited): nothing changes.
+            return;
+        }
+        let scale16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        // SAFETY (whole body): indices within the sizes of the contract.
+        unsafe {
+            // The score: per block, eight lanes of integer sums over four quants each (the
+            // key's bytes offset by 128 so VNNI multiplies them unsigned; the offset taken
+            // back with the query's sums), each added to its accumulator as `ggml_fma` does,
+            // blocks in order, then the eight accumulators reduced in `hsum`'s order.
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for (b, block) in k.chunks_exact(34).enumerate() {
+                let d = _mm512_mul_ps(
+                    _mm512_set1_ps(scale16(block)),
+                    _mm512_loadu_ps(q8_scale.as_ptr().add(b * TILE)),
+                );
+                for (g, a) in acc.iter_mut().enumerate() {
+                    let four = block.as_ptr().add(2 + 4 * g).cast::<u32>().read_unaligned();
+                    let at = (b * 8 + g) * TILE;
+                    let p = _mm512_dpbusd_epi32(
+                        _mm512_setzero_si512(),
+                        _mm512_set1_epi32((four ^ 0x8080_8080) as i32),
+                        _mm512_loadu_si512(q8.as_ptr().add(at).cast()),
+                    );
+                    let p = _mm512_sub_epi32(p, _mm512_loadu_si512(q8_sum.as_ptr().add(at).cast()));
+                    *a = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), *a);
+                }
+            }
+            let t: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(acc[i], acc[i + 4]));
+            let s = _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
+            let s = _mm512_mul_ps(s, _mm512_set1_ps(scale));
+            // The online softmax step of `attend_q8_0`, per lane (see `block`).
+            let mut m = _mm512_loadu_ps(st.m.as_ptr());
+            let mut sum = _mm512_loadu_ps(st.l.as_ptr());
+            let one = _mm512_set1_ps(1.0);
+            let gt = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(valid, s, m);
+            let e = exp(_mm512_mask_blend_ps(
+                gt,
+                _mm512_sub_ps(s, m),
+                _mm512_sub_ps(m, s),
+            ));
+            let ms = _mm512_mask_blend_ps(gt, one, e);
+            let vs = _mm512_maskz_mov_ps(valid, _mm512_mask_blend_ps(gt, e, one));
+            m = _mm512_mask_blend_ps(gt, m, s);
+            let op = ot.as_mut_ptr();
+            if gt != 0 {
+                for d in 0..hd {
+                    let a = _mm512_loadu_ps(op.add(d * TILE));
+                    _mm512_storeu_ps(op.add(d * TILE), _mm512_mul_ps(a, ms));
+                }
+            }
+            // The value row dequantized as `mad_q8_0` does it (`q · d`), then one fused
+            // multiply-add per element and lane.
+            for (block, vb) in vr.chunks_exact(34).zip(v.chunks_exact_mut(32)) {
+                let dv = scale16(block);
+                for (x, &q) in vb.iter_mut().zip(&block[2..]) {
+                    *x = q as i8 as f32 * dv;
+                }
+            }
+            for (d, &x) in v.iter().enumerate() {
+                let a = _mm512_loadu_ps(op.add(d * TILE));
+                _mm512_storeu_ps(op.add(d * TILE), _mm512_fmadd_ps(_mm512_set1_ps(x), vs, a));
+            }
+            sum = _mm512_fmadd_ps(sum, ms, vs);
+            _mm512_storeu_ps(st.m.as_mut_ptr(), m);
+            _mm512_storeu_ps(st.l.as_mut_ptr(), sum);
+        }
+    }
+
     /// The 16 queries' scores against key `k` (`hd` floats, a multiple of 64), in
     /// `ggml_vec_dot_f16`'s order: per 64 elements, four 16-lane accumulators (`fma` per
     /// element), added as (0 + 2) + (1 + 3), then reduced as `_mm512_reduce_add_ps` does.
@@ -665,6 +869,52 @@ mod tests {
                         assert_eq!(got, &want[..], "hd={hd} position {p} lane {i}");
                     },
                 );
+            }
+        }
+    }
+
+    /// The q8_0 tile against the per-token q8_0 path, bit for bit: first and later tiles,
+    /// partial tiles, keys large enough that the maximum moves often, two head sizes.
+    #[test]
+    fn q8_0_tiles_match_per_token_attention() {
+        if !available_q8() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU, the q8_0 tile is not used");
+            return;
+        }
+        use crate::model::ops::attend_q8_0;
+        use candle_core::quantized::GgmlDType;
+        let mut rng = StdRng::seed_from_u64(17);
+        for (hd, n_ctx, key_range) in [(64, 150, 3.0f32), (128, 70, 12.0), (64, 40, 0.5)] {
+            let rows = |range: f32, rng: &mut StdRng| -> Vec<u8> {
+                let x: Vec<f32> = (0..n_ctx * hd)
+                    .map(|_| rng.gen_range(-range..range))
+                    .collect();
+                let mut out = vec![0u8; n_ctx * hd / 32 * 34];
+                crate::kernels::quantize_row(GgmlDType::Q8_0, &x, &mut out);
+                out
+            };
+            let (keys, vals) = (rows(key_range, &mut rng), rows(1.0, &mut rng));
+            let qs: Vec<f32> = (0..n_ctx * hd).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let row = hd / 32 * 34;
+            let kv = || {
+                (0..n_ctx).map(|p| (&keys[p * row..(p + 1) * row], &vals[p * row..(p + 1) * row]))
+            };
+            let scale = 1.0 / (hd as f32).sqrt();
+            let (mut scratch, mut per_token) = (FlashScratch::default(), AttnScratch::default());
+            for pos0 in (0..n_ctx).step_by(TILE).chain([5, n_ctx - 3]) {
+                let n_q = (n_ctx - pos0).min(TILE);
+                let query = |i: usize| &qs[(pos0 + i) * hd..(pos0 + i + 1) * hd];
+                attend_tile_q8(hd, n_q, pos0, query, kv(), scale, &mut scratch, |i, got| {
+                    let mut want = vec![0f32; hd];
+                    attend_q8_0(
+                        query(i),
+                        kv().take(pos0 + i + 1),
+                        scale,
+                        &mut per_token,
+                        &mut want,
+                    );
+                    assert_eq!(got, &want[..], "hd={hd} query {}", pos0 + i);
+                });
             }
         }
     }

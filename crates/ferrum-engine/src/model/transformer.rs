@@ -474,7 +474,9 @@ impl Transformer {
     ///   decoding exactly) one by one: with at least [`DEEP_CONTEXT`] positions, all the heads
     ///   that share a key head in one f32 tile (each key row read once for them all), else per
     ///   head on the exact per-token path;
-    /// - q8_0 caches per (token, head) (llama.cpp has that kernel only per token).
+    /// - q8_0 caches per (token, head) (llama.cpp has that kernel only per token), except
+    ///   chunks of [`FLASH_MIN_TOKENS`]+ tokens, whose queries take the q8_0 tile 16 at a time:
+    ///   the same arithmetic, each key row read once per tile.
     fn attend(&self, pool: &ThreadPool, ws: &mut Workspace, seqs: &[SeqInput<'_>], l: usize) {
         let c = &self.cfg;
         let (hd, nh) = (c.head_dim, c.n_heads);
@@ -484,12 +486,20 @@ impl Transformer {
         let (q, tok) = (&ws.q, &ws.tok);
         let kv_type = self.kv_type;
         let flash = kv_type == KvType::F16 && hd.is_multiple_of(64) && flash::available();
+        // The q8_0 tile replays the per-token q8_0 path exactly, so any chunk of a tile's
+        // worth of tokens may take it.
+        let q8_tile = kv_type == KvType::Q8_0 && hd.is_multiple_of(32) && flash::available_q8();
         let mut items: Vec<AttnItem> = Vec::new();
         let mut t = 0;
         for seq in seqs {
             let n = seq.tokens.len();
             let start = tok[t].1 as usize;
-            if flash && n >= FLASH_MIN_TOKENS && seq.logits != Logits::All {
+            if q8_tile && n >= FLASH_MIN_TOKENS {
+                for t0 in (t..t + n).step_by(flash::TILE) {
+                    let len = (t + n - t0).min(flash::TILE);
+                    items.extend((0..nh).map(|h| AttnItem::new(Kernel::Tile16, t0, len, h)));
+                }
+            } else if flash && n >= FLASH_MIN_TOKENS && seq.logits != Logits::All {
                 // Deep in the context, a short chunk (the scheduler keeps chunks short while
                 // others decode) takes the f32 kernel too: what decoding there computes, and
                 // several times cheaper than the f16 replay over thousands of keys.
@@ -546,6 +556,21 @@ impl Transformer {
                 std::slice::from_raw_parts_mut(out.get().add((t * nh + h) * hd), hd)
             };
             let qh = |t: usize, h: usize| &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+            if kv_type == KvType::Q8_0 && kind == Kernel::Tile16 {
+                FLASH_SCRATCH.with(|cell| {
+                    flash::attend_tile_q8(
+                        hd,
+                        len,
+                        pos0,
+                        |i| qh(t0 + i, h),
+                        kv,
+                        scale,
+                        &mut cell.borrow_mut(),
+                        |i, o| dst(t0 + i, h).copy_from_slice(o),
+                    );
+                });
+                return;
+            }
             if kv_type == KvType::Q8_0 {
                 ATTN_SCRATCH.with(|cell| {
                     ops::attend_q8_0(qh(t0, h), kv, scale, &mut cell.borrow_mut(), dst(t0, h));
