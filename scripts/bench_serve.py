@@ -220,16 +220,17 @@ class Server:
 
 class FerrumServer(Server):
     def __init__(self, binary: Path, gguf: Path, model: str, threads: int, workdir: Path,
-                 startup_timeout: float, extra_args: list[str]):
+                 startup_timeout: float, extra_args: list[str], config_text: str | None = None):
+        """Serves `gguf` as the one tier `model`, or the tiers of `config_text` when given."""
         self.name = "ferrum"
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "ferrum.toml"
-        config.write_text(
+        config.write_text(config_text or (
             "[[tier]]\n"
             f"id = {json.dumps(model)}\n"
             "price = { input = 0.1, cached_input = 0.025, output = 0.4 }\n"
             f"weights = {{ path = {json.dumps(str(gguf))} }}\n"
-        )
+        ))
         self.log_path = workdir / "ferrum.stderr.log"
         self.command = [
             str(binary), "serve",

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Writes openai-schemas.json: the response schemas of the operations ferrum implements, cut
-from OpenAI's OpenAPI description (github.com/openai/openai-openapi, MIT licensed), so the e2e
-tests validate every 2xx body against the spec without the 3 MB YAML (and without PyYAML).
+"""Writes openai-schemas.json: the operations ferrum implements, cut from OpenAI's OpenAPI
+description (github.com/openai/openai-openapi, MIT licensed), so the e2e tests validate every
+2xx body against the spec, and schemathesis fuzzes those operations, without the 3 MB YAML
+(and without PyYAML).
 
     python3 tests/e2e/spec/extract.py path/to/openapi.yaml [commit]
 
-The output holds, per operation ("POST /v1/chat/completions"), the schema name of each 2xx
-content type, and `components.schemas` with every schema those reach through `$ref`.
+The output is itself an OpenAPI 3.1 document: `paths` with the implemented operations as the
+spec describes them (requests and responses), `components` with everything those reach through
+`$ref`, and `x-operations`, per operation ("POST /v1/chat/completions"), the schema name of each
+2xx content type (what `spec_check.py` reads).
 """
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -31,11 +35,48 @@ OPERATIONS = {
 }
 
 
+# Where the spec contradicts itself or OpenAI's API, the cut spec says what the API does (and
+# what ferrum sends), so neither the e2e check nor the fuzzer flags it:
+# - CreateFileRequest accepts `purpose: "evals"`, but OpenAIFile's enum omits it; a file
+#   uploaded for evals reports the purpose it was uploaded with, as OpenAI's API does.
+# - ChatCompletionMessageList's items are typed as response messages (role "assistant"), but
+#   the list holds a stored completion's request messages, with their own roles.
+# - A few operations type an error response as the bare `Error` object; every OpenAI error
+#   body is `{"error": Error}` (`ErrorResponse`), which the SDKs parse.
+SPEC_GAPS = [
+    "OpenAIFile.purpose also takes 'evals' (CreateFileRequest accepts it)",
+    "ChatCompletionMessageList items take every request message role",
+    "error responses typed as the bare Error object are ErrorResponse",
+]
+
+
+def patch_gaps(paths: dict, kept: dict) -> None:
+    schemas = kept["schemas"]
+    schemas["OpenAIFile"]["properties"]["purpose"]["enum"].append("evals")
+    items = schemas["ChatCompletionMessageList"]["properties"]["data"]["items"]["allOf"]
+    message = copy.deepcopy(schemas["ChatCompletionResponseMessage"])
+    message["properties"]["role"]["enum"] += ["system", "developer", "user", "tool"]
+    items[0] = message
+    for ops in paths.values():
+        for op in ops.values():
+            for status, response in op["responses"].items():
+                for content in (response.get("content") or {}).values():
+                    if content.get("schema") == {"$ref": "#/components/schemas/Error"}:
+                        content["schema"] = {"$ref": "#/components/schemas/ErrorResponse"}
+    # The references patched in need their targets.
+    schemas.setdefault("ErrorResponse", FULL_SCHEMAS["ErrorResponse"])
+    schemas.setdefault("Error", FULL_SCHEMAS["Error"])
+
+
+FULL_SCHEMAS: dict = {}
+
+
 def refs(node, out: set[str]) -> None:
+    """Adds the components `node` names through `$ref`, as "kind/name" ("schemas/Model")."""
     if isinstance(node, dict):
         r = node.get("$ref")
-        if isinstance(r, str) and r.startswith("#/components/schemas/"):
-            out.add(r.rsplit("/", 1)[1])
+        if isinstance(r, str) and r.startswith("#/components/"):
+            out.add(r[len("#/components/"):])
         for v in node.values():
             refs(v, out)
     elif isinstance(node, list):
@@ -45,11 +86,15 @@ def refs(node, out: set[str]) -> None:
 
 def main() -> None:
     spec = yaml.safe_load(Path(sys.argv[1]).read_text())
-    schemas = spec["components"]["schemas"]
+    components = spec["components"]
+    FULL_SCHEMAS.update(components["schemas"])
     operations = {}
+    paths: dict = {}
     todo: set[str] = set()
     for method, path in sorted(OPERATIONS):
         op = spec["paths"][path][method]
+        paths.setdefault(path, {})[method] = op
+        refs(op, todo)
         for status, response in op["responses"].items():
             if not str(status).startswith("2"):
                 continue
@@ -58,25 +103,38 @@ def main() -> None:
                 if ref:
                     name = ref.rsplit("/", 1)[1]
                     operations.setdefault(f"{method.upper()} /v1{path}", {})[ctype] = name
-                    todo.add(name)
     keep: dict = {}
     while todo:
         name = todo.pop()
         if name in keep:
             continue
-        keep[name] = schemas[name]
+        kind, key = name.split("/", 1)
+        keep[name] = components[kind][key]
         found: set[str] = set()
-        refs(schemas[name], found)
+        refs(keep[name], found)
         todo |= found - keep.keys()
+    kept: dict = {}
+    for name in sorted(keep):
+        kind, key = name.split("/", 1)
+        kept.setdefault(kind, {})[key] = keep[name]
+    kept["securitySchemes"] = components["securitySchemes"]
+    patch_gaps(paths, kept)
     out = {
-        "source": "openai/openai-openapi openapi.yaml"
-                  + (f" at {sys.argv[2]}" if len(sys.argv) > 2 else "") + " (MIT)",
-        "operations": operations,
-        "components": {"schemas": dict(sorted(keep.items()))},
+        "openapi": spec["openapi"],
+        "info": {**spec["info"], "title": "OpenAI API: the operations ferrum implements"},
+        "servers": spec["servers"],
+        "security": spec["security"],
+        "x-source": "openai/openai-openapi openapi.yaml"
+                    + (f" at {sys.argv[2]}" if len(sys.argv) > 2 else "") + " (MIT)",
+        "x-spec-gaps": SPEC_GAPS,
+        "x-operations": operations,
+        "paths": paths,
+        "components": kept,
     }
     dest = Path(__file__).with_name("openai-schemas.json")
     dest.write_text(json.dumps(out, indent=1, sort_keys=False) + "\n")
-    print(f"{dest}: {len(operations)} operations, {len(keep)} schemas, {dest.stat().st_size} bytes")
+    print(f"{dest}: {len(operations)} operations, {len(keep)} components, "
+          f"{dest.stat().st_size} bytes")
 
 
 if __name__ == "__main__":
