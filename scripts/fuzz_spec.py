@@ -68,7 +68,8 @@ def main() -> int:
                "--request-timeout", "120",
                *rest]
         print("$", " ".join(cmd), flush=True)
-        return subprocess.run(cmd).returncode
+        # Run in the scratch folder: schemathesis writes its state (.schemathesis/) there.
+        return subprocess.run(cmd, cwd=work).returncode
     finally:
         server.stop()
         print(f"server log: {server.log_path}")
