@@ -216,3 +216,64 @@ def test_auto_calls_are_always_valid_tool_calls(tiers_server, tier, stream):
     assert found, found
     for name, arguments in found:
         jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+def run_tool(name: str, arguments: str) -> str:
+    args = json.loads(arguments)
+    if name == "get_weather":
+        return f"It is 18 degrees ({args['unit'].upper()}) and sunny in {args['city']}."
+    return f"It is 14:05 {args['tz']}."
+
+
+def test_agents_style_loop_ends_in_text(client):
+    """The openai-agents SDK's loop over chat completions: the first turn must call a tool
+    (tool_choice "required"), the tool runs, later turns are "auto" until the model answers in
+    text. On nano the loop ends in a text answer after the tool result. (mini and gpt-4.1 call the
+    same tool again at that point with p ~ 1 under their own template: the models' habit, see
+    issue 17's note; the rendering of tool results is the template's, as llama.cpp renders it.)"""
+    messages = list(ASK)
+    tool_choice = "required"
+    for turn in range(4):
+        choice = client.chat.completions.create(
+            model=NANO, messages=messages, tools=TOOLS, tool_choice=tool_choice,
+            max_tokens=60, temperature=0,
+        ).choices[0]
+        if not choice.message.tool_calls:
+            break
+        assert choice.finish_reason == "tool_calls"
+        check_calls(choice.message)
+        messages.append({"role": "assistant", "content": None, "tool_calls": [
+            c.model_dump() for c in choice.message.tool_calls]})
+        for call in choice.message.tool_calls:
+            messages.append({"role": "tool", "tool_call_id": call.id,
+                             "content": run_tool(call.function.name, call.function.arguments)})
+        tool_choice = "auto"
+    assert turn >= 1, "the first turn must call a tool"
+    assert choice.finish_reason in ("stop", "length"), choice
+    assert choice.message.content and not choice.message.tool_calls, choice.message
+    assert [m["role"] for m in messages][:3] == ["user", "assistant", "tool"]
+
+
+def test_agents_style_loop_ends_in_text_over_responses(client):
+    """The same loop over the Responses API, as the agents SDK's default model runs it: a
+    `function_call` output item, its `function_call_output` sent back with
+    `previous_response_id`, then "auto" until a `message` item answers."""
+    tools = [{"type": "function", "name": t["function"]["name"],
+              "description": t["function"]["description"], "parameters": t["function"]["parameters"],
+              "strict": t["function"].get("strict", False)} for t in TOOLS]
+    response = client.responses.create(
+        model=NANO, input=ASK[0]["content"], tools=tools, tool_choice="required",
+        max_output_tokens=60, temperature=0,
+    )
+    for _ in range(3):
+        calls = [item for item in response.output if item.type == "function_call"]
+        if not calls:
+            break
+        outputs = [{"type": "function_call_output", "call_id": c.call_id,
+                    "output": run_tool(c.name, c.arguments)} for c in calls]
+        response = client.responses.create(
+            model=NANO, previous_response_id=response.id, input=outputs, tools=tools,
+            tool_choice="auto", max_output_tokens=60, temperature=0,
+        )
+    assert [item.type for item in response.output] == ["message"], response.output
+    assert response.output_text
