@@ -3,8 +3,7 @@
 
 mod common;
 
-use ferrum_engine::ChatTemplate;
-use ferrum_engine::Tokenizer;
+use ferrum_engine::{ChatTemplate, Tokenizer};
 
 fn template(tier: &str) -> ChatTemplate {
     let metadata = common::gguf_metadata(tier);

@@ -10,11 +10,10 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 
-use ferrum_engine::Draft;
-use ferrum_engine::SamplingParams;
-use ferrum_engine::{Completion, GenerateParams};
-use ferrum_engine::{EngineOptions, Event, ModelHandle, Priority, Request};
-use ferrum_engine::{LoadOptions, LoadedModel};
+use ferrum_engine::{
+    Completion, Draft, EngineOptions, Event, GenerateParams, LoadOptions, LoadedModel, ModelHandle,
+    Priority, Request, SamplingParams,
+};
 
 fn load(tier: &str) -> LoadedModel {
     let opts = LoadOptions {

@@ -21,9 +21,7 @@ const NEAR_TIE: f32 = 0.35;
 const LLAMA_UBATCH: usize = 512;
 
 use ferrum_engine::kernels::ThreadPool;
-use ferrum_engine::GgufFile;
-use ferrum_engine::{log_sum_exp, top_k};
-use ferrum_engine::{Logits, Transformer, Workspace};
+use ferrum_engine::{log_sum_exp, top_k, GgufFile, Logits, Transformer, Workspace};
 
 /// One generated position: our greedy choice, llama.cpp's, and where llama.cpp reported top
 /// logprobs for it (llama-server merges tokens that end inside a UTF-8 character into the next

@@ -5,9 +5,7 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use ferrum_engine::SamplingParams;
-use ferrum_engine::{FinishReason, GenerateParams};
-use ferrum_engine::{LoadOptions, LoadedModel};
+use ferrum_engine::{FinishReason, GenerateParams, LoadOptions, LoadedModel, SamplingParams};
 
 fn nano() -> LoadedModel {
     let opts = LoadOptions {

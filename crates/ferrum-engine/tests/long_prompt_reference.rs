@@ -11,12 +11,9 @@
 mod common;
 
 use ferrum_engine::kernels::ThreadPool;
-use ferrum_engine::GgufFile;
-use ferrum_engine::KvType;
-use ferrum_engine::ModelOptions;
-use ferrum_engine::RopeScaling;
-use ferrum_engine::{log_sum_exp, top_k};
-use ferrum_engine::{Logits, Transformer, Workspace};
+use ferrum_engine::{
+    log_sum_exp, top_k, GgufFile, KvType, Logits, ModelOptions, RopeScaling, Transformer, Workspace,
+};
 
 /// Positions per forward pass: llama.cpp's micro-batch (`n_ubatch`), which picks its kernels
 /// (and so their rounding). Every position's logits are scored, as llama.cpp computed them.

@@ -8,11 +8,11 @@ use std::ops::ControlFlow;
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-use ferrum_engine::SamplingParams;
 use ferrum_engine::DEFAULT_BLOCK_SIZE as BLOCK_SIZE;
-use ferrum_engine::{Completion, GenerateParams};
-use ferrum_engine::{EngineOptions, Event, ModelHandle, Priority, Request, SubmitError};
-use ferrum_engine::{LoadOptions, LoadedModel};
+use ferrum_engine::{
+    Completion, EngineOptions, Event, GenerateParams, LoadOptions, LoadedModel, ModelHandle,
+    Priority, Request, SamplingParams, SubmitError,
+};
 
 fn handle_with(opts: EngineOptions) -> ModelHandle {
     let load = LoadOptions {

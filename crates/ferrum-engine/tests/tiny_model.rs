@@ -4,9 +4,7 @@
 use candle_core::quantized::GgmlDType;
 use ferrum_engine::kernels::ThreadPool;
 use ferrum_engine::testing::TinyModel;
-use ferrum_engine::EngineError;
-use ferrum_engine::GgufFile;
-use ferrum_engine::{Logits, Transformer, Workspace};
+use ferrum_engine::{EngineError, GgufFile, Logits, Transformer, Workspace};
 
 fn write(model: &TinyModel) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();

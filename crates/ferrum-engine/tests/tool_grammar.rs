@@ -3,8 +3,7 @@
 
 mod common;
 
-use ferrum_engine::Tokenizer;
-use ferrum_engine::{Constraint, ConstraintFactory};
+use ferrum_engine::{Constraint, ConstraintFactory, Tokenizer};
 use serde_json::json;
 
 fn call_schema() -> serde_json::Value {

@@ -10,8 +10,7 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ferrum_engine::{Completion, FinishReason};
-use ferrum_engine::{Event, Priority, Request, Sink, SubmitError};
+use ferrum_engine::{Completion, Event, FinishReason, Priority, Request, Sink, SubmitError};
 use ferrum_protocol::response::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
     FunctionDelta, TokenLogprob, ToolCallDelta,

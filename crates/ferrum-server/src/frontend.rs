@@ -2,15 +2,13 @@
 //! context check, sampling parameters) and engine events back into OpenAI responses. The HTTP
 //! routes use it, and the batch runner will take the same path.
 
-use ferrum_engine::ChatTemplate;
-use ferrum_engine::{Constraint, ConstraintError};
+use ferrum_engine::{
+    ChatTemplate, Completion, Constraint, ConstraintError, FinishReason, GenerateParams,
+    LoadedModel, SamplingParams, TokenEvent, Tokenizer,
+};
 
 use crate::tools::{self, ToolMode};
 use crate::ServerError;
-use ferrum_engine::LoadedModel;
-use ferrum_engine::SamplingParams;
-use ferrum_engine::Tokenizer;
-use ferrum_engine::{Completion, FinishReason, GenerateParams, TokenEvent};
 use ferrum_protocol::chat::MAX_OUTPUT_TOKENS;
 use ferrum_protocol::response::{ChoiceLogprobs, TokenLogprob, TopLogprob, Usage};
 use ferrum_protocol::{ApiError, ChatRequest, ResponseFormat};

@@ -7,12 +7,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use ferrum_engine::Draft;
-use ferrum_engine::KvType;
-use ferrum_engine::RopeScaling;
-use ferrum_engine::WeightsMemory;
-use ferrum_engine::{EngineOptions, EngineStats, ModelHandle, Request, SubmitError};
-use ferrum_engine::{LoadOptions, LoadedModel};
+use ferrum_engine::{
+    Draft, EngineOptions, EngineStats, KvType, LoadOptions, LoadedModel, ModelHandle, Request,
+    RopeScaling, SubmitError, WeightsMemory,
+};
 use ferrum_protocol::ApiError;
 use ferrum_registry::{
     KvCacheType, LoadPolicy, Registry, RopeScalingConfig, RopeScalingKind, Tier, WeightsSource,

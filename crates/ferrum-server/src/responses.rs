@@ -20,8 +20,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferrum_engine::Completion;
-use ferrum_engine::{Event, Priority};
+use ferrum_engine::{Completion, Event, Priority};
 use ferrum_protocol::response::{ChatCompletion, Usage};
 use ferrum_protocol::responses::{
     parse_item, parse_responses_request, to_messages, Item, ResponsesRequest,

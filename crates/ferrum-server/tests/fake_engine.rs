@@ -12,9 +12,10 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request as HttpRequest, StatusCode};
 use ferrum_engine::testing::TinyModel;
-use ferrum_engine::{Completion, FinishReason, TokenEvent};
-use ferrum_engine::{EngineStats, Event, Request, SubmitError};
-use ferrum_engine::{LoadOptions, LoadedModel};
+use ferrum_engine::{
+    Completion, EngineError, EngineStats, Event, FinishReason, LoadOptions, LoadedModel, Request,
+    SubmitError, TokenEvent,
+};
 use ferrum_registry::Registry;
 use ferrum_server::{BatchConfig, Engine, EngineConfig, ServerConfig};
 use ferrum_store::{BlobStore, Store};
@@ -22,7 +23,8 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-/// Answers requests with scripted texts, in order (the last one repeats).
+/// Answers requests with scripted texts, in order (the last one repeats); a text
+/// `!fail:<detail>` fails the request on the engine's side instead.
 struct Scripted {
     model: Arc<LoadedModel>,
     stats: EngineStats,
@@ -61,6 +63,10 @@ impl Engine for Scripted {
         std::thread::spawn(move || {
             let sink = &mut request.sink;
             if sink(Event::Started).is_break() {
+                return;
+            }
+            if let Some(detail) = text.strip_prefix("!fail:") {
+                let _ = sink(Event::Error(EngineError::Internal(detail.into())));
                 return;
             }
             let all = model.tokenizer.encode(&text, false, false).unwrap();
@@ -425,6 +431,41 @@ async fn errors_have_openai_shapes() {
     let (status, v) = s.call("GET", "/v1/nothing-here", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(v["error"]["message"].is_string());
+}
+
+/// A failure on the engine's side answers OpenAI's generic 500 without its detail (which goes to
+/// the log, under the request id), and `/metrics` counts failures by kind.
+#[tokio::test]
+async fn server_side_failures_keep_their_detail_out_of_the_body() {
+    let s = server(
+        &["!fail:mmap of /var/lib/ferrum/models/x.gguf failed"],
+        false,
+    )
+    .await;
+    let (status, headers, text) = s
+        .raw("POST", "/v1/chat/completions", Some(chat(json!({}))))
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["type"], "server_error");
+    assert!(!text.contains("/var/lib"), "{text}");
+    assert!(headers.contains_key("x-request-id"));
+    let (_, _, metrics) = s.raw("GET", "/metrics", None).await;
+    assert!(
+        metrics.contains("ferrum_errors_total{kind=\"engine\"} 1"),
+        "{metrics}"
+    );
+    s.call(
+        "POST",
+        "/v1/chat/completions",
+        Some(chat(json!({"temperature": 9}))),
+    )
+    .await;
+    let (_, _, metrics) = s.raw("GET", "/metrics", None).await;
+    assert!(
+        metrics.contains("ferrum_errors_total{kind=\"invalid_request\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

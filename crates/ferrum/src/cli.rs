@@ -6,11 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use ferrum_engine::KvType;
-use ferrum_engine::RopeScaling;
-use ferrum_engine::SamplingParams;
-use ferrum_engine::{FinishReason, GenerateParams};
-use ferrum_engine::{LoadOptions, LoadedModel};
+use ferrum_engine::{
+    FinishReason, GenerateParams, KvType, LoadOptions, LoadedModel, RopeScaling, SamplingParams,
+};
 use ferrum_registry::Registry;
 
 #[derive(Parser)]
