@@ -114,44 +114,35 @@ impl ServerError {
         }
     }
 
-    /// The `kind` label of `ferrum_errors_total`, and whether the detail belongs in the log
-    /// (failures on the server's side, which the client's message does not explain).
-    fn report(&self) -> ErrorReport {
-        let (label, internal) = match self {
-            ServerError::Api(e) => (api_label(e), e.status >= 500),
-            ServerError::Engine(e) => (
-                "engine",
-                !matches!(
-                    e,
-                    EngineError::ContextLengthExceeded { .. }
-                        | EngineError::EmptyPrompt
-                        | EngineError::TokenOutOfRange { .. }
-                        | EngineError::Template(_)
-                        | EngineError::Tokenizer(_)
-                ),
-            ),
-            ServerError::Store(StoreError::UnknownCursor(_)) => ("invalid_request", false),
-            ServerError::Store(_) => ("database", true),
-            ServerError::Io { .. } => ("io", true),
-            ServerError::Corrupt { .. } => ("corrupt_record", true),
-            ServerError::Internal { .. } => ("internal", true),
-            ServerError::EngineStopped => ("engine_stopped", true),
-            ServerError::Conflict(_) => ("conflict", true),
+    /// The `kind` label of `ferrum_errors_total`, and the detail for the log when the failure
+    /// is on the server's side (a 5xx, whose message to the client does not explain it).
+    fn report(&self, api: &ApiError) -> ErrorReport {
+        let label = match self {
+            ServerError::Api(e) => api_label(e),
+            ServerError::Engine(_) => "engine",
+            ServerError::Store(StoreError::UnknownCursor(_)) => "invalid_request",
+            ServerError::Store(_) => "database",
+            ServerError::Io { .. } => "io",
+            ServerError::Corrupt { .. } => "corrupt_record",
+            ServerError::Internal { .. } => "internal",
+            ServerError::EngineStopped => "engine_stopped",
+            ServerError::Conflict(_) => "conflict",
         };
         ErrorReport {
             label,
-            detail: internal.then(|| self.to_string()),
+            detail: (api.status >= 500).then(|| self.to_string()),
         }
     }
 
     /// The error as a JSON body for a stream's error event or a batch's error line, with its
     /// detail logged here (those have no response for the middleware to read).
     pub fn into_api_logged(self) -> ApiError {
-        let report = self.report();
+        let api = self.to_api();
+        let report = self.report(&api);
         if let Some(detail) = &report.detail {
             tracing::error!(kind = report.label, error = %detail, "request failed");
         }
-        self.to_api()
+        api
     }
 }
 
@@ -217,7 +208,7 @@ impl IntoResponse for ServerError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        response.extensions_mut().insert(self.report());
+        response.extensions_mut().insert(self.report(&api));
         response
     }
 }
@@ -235,7 +226,7 @@ mod tests {
         let api = e.to_api();
         assert_eq!(api.status, 500);
         assert!(!api.message.contains("/var/lib"), "{}", api.message);
-        let report = e.report();
+        let report = e.report(&api);
         assert_eq!(report.label, "io");
         assert!(report.detail.unwrap().contains("disk full"));
     }
@@ -249,12 +240,12 @@ mod tests {
         let api = e.to_api();
         assert_eq!(api.status, 400);
         assert_eq!(api.code.as_deref(), Some("context_length_exceeded"));
-        assert!(e.report().detail.is_none());
+        assert!(e.report(&api).detail.is_none());
         let e = ServerError::from(StoreError::UnknownCursor("file-x".into()));
         assert_eq!(e.to_api().param.as_deref(), Some("after"));
-        assert_eq!(e.report().label, "invalid_request");
+        assert_eq!(e.report(&e.to_api()).label, "invalid_request");
         let e = ServerError::from(ApiError::queue_full("gpt-4.1", 4));
-        assert_eq!(e.report().label, "rate_limited");
+        assert_eq!(e.report(&e.to_api()).label, "rate_limited");
         let response = e.into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert!(response.headers().contains_key(header::RETRY_AFTER));

@@ -50,7 +50,7 @@ SPEC_GAPS = [
 ]
 
 
-def patch_gaps(paths: dict, kept: dict) -> None:
+def patch_gaps(paths: dict, kept: dict, all_schemas: dict) -> None:
     schemas = kept["schemas"]
     schemas["OpenAIFile"]["properties"]["purpose"]["enum"].append("evals")
     items = schemas["ChatCompletionMessageList"]["properties"]["data"]["items"]["allOf"]
@@ -64,11 +64,8 @@ def patch_gaps(paths: dict, kept: dict) -> None:
                     if content.get("schema") == {"$ref": "#/components/schemas/Error"}:
                         content["schema"] = {"$ref": "#/components/schemas/ErrorResponse"}
     # The references patched in need their targets.
-    schemas.setdefault("ErrorResponse", FULL_SCHEMAS["ErrorResponse"])
-    schemas.setdefault("Error", FULL_SCHEMAS["Error"])
-
-
-FULL_SCHEMAS: dict = {}
+    schemas.setdefault("ErrorResponse", all_schemas["ErrorResponse"])
+    schemas.setdefault("Error", all_schemas["Error"])
 
 
 def refs(node, out: set[str]) -> None:
@@ -87,7 +84,6 @@ def refs(node, out: set[str]) -> None:
 def main() -> None:
     spec = yaml.safe_load(Path(sys.argv[1]).read_text())
     components = spec["components"]
-    FULL_SCHEMAS.update(components["schemas"])
     operations = {}
     paths: dict = {}
     todo: set[str] = set()
@@ -118,7 +114,7 @@ def main() -> None:
         kind, key = name.split("/", 1)
         kept.setdefault(kind, {})[key] = keep[name]
     kept["securitySchemes"] = components["securitySchemes"]
-    patch_gaps(paths, kept)
+    patch_gaps(paths, kept, components["schemas"])
     out = {
         "openapi": spec["openapi"],
         "info": {**spec["info"], "title": "OpenAI API: the operations ferrum implements"},

@@ -104,7 +104,7 @@ pub fn attend_tile<'a>(
     kv: impl Iterator<Item = (&'a [f16], &'a [f16])>,
     scale: f32,
     scratch: &mut FlashScratch,
-    mut out: impl FnMut(usize, &[f32]),
+    out: impl FnMut(usize, &[f32]),
 ) {
     assert!(available(), "the tiled attention needs AVX-512");
     assert!((1..=TILE).contains(&n_q));
@@ -140,18 +140,7 @@ pub fn attend_tile<'a>(
         };
         kpos += nk;
     }
-    row.resize(hd, 0.0);
-    for i in 0..n_q {
-        let inv = if state.l[i] == 0.0 {
-            0.0
-        } else {
-            1.0 / state.l[i]
-        };
-        for (d, o) in row.iter_mut().enumerate() {
-            *o = ot[d * TILE + i] * inv;
-        }
-        out(i, row);
-    }
+    emit(hd, n_q, ot, std::slice::from_ref(&state), row, out);
 }
 
 /// Attention over a q8_0 cache (34-byte rows per 32 values: an f16 scale, 32 signed bytes) of
@@ -175,7 +164,7 @@ pub fn attend_tile_q8<'a>(
     kv: impl Iterator<Item = (&'a [u8], &'a [u8])>,
     scale: f32,
     scratch: &mut FlashScratch,
-    mut out: impl FnMut(usize, &[f32]),
+    out: impl FnMut(usize, &[f32]),
 ) {
     use candle_core::quantized::GgmlDType;
     assert!(available_q8(), "the q8_0 tile needs AVX-512 VNNI");
@@ -224,18 +213,7 @@ pub fn attend_tile_q8<'a>(
             )
         };
     }
-    row.resize(hd, 0.0);
-    for i in 0..n_q {
-        let inv = if state.l[i] == 0.0 {
-            0.0
-        } else {
-            1.0 / state.l[i]
-        };
-        for (d, o) in row.iter_mut().enumerate() {
-            *o = ot[d * TILE + i] * inv;
-        }
-        out(i, row);
-    }
+    emit(hd, n_q, ot, std::slice::from_ref(&state), row, out);
 }
 
 /// The most queries [`attend_tile_f32`] takes at once: four 16-lane tiles share each widened
@@ -259,7 +237,7 @@ pub fn attend_tile_f32<'a>(
     kv: impl Iterator<Item = (&'a [f16], &'a [f16])>,
     scale: f32,
     scratch: &mut FlashScratch,
-    mut out: impl FnMut(usize, &[f32]),
+    out: impl FnMut(usize, &[f32]),
 ) {
     assert!(available(), "the tiled attention needs AVX-512");
     let n_q = pos.len();
@@ -333,13 +311,26 @@ pub fn attend_tile_f32<'a>(
         }
         kpos += nk;
     }
+    emit(hd, n_q, ot, &states, row, out);
+}
+
+/// Hands each of `n_q` queries' results to `out`: query `i`'s output accumulator (lane
+/// `i % 16` of tile `i / 16` in `ot`, tiles `hd × 16` floats apart) divided by its softmax sum.
+fn emit(
+    hd: usize,
+    n_q: usize,
+    ot: &[f32],
+    states: &[Softmax],
+    row: &mut Vec<f32>,
+    mut out: impl FnMut(usize, &[f32]),
+) {
     row.resize(hd, 0.0);
     for i in 0..n_q {
         let (g, lane) = (i / TILE, i % TILE);
         let l = states[g].l[lane];
         let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
         for (d, o) in row.iter_mut().enumerate() {
-            *o = ot[g * tile_len + d * TILE + lane] * inv;
+            *o = ot[g * hd * TILE + d * TILE + lane] * inv;
         }
         out(i, row);
     }
