@@ -252,6 +252,9 @@ impl Drafter {
                     kv: &mut caches[*j].take().expect("one feed per job").kv,
                     tokens,
                     logits: *logits,
+                    // The draft proposes with its base weights; the target verifies with the
+                    // sequence's adapter, so the output is the adapted model's.
+                    adapter: None,
                 })
                 .collect();
             model.forward_batch(pool, &mut self.ws, &mut batch)?;

@@ -65,6 +65,14 @@ impl TensorView {
     pub fn elem_count(&self) -> usize {
         self.dims.iter().product()
     }
+
+    /// The tensor's values as f32 (dequantized), in row-major order of ggml's dimensions
+    /// reversed (rows of `dims[0]` values).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.elem_count()];
+        crate::kernels::dequantize(self.dtype, self.bytes(), &mut out);
+        out
+    }
 }
 
 impl std::fmt::Debug for TensorView {

@@ -34,11 +34,12 @@ pub use draft::Draft;
 pub use engine::{LoadOptions, LoadedModel};
 pub use error::{EngineError, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, Session, TokenEvent};
-pub use gguf::{GgufFile, WeightsMemory};
+pub use gguf::{GgufFile, TensorView, WeightsMemory};
 pub use kv::{KvCache, KvType, DEFAULT_BLOCK_SIZE};
-pub use model::ops::RopeScaling;
-pub use model::transformer::{Logits, Transformer, Workspace};
-pub use model::ModelOptions;
+pub use model::lora::LoraAdapter;
+pub use model::ops::{Rope, RopeScaling, RopeStyle};
+pub use model::transformer::{Logits, SeqInput, Transformer, Workspace};
+pub use model::{Arch, ModelConfig, ModelOptions};
 pub use sampler::{argmax, log_sum_exp, top_k, SamplingParams};
 pub use service::{
     EngineOptions, EngineStats, Event, ModelHandle, Priority, Request, Sink, SubmitError,

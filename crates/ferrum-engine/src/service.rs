@@ -38,6 +38,7 @@ use crate::error::EngineError;
 use crate::generate::{Completion, GenerateParams, Sequence, Session, TokenEvent};
 use crate::kv::blocks::{block_hash, BlockAllocator};
 use crate::kv::{KvCache, KvStorage, DEFAULT_BLOCK_SIZE};
+use crate::model::lora::LoraAdapter;
 use crate::model::transformer::{Logits, SeqInput, Workspace};
 use crate::sched::{StepPlanner, Want};
 
@@ -69,7 +70,14 @@ pub struct Request {
     /// Number of choices (OpenAI `n`); choice `i` samples with seed `seed + i`.
     pub choices: u32,
     pub priority: Priority,
+    /// The LoRA adapter to run with (a fine-tuned model), or the base model.
+    pub adapter: Option<Arc<LoraAdapter>>,
     pub sink: Sink,
+}
+
+/// The root of a sequence's prefix-cache hash chain: 0 for the base model.
+fn cache_root(adapter: Option<&LoraAdapter>) -> u64 {
+    adapter.map_or(0, LoraAdapter::cache_root)
 }
 
 /// Who waits for a request: a client (interactive) or nobody in particular (a batch line).
@@ -282,6 +290,7 @@ struct Running<'m> {
     priority: Priority,
     seq: Sequence<'m>,
     session: Session,
+    adapter: Option<Arc<LoraAdapter>>,
     /// Leading blocks of the session registered in the prefix cache, and the hash of the last.
     registered: usize,
     parent_hash: u64,
@@ -295,6 +304,7 @@ struct Preempted<'m> {
     choice: u32,
     priority: Priority,
     seq: Sequence<'m>,
+    adapter: Option<Arc<LoraAdapter>>,
 }
 
 struct Engine<'m> {
@@ -486,7 +496,8 @@ impl<'m> Engine<'m> {
                 return false;
             }
             let mut p = self.preempted.remove(i).expect("index found");
-            let (mut session, registered, parent_hash) = self.session_for(p.seq.context());
+            let root = cache_root(p.adapter.as_deref());
+            let (mut session, registered, parent_hash) = self.session_for(p.seq.context(), root);
             p.seq.resume(&mut session);
             self.push_running(Running {
                 req: p.req,
@@ -494,6 +505,7 @@ impl<'m> Engine<'m> {
                 priority: p.priority,
                 seq: p.seq,
                 session,
+                adapter: p.adapter,
                 registered,
                 parent_hash,
                 draft: None,
@@ -531,7 +543,8 @@ impl<'m> Engine<'m> {
                 .sampling
                 .seed
                 .map(|s| s.wrapping_add(u64::from(choice)));
-            let (mut session, registered, parent_hash) = self.session_for(&request.prompt);
+            let root = cache_root(request.adapter.as_deref());
+            let (mut session, registered, parent_hash) = self.session_for(&request.prompt, root);
             let tokenizer = &self.model.tokenizer;
             match Sequence::start(tokenizer, &mut session, request.prompt.clone(), params) {
                 Ok(seq) => {
@@ -548,6 +561,7 @@ impl<'m> Engine<'m> {
                         priority: request.priority,
                         seq,
                         session,
+                        adapter: request.adapter.clone(),
                         registered,
                         parent_hash,
                         draft: None,
@@ -577,12 +591,13 @@ impl<'m> Engine<'m> {
     }
 
     /// A session over the pool holding the cached blocks that start `context` (whole blocks,
-    /// leaving at least one token to run), with the count and hash of those blocks.
-    fn session_for(&mut self, context: &[u32]) -> (Session, usize, u64) {
+    /// leaving at least one token to run), with the count and hash of those blocks. `root`
+    /// starts the hash chain: each adapter's keys and values are cached apart from the base's.
+    fn session_for(&mut self, context: &[u32], root: u64) -> (Session, usize, u64) {
         let mut kv = KvCache::pooled(Arc::clone(&self.storage), self.model.context_length);
         let bs = self.storage.block_size();
         let usable = context.len().saturating_sub(1) / bs;
-        let mut parent = 0;
+        let mut parent = root;
         let mut matched = 0;
         while matched < usable {
             let tokens = &context[matched * bs..(matched + 1) * bs];
@@ -662,6 +677,7 @@ impl<'m> Engine<'m> {
                         kv: &mut r.session.kv,
                         tokens,
                         logits,
+                        adapter: r.adapter.as_deref(),
                     });
                 }
             }
@@ -835,6 +851,7 @@ impl<'m> Engine<'m> {
             choice: r.choice,
             priority: r.priority,
             seq: r.seq,
+            adapter: r.adapter,
         });
     }
 

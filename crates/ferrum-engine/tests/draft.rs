@@ -51,6 +51,7 @@ fn submit(h: &ModelHandle, prompt: Vec<u32>, params: GenerateParams) -> Receiver
         params,
         choices: 1,
         priority: Priority::Interactive,
+        adapter: None,
         sink,
     })
     .unwrap();

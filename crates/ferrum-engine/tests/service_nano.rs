@@ -85,6 +85,7 @@ fn request(
         params,
         choices,
         priority: Priority::Interactive,
+        adapter: None,
         sink,
     };
     (r, rx)

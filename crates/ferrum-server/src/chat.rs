@@ -130,6 +130,7 @@ pub(crate) async fn submit(
         params: prepared.params,
         choices: req.n,
         priority,
+        adapter: None,
         sink: timed_sink(app, received, req.n, bill, move |ev| tx.send(ev).is_ok()),
     };
     loaded.handle.submit(request).map_err(|e| match e {

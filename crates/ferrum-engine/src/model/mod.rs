@@ -4,6 +4,7 @@
 //! cache and a workspace for each forward pass.
 
 pub mod flash;
+pub mod lora;
 pub mod ops;
 pub mod transformer;
 

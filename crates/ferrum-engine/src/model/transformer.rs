@@ -7,6 +7,7 @@
 use std::cell::RefCell;
 
 use super::flash;
+use super::lora::{LoraAdapter, Proj};
 use super::ops::{self, Rope};
 use super::{ModelConfig, ModelOptions};
 use crate::error::{EngineError, Result};
@@ -80,6 +81,8 @@ pub struct SeqInput<'a> {
     pub kv: &'a mut KvCache,
     pub tokens: &'a [u32],
     pub logits: Logits,
+    /// The LoRA adapter this sequence runs with, if any.
+    pub adapter: Option<&'a LoraAdapter>,
 }
 
 /// Scratch buffers of a forward pass, reused across calls so the hot loop never allocates.
@@ -106,6 +109,21 @@ impl Workspace {
     /// The logits the last [`Transformer::forward`] call produced, for in-place sampling.
     pub fn logits_mut(&mut self) -> &mut [f32] {
         &mut self.logits
+    }
+}
+
+/// Calls `f` with each sequence's adapter and the batch rows of its tokens.
+fn for_adapted_rows(
+    seqs: &[SeqInput<'_>],
+    mut f: impl FnMut(&LoraAdapter, std::ops::Range<usize>),
+) {
+    let mut first = 0;
+    for seq in seqs {
+        let n = seq.tokens.len();
+        if let Some(a) = seq.adapter {
+            f(a, first..first + n);
+        }
+        first += n;
     }
 }
 
@@ -256,7 +274,16 @@ impl Transformer {
         tokens: &[u32],
         logits: Logits,
     ) -> Result<&'w [f32]> {
-        self.forward_batch(pool, ws, &mut [SeqInput { kv, tokens, logits }])
+        self.forward_batch(
+            pool,
+            ws,
+            &mut [SeqInput {
+                kv,
+                tokens,
+                logits,
+                adapter: None,
+            }],
+        )
     }
 
     /// One forward pass over several sequences at once (a ragged batch): all their new tokens
@@ -422,6 +449,12 @@ impl Transformer {
                 },
             ],
         );
+        for_adapted_rows(seqs, |adapter, rows| {
+            let x = &ws.h[rows.start * c.d_model..rows.end * c.d_model];
+            adapter.apply(l, Proj::Q, x, &mut ws.q[rows.start * qd..rows.end * qd]);
+            adapter.apply(l, Proj::K, x, &mut ws.k[rows.start * kvd..rows.end * kvd]);
+            adapter.apply(l, Proj::V, x, &mut ws.v[rows.start * kvd..rows.end * kvd]);
+        });
         for t in 0..t_len {
             let (s, pos) = (ws.tok[t].0 as usize, ws.tok[t].1 as usize);
             let q = &mut ws.q[t * qd..(t + 1) * qd];
@@ -461,6 +494,11 @@ impl Transformer {
                 out: &mut ws.proj,
             }],
         );
+        for_adapted_rows(seqs, |adapter, rows| {
+            let d = c.d_model;
+            let x = &ws.attn[rows.start * qd..rows.end * qd];
+            adapter.apply(l, Proj::O, x, &mut ws.proj[rows.start * d..rows.end * d]);
+        });
         ops::add_assign(&mut ws.x, &ws.proj);
     }
 
