@@ -40,6 +40,13 @@ pub struct BenchArgs {
     /// Also measure with a busy-looping neighbour process (taking one core).
     #[arg(long)]
     pub contention: bool,
+    /// LoRA adapters (repeatable): measure decoding a batch of `--batch` sequences with none,
+    /// one and all of them active (assigned round-robin), instead of the single-sequence test.
+    #[arg(long)]
+    pub lora: Vec<PathBuf>,
+    /// Sequences decoding together in the `--lora` test.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
 }
 
 struct Figures {
@@ -63,6 +70,9 @@ pub fn bench(registry: &Registry, args: BenchArgs) -> anyhow::Result<()> {
         "weights read per decoded token: {:.1} MB",
         bytes_per_token as f64 / 1e6
     );
+    if !args.lora.is_empty() {
+        return lora_bench(&model, &args);
+    }
     let idle = measure(&model, &args)?;
     report("ferrum", &idle, bytes_per_token);
     let llama_idle = match &args.llama_bench {
@@ -142,6 +152,92 @@ fn measure(model: &ferrum_engine::LoadedModel, args: &BenchArgs) -> anyhow::Resu
         prefill_tok_s: median(&mut prefill),
         decode_tok_s: median(&mut decode),
     })
+}
+
+/// Decode tok/s of `--batch` sequences stepping together (each after a `--prompt-tokens`
+/// prompt), with 0, 1 and all of the `--lora` adapters active, alternating the settings each
+/// repetition; reports medians and the overhead against the base model.
+fn lora_bench(model: &ferrum_engine::LoadedModel, args: &BenchArgs) -> anyhow::Result<()> {
+    use ferrum_engine::{LoraAdapter, SeqInput};
+    let m = &model.model;
+    let adapters = args
+        .lora
+        .iter()
+        .enumerate()
+        .map(|(i, p)| LoraAdapter::load(p, &format!("bench-{i}"), m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let vocab = m.cfg.vocab_size as u32;
+    let n = args.batch.max(1);
+    let settings: Vec<usize> = if adapters.len() > 1 {
+        vec![0, 1, adapters.len()]
+    } else {
+        vec![0, 1]
+    };
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
+    let mut ws = Workspace::default();
+    let ctx = args.prompt_tokens + args.gen_tokens + 1;
+    for _ in 0..args.repetitions.max(1) {
+        for (k, &active) in settings.iter().enumerate() {
+            // Sequence i runs adapter i % active (none when active is 0).
+            let adapter_of = |i: usize| (active > 0).then(|| &adapters[i % active]);
+            let mut caches: Vec<_> = (0..n).map(|_| m.new_cache(ctx)).collect();
+            let prompts: Vec<Vec<u32>> = (0..n)
+                .map(|s| {
+                    (0..args.prompt_tokens.max(1) as u32)
+                        .map(|i| {
+                            (i.wrapping_mul(2_654_435_761) >> 7).wrapping_add(s as u32) % vocab
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut batch: Vec<SeqInput> = caches
+                .iter_mut()
+                .zip(&prompts)
+                .enumerate()
+                .map(|(i, (kv, p))| SeqInput {
+                    kv,
+                    tokens: p,
+                    logits: Logits::Last,
+                    adapter: adapter_of(i),
+                })
+                .collect();
+            let logits = m.forward_batch(&model.pool, &mut ws, &mut batch)?;
+            let v = vocab as usize;
+            let mut next: Vec<[u32; 1]> = logits
+                .chunks_exact(v)
+                .map(|row| [ferrum_engine::argmax(row)])
+                .collect();
+            let t = Instant::now();
+            for _ in 0..args.gen_tokens {
+                let mut batch: Vec<SeqInput> = caches
+                    .iter_mut()
+                    .zip(&next)
+                    .enumerate()
+                    .map(|(i, (kv, tok))| SeqInput {
+                        kv,
+                        tokens: tok,
+                        logits: Logits::Last,
+                        adapter: adapter_of(i),
+                    })
+                    .collect();
+                let logits = m.forward_batch(&model.pool, &mut ws, &mut batch)?;
+                next = logits
+                    .chunks_exact(v)
+                    .map(|row| [ferrum_engine::argmax(row)])
+                    .collect();
+            }
+            results[k].push((n * args.gen_tokens) as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let base = median(&mut results[0]).unwrap_or(0.0);
+    for (k, &active) in settings.iter().enumerate() {
+        let tok_s = median(&mut results[k]).unwrap_or(0.0);
+        println!(
+            "batch of {n}, {active} adapter(s) active: decode {tok_s:>7.1} tok/s ({:+.1}% vs base)",
+            (tok_s / base - 1.0) * 100.0
+        );
+    }
+    Ok(())
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {

@@ -45,6 +45,8 @@ pub enum Command {
     Usage(crate::serve::UsageArgs),
     /// Write stored chat completions (`store: true`) as fine-tuning JSONL.
     Export(crate::serve::ExportArgs),
+    /// Train a LoRA adapter on a JSONL file of chat examples, locally.
+    FineTune(crate::finetune::FineTuneArgs),
 }
 
 #[derive(Args, Clone)]
@@ -172,6 +174,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => crate::serve::serve(registry, args),
         Command::Usage(args) => crate::serve::usage(args),
         Command::Export(args) => crate::serve::export(args),
+        Command::FineTune(args) => crate::finetune::fine_tune(&registry, args),
     }
 }
 

@@ -1,7 +1,8 @@
-//! The `ferrum` binary: `serve | pull | run | chat | bench | models | usage`.
+//! The `ferrum` binary: `serve | pull | run | chat | bench | models | usage | export | fine-tune`.
 
 mod bench;
 mod cli;
+mod finetune;
 mod serve;
 
 use clap::Parser;

@@ -2,7 +2,7 @@
 // engine's long-prompt reference tests (YaRN rope scaling, q8_0 KV cache). Not part of the
 // build: compile it against a llama.cpp build (see ../README.md) and run it by hand.
 //
-//   llama_positions MODEL TEXT_FILE N_TOKENS [--yarn FACTOR ORIG_CTX] [--kv q8_0] [--fa]
+//   llama_positions MODEL TEXT_FILE N_TOKENS [--yarn FACTOR ORIG_CTX] [--kv q8_0] [--fa] [--special] [--lora ADAPTER]
 //
 // The text is tokenized as the model adds special tokens and cut to N_TOKENS. The prompt is
 // decoded in batches of 512 (llama.cpp's default) with logits for every position; for each
@@ -21,7 +21,7 @@
 
 int main(int argc, char ** argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: %s MODEL TEXT_FILE N_TOKENS [--yarn FACTOR ORIG_CTX] [--kv q8_0] [--fa]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL TEXT_FILE N_TOKENS [--yarn FACTOR ORIG_CTX] [--kv q8_0] [--fa] [--special] [--lora ADAPTER]\n", argv[0]);
         return 2;
     }
     const char * model_path = argv[1];
@@ -32,7 +32,8 @@ int main(int argc, char ** argv) {
     const int n_tokens = atoi(argv[3]);
     float yarn_factor = 0.0f;
     int yarn_orig = 0;
-    bool q8 = false, fa = false;
+    bool q8 = false, fa = false, special = false;
+    const char * lora_path = nullptr;
     for (int i = 4; i < argc; i++) {
         if (!strcmp(argv[i], "--yarn") && i + 2 < argc) {
             yarn_factor = atof(argv[++i]);
@@ -41,6 +42,10 @@ int main(int argc, char ** argv) {
             q8 = !strcmp(argv[++i], "q8_0");
         } else if (!strcmp(argv[i], "--fa")) {
             fa = true;
+        } else if (!strcmp(argv[i], "--special")) {
+            special = true;
+        } else if (!strcmp(argv[i], "--lora") && i + 1 < argc) {
+            lora_path = argv[++i];
         } else {
             fprintf(stderr, "unknown argument %s\n", argv[i]);
             return 2;
@@ -54,7 +59,7 @@ int main(int argc, char ** argv) {
     const llama_vocab * vocab = llama_model_get_vocab(model);
 
     std::vector<llama_token> ids(text.size() + 16);
-    int n = llama_tokenize(vocab, text.c_str(), (int) text.size(), ids.data(), (int) ids.size(), true, false);
+    int n = llama_tokenize(vocab, text.c_str(), (int) text.size(), ids.data(), (int) ids.size(), true, special);
     if (n < 0) { fprintf(stderr, "tokenize failed\n"); return 1; }
     ids.resize(std::min(n, n_tokens));
 
@@ -76,10 +81,16 @@ int main(int argc, char ** argv) {
     }
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) { fprintf(stderr, "cannot create the context\n"); return 1; }
+    if (lora_path) {
+        llama_adapter_lora * adapter = llama_adapter_lora_init(model, lora_path);
+        if (!adapter) { fprintf(stderr, "cannot load the adapter %s\n", lora_path); return 1; }
+        float scale = 1.0f;
+        if (llama_set_adapters_lora(ctx, &adapter, 1, &scale) != 0) { fprintf(stderr, "cannot set the adapter\n"); return 1; }
+    }
 
     const int n_vocab = llama_vocab_n_tokens(vocab);
-    printf("{\n  \"settings\": {\"tokens\": %zu, \"yarn_factor\": %g, \"yarn_orig_ctx\": %d, \"kv\": \"%s\", \"flash_attn\": %s},\n",
-           ids.size(), yarn_factor, yarn_orig, q8 ? "q8_0" : "f16", fa ? "true" : "false");
+    printf("{\n  \"settings\": {\"tokens\": %zu, \"yarn_factor\": %g, \"yarn_orig_ctx\": %d, \"kv\": \"%s\", \"flash_attn\": %s, \"lora\": %s},\n",
+           ids.size(), yarn_factor, yarn_orig, q8 ? "q8_0" : "f16", fa ? "true" : "false", lora_path ? "true" : "false");
     printf("  \"ids\": [");
     for (size_t i = 0; i < ids.size(); i++) printf("%s%d", i ? "," : "", ids[i]);
     printf("],\n  \"top\": [\n");
