@@ -49,6 +49,37 @@ pub struct Tier {
     /// How the KV cache stores keys and values; `None` takes the server's `--kv-type`.
     #[serde(default)]
     pub kv_type: Option<KvCacheType>,
+    /// Prices of the tier's fine-tuned models (`ft:` ids); `None` bills them as the tier and
+    /// training as free.
+    #[serde(default)]
+    pub fine_tuned: Option<FineTunedPrice>,
+}
+
+/// What a tier's fine-tuned models cost, in USD per one million tokens: inference as
+/// [`Price`], and training per token trained on (every epoch's tokens count).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FineTunedPrice {
+    pub input: f64,
+    pub cached_input: f64,
+    pub output: f64,
+    pub training: f64,
+}
+
+impl FineTunedPrice {
+    /// The inference prices.
+    pub fn price(&self) -> Price {
+        Price {
+            input: self.input,
+            cached_input: self.cached_input,
+            output: self.output,
+        }
+    }
+
+    /// The cost in USD of training on `trained_tokens` tokens.
+    pub fn training_cost_usd(&self, trained_tokens: u64) -> f64 {
+        trained_tokens as f64 * self.training / 1_000_000.0
+    }
 }
 
 /// RoPE scaling of a tier, as in Hugging Face's `rope_scaling` and llama.cpp's
@@ -166,6 +197,17 @@ impl Price {
 }
 
 impl Tier {
+    /// The prices of this tier's fine-tuned models: its `fine_tuned` table, else the tier's own
+    /// prices with free training.
+    pub fn fine_tuned_price(&self) -> FineTunedPrice {
+        self.fine_tuned.unwrap_or(FineTunedPrice {
+            input: self.price.input,
+            cached_input: self.price.cached_input,
+            output: self.price.output,
+            training: 0.0,
+        })
+    }
+
     /// The id followed by the aliases: every name this tier answers to.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.id.as_str()).chain(self.aliases.iter().map(String::as_str))
@@ -211,6 +253,17 @@ impl Tier {
             }
         }
         self.price.validate()?;
+        if let Some(ft) = &self.fine_tuned {
+            ft.price()
+                .validate()
+                .map_err(|e| format!("fine_tuned {e}"))?;
+            if !(ft.training.is_finite() && ft.training >= 0.0) {
+                return Err(format!(
+                    "fine_tuned price `training` must be a number >= 0, got {}",
+                    ft.training
+                ));
+            }
+        }
         self.weights.validate()
     }
 }

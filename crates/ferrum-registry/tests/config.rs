@@ -505,3 +505,51 @@ fn a_draft_names_another_tier_without_a_draft_of_its_own() {
     );
     assert!(message.contains("unknown field `k`"), "{message}");
 }
+
+#[test]
+fn fine_tuned_prices_default_to_openais_and_are_checked() {
+    let registry = Registry::embedded_default();
+    let table: Vec<(&str, [f64; 4])> = registry
+        .tiers()
+        .iter()
+        .map(|t| {
+            let p = t
+                .fine_tuned
+                .expect("the default tiers have fine-tuned prices");
+            (
+                t.id.as_str(),
+                [p.input, p.cached_input, p.output, p.training],
+            )
+        })
+        .collect();
+    assert_eq!(
+        table,
+        [
+            ("gpt-4.1", [3.00, 0.75, 12.00, 25.00]),
+            ("gpt-4.1-mini", [0.80, 0.20, 3.20, 5.00]),
+            ("gpt-4.1-nano", [0.20, 0.05, 0.80, 1.50]),
+        ]
+    );
+    let nano = registry.resolve("gpt-4.1-nano").unwrap();
+    assert!((nano.fine_tuned_price().training_cost_usd(2_000_000) - 3.0).abs() < 1e-12);
+    // Without a table, fine-tuned models cost what the tier costs and training is free.
+    let plain = Registry::from_toml_str(&tier("m", "", PATH_WEIGHTS), None).unwrap();
+    let m = &plain.tiers()[0];
+    assert_eq!(m.fine_tuned, None);
+    assert_eq!(m.fine_tuned_price().price(), m.price);
+    assert_eq!(m.fine_tuned_price().training, 0.0);
+    let bad = format!(
+        "{}fine_tuned = {{ input = 1.0, cached_input = 0.5, output = 2.0, training = -1.0 }}\n",
+        tier("m", "", PATH_WEIGHTS)
+    );
+    assert!(
+        config_error(&bad).contains("training"),
+        "{}",
+        config_error(&bad)
+    );
+    let missing = format!(
+        "{}fine_tuned = {{ input = 1.0, cached_input = 0.5, output = 2.0 }}\n",
+        tier("m", "", PATH_WEIGHTS)
+    );
+    assert!(config_error(&missing).contains("training"));
+}

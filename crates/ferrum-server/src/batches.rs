@@ -601,7 +601,7 @@ async fn run_line(app: &Arc<App>, worker: &str, line: ClaimedLine) {
             result.cached_tokens = cached;
             result.output_tokens = usage.completion_tokens;
             let model = body["model"].as_str().unwrap_or_default();
-            if let Ok(tier) = app.models.resolve(model) {
+            if let Ok(tier) = crate::fine_tuning::tier(app, model).await {
                 // Batches cost half the tier's price.
                 let cost = 0.5
                     * tier

@@ -95,7 +95,7 @@ pub(crate) async fn submit(
     priority: Priority,
     endpoint: Endpoint,
 ) -> Result<(Meta, UnboundedReceiver<Event>), ServerError> {
-    let loaded = app.models.get(&req.model).await?;
+    let loaded = crate::fine_tuning::loaded(app, &req.model).await?;
     let (prompt_req, req) = {
         let loaded = loaded.clone();
         tokio::task::spawn_blocking(move || {
@@ -130,7 +130,7 @@ pub(crate) async fn submit(
         params: prepared.params,
         choices: req.n,
         priority,
-        adapter: None,
+        adapter: loaded.adapter.clone(),
         sink: timed_sink(app, received, req.n, bill, move |ev| tx.send(ev).is_ok()),
     };
     loaded.handle.submit(request).map_err(|e| match e {

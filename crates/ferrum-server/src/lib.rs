@@ -8,6 +8,7 @@ mod callstream;
 mod chat;
 mod error;
 mod files;
+mod fine_tuning;
 mod frontend;
 mod metrics;
 mod models;
@@ -70,6 +71,8 @@ pub struct App {
     pub batch_wakeup: tokio::sync::Notify,
     /// Background responses running here.
     pub background: responses::Background,
+    /// The fine-tuning runner's wake-up, its running jobs, and the adapters loaded for serving.
+    pub fine_tuning: fine_tuning::FineTuning,
     pub api_key: Option<String>,
     pub metrics: Arc<metrics::Metrics>,
 }
@@ -118,12 +121,16 @@ impl App {
 pub fn router(app: Arc<App>) -> Router {
     let api = Router::new()
         .route("/v1/models", get(list_models))
-        .route("/v1/models/{id}", get(get_model))
+        .route(
+            "/v1/models/{id}",
+            get(get_model).delete(fine_tuning::delete_model),
+        )
         .route("/v1/chat/completions", post(chat::create).get(stored::list))
         .route("/v1/usage", get(usage_totals))
         .merge(stored::routes())
         .merge(files::routes())
         .merge(batches::routes())
+        .merge(fine_tuning::routes())
         .merge(responses::routes())
         .merge(admin::routes())
         .route_layer(middleware::from_fn(json_bodies))
@@ -184,6 +191,7 @@ pub fn app(registry: Registry, store: Store, config: ServerConfig) -> Arc<App> {
         worker_id: format!("{}-{}", std::process::id(), random_id("w")),
         batch_wakeup: tokio::sync::Notify::new(),
         background: Default::default(),
+        fine_tuning: Default::default(),
         api_key: config.api_key,
         metrics: Arc::default(),
     })
@@ -193,6 +201,12 @@ pub fn app(registry: Registry, store: Store, config: ServerConfig) -> Arc<App> {
 /// routes).
 pub async fn run_batch_worker(app: Arc<App>, stop: tokio::sync::watch::Receiver<bool>) {
     batches::run_worker(app, stop).await
+}
+
+/// Runs the fine-tuning job runner of `app` until `stop` turns true (what [`serve`] runs
+/// beside the routes and the batch worker).
+pub async fn run_fine_tuning_worker(app: Arc<App>, stop: tokio::sync::watch::Receiver<bool>) {
+    fine_tuning::run_worker(app, stop).await
 }
 
 /// Loads the startup tiers, then serves until `shutdown` resolves; requests in flight (streams
@@ -210,7 +224,11 @@ pub async fn serve(
         .await
         .map_err(|e| ServeError::Load(e.message))?;
     let (stop_worker, worker_stopped) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(batches::run_worker(Arc::clone(&app), worker_stopped));
+    let worker = tokio::spawn(batches::run_worker(
+        Arc::clone(&app),
+        worker_stopped.clone(),
+    ));
+    let tuner = tokio::spawn(fine_tuning::run_worker(Arc::clone(&app), worker_stopped));
     let addr = listener.local_addr().map_err(ServeError::Io)?;
     // The one line scripts wait for: the server takes requests from now on.
     println!("ferrum listening on http://{addr}");
@@ -220,9 +238,11 @@ pub async fn serve(
     let served = axum::serve(listener, router(app))
         .with_graceful_shutdown(shutdown)
         .await;
-    // The batch worker stops with the server: lines it was running go back to the queue.
+    // The batch worker stops with the server: lines it was running go back to the queue; the
+    // fine-tuning job being trained stops at its next pause point and is handed back.
     let _ = stop_worker.send(true);
     let _ = worker.await;
+    let _ = tuner.await;
     served.map_err(ServeError::Io)?;
     tracing::info!("server stopped");
     Ok(())
@@ -323,7 +343,9 @@ fn model_object(id: &str, tier: &Tier) -> ferrum_protocol::response::Model {
     }
 }
 
-async fn list_models(State(app): State<Arc<App>>) -> Json<List<ferrum_protocol::response::Model>> {
+async fn list_models(
+    State(app): State<Arc<App>>,
+) -> Result<Json<List<ferrum_protocol::response::Model>>, ServerError> {
     let mut data = Vec::new();
     for tier in app.models.tiers() {
         data.push(model_object(&tier.id, &tier));
@@ -331,13 +353,17 @@ async fn list_models(State(app): State<Arc<App>>) -> Json<List<ferrum_protocol::
             data.push(model_object(alias, &tier));
         }
     }
-    Json(List::new(data))
+    data.extend(fine_tuning::list_models(&app).await?);
+    Ok(Json(List::new(data)))
 }
 
 async fn get_model(
     State(app): State<Arc<App>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<ferrum_protocol::response::Model>, ServerError> {
+    if id.starts_with("ft:") {
+        return Ok(Json(fine_tuning::get_model(&app, &id).await?));
+    }
     let tier = app.models.resolve(&id)?;
     Ok(Json(model_object(&id, &tier)))
 }

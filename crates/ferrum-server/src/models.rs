@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use ferrum_engine::{
-    Draft, EngineOptions, EngineStats, KvType, LoadOptions, LoadedModel, ModelHandle, Request,
-    RopeScaling, SubmitError, WeightsMemory,
+    Draft, EngineOptions, EngineStats, KvType, LoadOptions, LoadedModel, LoraAdapter, ModelHandle,
+    Request, RopeScaling, SubmitError, WeightsMemory,
 };
 use ferrum_protocol::ApiError;
 use ferrum_registry::{
@@ -73,10 +73,14 @@ impl Engine for ModelHandle {
 /// A tier that is ready to serve.
 #[derive(Clone)]
 pub struct Loaded {
+    /// The tier, or for a fine-tuned model (`ft:...`) the tier as that model: its id and the
+    /// tier's fine-tuned prices.
     pub tier: Tier,
     pub handle: Arc<dyn Engine>,
     /// `system_fingerprint`: names the weights file and the ferrum build that serve it.
     pub fingerprint: String,
+    /// The LoRA adapter of a fine-tuned model, which its requests run with.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 struct Slot {
@@ -217,6 +221,7 @@ impl Models {
             tier: slot.tier.clone(),
             fingerprint: fingerprint(&engine.model().path),
             handle: engine,
+            adapter: None,
         });
         Ok(())
     }
@@ -327,6 +332,7 @@ impl Models {
             tier,
             handle: Arc::new(handle),
             fingerprint,
+            adapter: None,
         };
         state.loaded = Some(loaded.clone());
         state.path = Some(path);

@@ -335,7 +335,7 @@ async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, Se
         )
         .into());
     }
-    let tier = app.models.resolve(&req.model)?;
+    let tier = crate::fine_tuning::tier(&app, &req.model).await?;
     let (items, input_json) = conversation(&app, &req).await?;
     let (meta, rx) = submit(&app, &req, items, received, Priority::Interactive).await?;
     let ctx = Ctx {
@@ -398,7 +398,7 @@ pub async fn run_for_batch(app: &Arc<App>, body: &[u8]) -> Result<(Value, Usage)
         )
         .into());
     }
-    let tier = app.models.resolve(&req.model)?;
+    let tier = crate::fine_tuning::tier(app, &req.model).await?;
     let (items, input_json) = conversation(app, &req).await?;
     let (mut meta, rx) = submit(app, &req, items, Instant::now(), Priority::Background).await?;
     meta.record = false;

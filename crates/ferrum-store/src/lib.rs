@@ -14,6 +14,7 @@ mod completions;
 mod connect;
 mod error;
 mod files;
+mod fine_tuning;
 mod migrate;
 mod page;
 mod responses;
@@ -27,6 +28,10 @@ pub use blobs::BlobStore;
 pub use completions::{CompletionFilter, StoredCompletion};
 pub use error::StoreError;
 pub use files::FileRecord;
+pub use fine_tuning::{
+    CheckpointRecord, EventRecord, FineTunedModel, JobFilter, JobRecord, JobStatus, JobSuccess,
+    NewEvent,
+};
 pub use page::{Listed, Order, Page};
 pub use responses::ResponseRecord;
 pub use target::Backend;

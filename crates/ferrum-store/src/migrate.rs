@@ -42,6 +42,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "responses",
         sql: include_str!("../migrations/0003_responses.sql"),
     },
+    Migration {
+        version: 4,
+        name: "fine_tuning",
+        sql: include_str!("../migrations/0004_fine_tuning.sql"),
+    },
 ];
 
 /// The key of the Postgres advisory lock held while migrating (arbitrary, "ferrum" in ASCII).

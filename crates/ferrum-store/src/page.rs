@@ -42,11 +42,23 @@ impl<T> Listed<T> {
     }
 }
 
-/// The ordering key of a new row: nanoseconds since the epoch.
+/// The ordering key of a new row: nanoseconds since the epoch, strictly increasing within the
+/// process (rows written in one burst, such as a job's events, keep the order they were made in
+/// even when the clock's resolution is coarser than a nanosecond).
 pub(crate) fn new_seq() -> i64 {
-    std::time::SystemTime::now()
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
+        .map_or(0, |d| d.as_nanos() as i64);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
 }
 
 impl Store {

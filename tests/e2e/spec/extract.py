@@ -32,6 +32,14 @@ OPERATIONS = {
     ("post", "/batches/{batch_id}/cancel"),
     ("post", "/responses"), ("get", "/responses/{response_id}"),
     ("post", "/responses/{response_id}/cancel"), ("get", "/responses/{response_id}/input_items"),
+    ("delete", "/models/{model}"),
+    ("post", "/fine_tuning/jobs"), ("get", "/fine_tuning/jobs"),
+    ("get", "/fine_tuning/jobs/{fine_tuning_job_id}"),
+    ("post", "/fine_tuning/jobs/{fine_tuning_job_id}/cancel"),
+    ("post", "/fine_tuning/jobs/{fine_tuning_job_id}/pause"),
+    ("post", "/fine_tuning/jobs/{fine_tuning_job_id}/resume"),
+    ("get", "/fine_tuning/jobs/{fine_tuning_job_id}/events"),
+    ("get", "/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"),
 }
 
 
@@ -43,10 +51,13 @@ OPERATIONS = {
 #   the list holds a stored completion's request messages, with their own roles.
 # - A few operations type an error response as the bare `Error` object; every OpenAI error
 #   body is `{"error": Error}` (`ErrorResponse`), which the SDKs parse.
+# - FineTuningJob.status lists no `paused`, but the pause operation answers with a paused job
+#   (its own example shows `"status": "paused"`), and resume takes it back to `queued`.
 SPEC_GAPS = [
     "OpenAIFile.purpose also takes 'evals' (CreateFileRequest accepts it)",
     "ChatCompletionMessageList items take every request message role",
     "error responses typed as the bare Error object are ErrorResponse",
+    "FineTuningJob.status also takes 'paused' (what the pause operation answers)",
 ]
 
 
@@ -57,6 +68,7 @@ def patch_gaps(paths: dict, kept: dict, all_schemas: dict) -> None:
     message = copy.deepcopy(schemas["ChatCompletionResponseMessage"])
     message["properties"]["role"]["enum"] += ["system", "developer", "user", "tool"]
     items[0] = message
+    schemas["FineTuningJob"]["properties"]["status"]["enum"].append("paused")
     for ops in paths.values():
         for op in ops.values():
             for status, response in op["responses"].items():
