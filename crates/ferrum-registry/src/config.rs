@@ -53,6 +53,20 @@ pub struct Tier {
     /// training as free.
     #[serde(default)]
     pub fine_tuned: Option<FineTunedPrice>,
+    /// External LoRA adapters served on top of this tier (`[[tier.adapter]]`), each as a
+    /// model id of its own, billed at the tier's fine-tuned prices.
+    #[serde(default, rename = "adapter")]
+    pub adapters: Vec<AdapterConfig>,
+}
+
+/// A LoRA adapter in llama.cpp's LoRA GGUF format, served on top of its tier's weights as the
+/// model `id` (in the same batches as the tier itself).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterConfig {
+    pub id: String,
+    /// Where the adapter's GGUF file comes from (a path, or a Hugging Face repo file).
+    pub weights: WeightsSource,
 }
 
 /// What a tier's fine-tuned models cost, in USD per one million tokens: inference as
@@ -213,12 +227,30 @@ impl Tier {
         std::iter::once(self.id.as_str()).chain(self.aliases.iter().map(String::as_str))
     }
 
+    /// The configured adapter served as `model_id`, if any.
+    pub fn adapter(&self, model_id: &str) -> Option<&AdapterConfig> {
+        self.adapters.iter().find(|a| a.id == model_id)
+    }
+
     fn validate(&self) -> Result<(), String> {
-        for name in self.names() {
+        for name in self
+            .names()
+            .chain(self.adapters.iter().map(|a| a.id.as_str()))
+        {
             let ok = !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c.is_control());
             if !ok {
                 return Err(format!("invalid model name {name:?}"));
             }
+            if name.starts_with("ft:") {
+                return Err(format!(
+                    "model name {name:?}: `ft:` names are the fine-tuning API's own"
+                ));
+            }
+        }
+        for a in &self.adapters {
+            a.weights
+                .validate()
+                .map_err(|e| format!("adapter `{}`: {e}", a.id))?;
         }
         if self.context_length == Some(0) {
             return Err("`context_length` must be greater than 0".into());
@@ -316,6 +348,13 @@ impl Registry {
         self.tiers.iter().find(|t| t.names().any(|n| n == model_id))
     }
 
+    /// Finds the configured adapter served as `model_id`, with its tier.
+    pub fn resolve_adapter(&self, model_id: &str) -> Option<(&Tier, &AdapterConfig)> {
+        self.tiers
+            .iter()
+            .find_map(|t| t.adapter(model_id).map(|a| (t, a)))
+    }
+
     /// Like [`Registry::resolve`], but an unknown id is an error listing the available ones,
     /// ready to be returned to a client.
     pub fn get(&self, model_id: &str) -> Result<&Tier, RegistryError> {
@@ -335,9 +374,12 @@ impl Registry {
         let mut tiers = file.tier;
         validate_tiers(&tiers).map_err(config_error)?;
         if let Some(base_dir) = base_dir {
-            tiers
-                .iter_mut()
-                .for_each(|t| t.weights.resolve_relative(base_dir));
+            for t in &mut tiers {
+                t.weights.resolve_relative(base_dir);
+                for a in &mut t.adapters {
+                    a.weights.resolve_relative(base_dir);
+                }
+            }
         }
         Ok(Self {
             tiers,
@@ -357,7 +399,10 @@ fn validate_tiers(tiers: &[Tier]) -> Result<(), String> {
     }
     let mut owner: HashMap<&str, &str> = HashMap::new();
     for tier in tiers {
-        for name in tier.names() {
+        for name in tier
+            .names()
+            .chain(tier.adapters.iter().map(|a| a.id.as_str()))
+        {
             if let Some(first) = owner.insert(name, &tier.id) {
                 return Err(format!(
                     "duplicate model name `{name}` (used by tier `{first}` and tier `{}`)",

@@ -20,8 +20,8 @@ mod progress;
 mod weights;
 
 pub use config::{
-    DraftConfig, FineTunedPrice, KvCacheType, LoadPolicy, Price, Registry, RopeScalingConfig,
-    RopeScalingKind, Tier, CONFIG_ENV, DEFAULT_CONFIG,
+    AdapterConfig, DraftConfig, FineTunedPrice, KvCacheType, LoadPolicy, Price, Registry,
+    RopeScalingConfig, RopeScalingKind, Tier, CONFIG_ENV, DEFAULT_CONFIG,
 };
 pub use error::RegistryError;
 pub use fetch::{

@@ -553,3 +553,28 @@ fn fine_tuned_prices_default_to_openais_and_are_checked() {
     );
     assert!(config_error(&missing).contains("training"));
 }
+
+#[test]
+fn adapters_are_read_resolved_and_checked() {
+    let adapter = |id: &str| {
+        format!("[[tier.adapter]]\nid = \"{id}\"\nweights = {{ path = \"lora/support.gguf\" }}\n")
+    };
+    let text = tier("small", "\"small-1\"", PATH_WEIGHTS) + &adapter("small-support");
+    let r = Registry::from_toml_str(&text, Some(Path::new("/etc/ferrum"))).unwrap();
+    let (t, a) = r.resolve_adapter("small-support").unwrap();
+    assert_eq!(t.id, "small");
+    // Relative paths are relative to the config's directory, as the tier's weights.
+    assert_eq!(
+        a.weights,
+        WeightsSource::Path(PathBuf::from("/etc/ferrum/lora/support.gguf"))
+    );
+    // An adapter is not a tier.
+    assert!(r.resolve("small-support").is_none());
+    assert!(r.resolve_adapter("small").is_none());
+    // Names are unique across tiers, aliases and adapters, and `ft:` is the API's.
+    let clash =
+        tier("small", "", PATH_WEIGHTS) + &adapter("other") + &tier("other", "", PATH_WEIGHTS);
+    assert!(config_error(&clash).contains("duplicate model name `other`"));
+    let ft = tier("small", "", PATH_WEIGHTS) + &adapter("ft:mine");
+    assert!(config_error(&ft).contains("`ft:` names"));
+}

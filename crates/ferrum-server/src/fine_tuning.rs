@@ -673,12 +673,15 @@ pub(crate) async fn delete_model(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ServerError> {
     if !id.starts_with("ft:") {
-        app.models.resolve(&id)?;
+        if app.models.resolve_adapter(&id).is_none() {
+            app.models.resolve(&id)?;
+        }
         return Err(ApiError {
             status: 403,
             kind: ErrorType::InvalidRequest,
             message: format!(
-                "You cannot delete the model `{id}`: only fine-tuned models can be deleted."
+                "You cannot delete the model `{id}`: only models made by fine-tuning jobs can \
+                 be deleted."
             ),
             param: Some("model".into()),
             code: Some("model_not_deletable".into()),
@@ -713,14 +716,38 @@ async fn find_tuned(app: &App, id: &str) -> Result<(String, String), ServerError
     Err(ApiError::model_not_found(id).into())
 }
 
-/// The tier a request's model names, as the response and the bill see it: for an `ft:` model,
-/// its base tier renamed to it and priced with the tier's fine-tuned prices.
-pub(crate) async fn tier(app: &App, model: &str) -> Result<Tier, ServerError> {
-    if !model.starts_with("ft:") {
-        return Ok(app.models.resolve(model)?);
+/// Where a served adapter's GGUF file is.
+enum AdapterFile {
+    /// A fine-tuning job's adapter, in the blob store.
+    Blob(String),
+    /// An external adapter named in `ferrum.toml` (`[[tier.adapter]]`).
+    Config(ferrum_registry::WeightsSource),
+}
+
+/// For a model that is a base tier plus an adapter (an `ft:` model, a checkpoint, or an
+/// adapter of the config), its base tier's id and its adapter; `None` for a tier.
+async fn find_adapter(
+    app: &App,
+    model: &str,
+) -> Result<Option<(String, AdapterFile)>, ServerError> {
+    if model.starts_with("ft:") {
+        let (base, blob) = find_tuned(app, model).await?;
+        return Ok(Some((base, AdapterFile::Blob(blob))));
     }
-    let (base, _) = find_tuned(app, model).await?;
-    Ok(tuned_tier(app.models.resolve(&base)?, model))
+    Ok(app
+        .models
+        .resolve_adapter(model)
+        .map(|(tier, a)| (tier.id, AdapterFile::Config(a.weights))))
+}
+
+/// The tier a request's model names, as the response and the bill see it: for an `ft:` model
+/// (or a configured adapter), its base tier renamed to it and priced with the tier's
+/// fine-tuned prices.
+pub(crate) async fn tier(app: &App, model: &str) -> Result<Tier, ServerError> {
+    match find_adapter(app, model).await? {
+        None => Ok(app.models.resolve(model)?),
+        Some((base, _)) => Ok(tuned_tier(app.models.resolve(&base)?, model)),
+    }
 }
 
 fn tuned_tier(mut tier: Tier, id: &str) -> Tier {
@@ -730,13 +757,13 @@ fn tuned_tier(mut tier: Tier, id: &str) -> Tier {
     tier
 }
 
-/// The loaded model a request runs on: a tier, or for an `ft:` model its base tier with the
-/// model's adapter (loaded on first use, kept in a small LRU cache).
+/// The loaded model a request runs on: a tier, or for an `ft:` model (or a configured
+/// adapter) its base tier with the model's adapter (loaded on first use, kept in a small LRU
+/// cache).
 pub(crate) async fn loaded(app: &App, model: &str) -> Result<Loaded, ServerError> {
-    if !model.starts_with("ft:") {
+    let Some((base, file)) = find_adapter(app, model).await? else {
         return Ok(app.models.get(model).await?);
-    }
-    let (base, blob) = find_tuned(app, model).await?;
+    };
     let mut loaded = app.models.get(&base).await?;
     let base_key = Arc::as_ptr(&loaded.handle.shared_model()) as usize;
     let cached = {
@@ -757,14 +784,28 @@ pub(crate) async fn loaded(app: &App, model: &str) -> Result<Loaded, ServerError
     let adapter = match cached {
         Some(a) => a,
         None => {
-            let path = app.blobs.path(&blob);
+            let blob_path = match &file {
+                AdapterFile::Blob(blob) => Some(app.blobs.path(blob)),
+                AdapterFile::Config(_) => None,
+            };
             let shared = loaded.handle.shared_model();
             let name = model.to_string();
-            let adapter =
-                tokio::task::spawn_blocking(move || LoraAdapter::load(&path, &name, &shared.model))
-                    .await
-                    .map_err(|e| ServerError::internal("loading an adapter", e))?
-                    .map_err(|e| ServerError::internal("loading an adapter", e))?;
+            let adapter = tokio::task::spawn_blocking(move || {
+                let path = match (blob_path, file) {
+                    (Some(p), _) => p,
+                    // A path is checked, a Hugging Face file fetched (or found in its cache).
+                    (None, AdapterFile::Config(w)) => {
+                        let progress = ferrum_registry::default_progress();
+                        ferrum_registry::ensure_weights(&w, progress.as_ref())
+                            .map_err(|e| ServerError::internal("fetching an adapter", e))?
+                    }
+                    (None, AdapterFile::Blob(_)) => unreachable!("a blob has its path"),
+                };
+                LoraAdapter::load(&path, &name, &shared.model)
+                    .map_err(|e| ServerError::internal("loading an adapter", e))
+            })
+            .await
+            .map_err(|e| ServerError::internal("loading an adapter", e))??;
             let adapter = Arc::new(adapter);
             let mut cache = app.fine_tuning.adapters.lock().expect("lock");
             cache.retain(|a| a.id != model);

@@ -352,6 +352,9 @@ async fn list_models(
         for alias in &tier.aliases {
             data.push(model_object(alias, &tier));
         }
+        for adapter in &tier.adapters {
+            data.push(model_object(&adapter.id, &tier));
+        }
     }
     data.extend(fine_tuning::list_models(&app).await?);
     Ok(Json(List::new(data)))
@@ -363,6 +366,9 @@ async fn get_model(
 ) -> Result<Json<ferrum_protocol::response::Model>, ServerError> {
     if id.starts_with("ft:") {
         return Ok(Json(fine_tuning::get_model(&app, &id).await?));
+    }
+    if let Some((tier, _)) = app.models.resolve_adapter(&id) {
+        return Ok(Json(model_object(&id, &tier)));
     }
     let tier = app.models.resolve(&id)?;
     Ok(Json(model_object(&id, &tier)))

@@ -150,6 +150,15 @@ impl Models {
             .ok_or_else(|| ApiError::model_not_found(model))
     }
 
+    /// The adapter configured as `model` (`[[tier.adapter]]`), with its tier.
+    pub fn resolve_adapter(&self, model: &str) -> Option<(Tier, ferrum_registry::AdapterConfig)> {
+        self.registry
+            .read()
+            .unwrap()
+            .resolve_adapter(model)
+            .map(|(t, a)| (t.clone(), a.clone()))
+    }
+
     fn slot(&self, tier_id: &str) -> Result<Arc<Slot>, ApiError> {
         self.slots
             .read()

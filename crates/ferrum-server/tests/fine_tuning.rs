@@ -90,6 +90,11 @@ struct Server {
 }
 
 async fn server() -> Server {
+    server_with(|_| Registry::embedded_default()).await
+}
+
+/// A server whose registry `registry` makes, given the directory holding the tiny model.
+async fn server_with(registry: impl FnOnce(&std::path::Path) -> Registry) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     let tiny = TinyModel {
@@ -119,7 +124,7 @@ async fn server() -> Server {
             ..BatchConfig::default()
         },
     };
-    let app = ferrum_server::app(Registry::embedded_default(), store, config);
+    let app = ferrum_server::app(registry(dir.path()), store, config);
     app.models
         .install("gpt-4.1-nano", engine.clone())
         .await
@@ -1037,4 +1042,98 @@ async fn a_job_handed_back_at_shutdown_resumes_from_its_checkpoint() {
         .collect();
     numbers.reverse();
     assert_eq!(numbers, (1..=50).map(|e| e * 10).collect::<Vec<u64>>());
+}
+
+/// A LoRA adapter named in `ferrum.toml` (`[[tier.adapter]]`) is served on its tier's engine
+/// as a model of its own, listed, priced at the tier's fine-tuned prices, and not deletable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_adapter_is_served_on_its_tier() {
+    let s = server_with(|dir| {
+        // An adapter trained on the tiny model, as an operator would bring one.
+        let model = LoadedModel::load(&dir.join("tiny.gguf"), &LoadOptions::default()).unwrap();
+        let data: Vec<_> = (0..3)
+            .map(|i| ferrum_train::chat_example(&model, &example(i)).unwrap())
+            .collect();
+        let hyper = ferrum_train::Hyperparameters::resolve(data.len(), Some(1), None, None);
+        let settings = ferrum_train::TrainSettings::new(hyper, 1);
+        struct Quiet;
+        impl ferrum_train::Progress for Quiet {
+            fn step(&mut self, _: &ferrum_train::StepReport) -> ferrum_train::Control {
+                ferrum_train::Control::Continue
+            }
+            fn epoch(&mut self, _: &ferrum_train::EpochReport) -> ferrum_train::Control {
+                ferrum_train::Control::Continue
+            }
+        }
+        let out = ferrum_train::train(&model, &data, &[], &settings, None, &mut Quiet).unwrap();
+        let ferrum_train::Outcome::Finished { adapter, .. } = out else {
+            panic!("training stopped")
+        };
+        std::fs::write(dir.join("support.gguf"), adapter).unwrap();
+        // The default config's last tier is nano: the adapter table attaches to it.
+        let text = format!(
+            "{}\n[[tier.adapter]]\nid = \"nano-support\"\nweights = {{ path = \"support.gguf\" }}\n",
+            ferrum_registry::DEFAULT_CONFIG
+        );
+        Registry::from_toml_str(&text, Some(dir)).unwrap()
+    })
+    .await;
+    let (_, list) = s.call("GET", "/v1/models", None).await;
+    assert!(list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == "nano-support"));
+    let (status, m) = s.call("GET", "/v1/models/nano-support", None).await;
+    assert_eq!(
+        (status, m["id"].as_str()),
+        (StatusCode::OK, Some("nano-support"))
+    );
+    let (status, reply) = s
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(
+                json!({"model": "nano-support", "messages": [{"role": "user", "content": "Q1?"}]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["model"], "nano-support");
+    let ran_with = s.engine.adapters.lock().unwrap().last().cloned().flatten();
+    assert_eq!(ran_with.as_deref(), Some("nano-support"));
+    // The base tier still runs without it.
+    let (status, _) = s
+        .call(
+            "POST",
+            "/v1/chat/completions",
+            Some(
+                json!({"model": "gpt-4.1-nano", "messages": [{"role": "user", "content": "Q1?"}]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        s.engine.adapters.lock().unwrap().last().cloned().flatten(),
+        None
+    );
+    let (status, err) = s.call("DELETE", "/v1/models/nano-support", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{err}");
+    // Billed under its own id at nano's fine-tuned prices.
+    let usage = s.app.store.usage_totals(None).await.unwrap();
+    let row = usage
+        .iter()
+        .find(|u| u.model == "nano-support")
+        .expect("a usage row");
+    let ft = Registry::embedded_default()
+        .get("gpt-4.1-nano")
+        .unwrap()
+        .fine_tuned_price();
+    let expected = ft
+        .price()
+        .cost_usd(row.prompt_tokens, row.cached_tokens, row.completion_tokens);
+    assert!(
+        (row.cost_usd - expected).abs() < 1e-12,
+        "{row:?} vs {expected}"
+    );
 }
