@@ -166,6 +166,10 @@ impl Default for EngineOptions {
 pub struct EngineStats {
     pub running: AtomicU64,
     pub waiting: AtomicU64,
+    /// The interactive part of `running` and `waiting` (work that background jobs, such as
+    /// fine-tuning, yield to; batch lines are background).
+    pub interactive_running: AtomicU64,
+    pub interactive_waiting: AtomicU64,
     pub steps: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub cached_tokens: AtomicU64,
@@ -259,6 +263,7 @@ impl ModelHandle {
     /// Queues a request without waiting. Interactive requests are refused when their queue
     /// is full; background ones always queue.
     pub fn submit(&self, request: Request) -> Result<(), SubmitError> {
+        let interactive = request.priority == Priority::Interactive;
         {
             let mut w = self.queue.lock();
             match request.priority {
@@ -268,6 +273,11 @@ impl ModelHandle {
                 Priority::Interactive => w.interactive.push_back(request),
                 Priority::Background => w.background.push_back(request),
             }
+        }
+        if interactive {
+            self.stats
+                .interactive_waiting
+                .fetch_add(1, Ordering::Relaxed);
         }
         self.queue.arrived.notify_one();
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
@@ -473,6 +483,11 @@ impl<'m> Engine<'m> {
                 return false;
             }
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            if priority == Priority::Interactive {
+                self.stats
+                    .interactive_waiting
+                    .fetch_sub(1, Ordering::Relaxed);
+            }
             self.start(request);
         }
     }
@@ -944,6 +959,13 @@ impl<'m> Engine<'m> {
         );
         s.running
             .store(self.running.len() as u64, Ordering::Relaxed);
+        let interactive = self
+            .running
+            .iter()
+            .filter(|r| r.priority == Priority::Interactive)
+            .count();
+        s.interactive_running
+            .store(interactive as u64, Ordering::Relaxed);
         s.kv_bytes
             .store((self.blocks.used() * per_block) as u64, Ordering::Relaxed);
         s.kv_blocks_used

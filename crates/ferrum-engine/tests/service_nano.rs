@@ -603,3 +603,49 @@ fn predictions_in_a_batch_with_preemption_keep_every_output() {
             > 0
     );
 }
+
+/// Waits for `n` tokens of a request.
+fn tokens_of(rx: &Receiver<Event>, n: usize) {
+    let mut seen = 0;
+    while seen < n {
+        match rx.recv().unwrap() {
+            Event::Token { .. } => seen += 1,
+            Event::Error(e) => panic!("request failed: {e}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn the_interactive_counters_count_interactive_work_only() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let h = handle(8);
+    let p = prompt(&h, "Count to fifty.");
+    let (mut r, background) = request(p.clone(), endless(&h, 40), 1, None);
+    r.priority = Priority::Background;
+    h.submit(r).unwrap();
+    // Stats are published after every step: after three tokens the sequence is counted.
+    tokens_of(&background, 3);
+    let s = h.stats();
+    assert_eq!(s.running.load(Relaxed), 1);
+    assert_eq!(
+        (
+            s.interactive_running.load(Relaxed),
+            s.interactive_waiting.load(Relaxed)
+        ),
+        (0, 0),
+        "a background request is not interactive work"
+    );
+    let (r, interactive) = request(p, endless(&h, 40), 1, None);
+    h.submit(r).unwrap();
+    tokens_of(&interactive, 3);
+    assert_eq!(s.interactive_running.load(Relaxed), 1);
+    assert_eq!(s.interactive_waiting.load(Relaxed), 0);
+    collect(interactive);
+    collect(background);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.interactive_running.load(Relaxed) != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(s.interactive_running.load(Relaxed), 0);
+}

@@ -1178,10 +1178,10 @@ impl Progress for Runner {
         }
     }
 
-    /// Yields to the tier's requests: while its engine has sequences running or waiting, waits
-    /// (up to [`MAX_YIELD`] at a time, so a steady stream slows training without stopping it).
-    /// The engine's counters do not tell interactive requests from batch lines, so training
-    /// yields to both.
+    /// Yields to the tier's interactive requests: while its engine has interactive sequences
+    /// running or waiting, waits (up to [`MAX_YIELD`] at a time, so a steady stream slows
+    /// training without stopping it). Batch lines are background work, as training is: the
+    /// two share the CPU.
     fn pause_point(&mut self) -> Control {
         let started = Instant::now();
         loop {
@@ -1189,8 +1189,8 @@ impl Progress for Runner {
                 return Control::Stop;
             }
             let stats = self.engine.stats();
-            let busy =
-                stats.running.load(Ordering::Relaxed) + stats.waiting.load(Ordering::Relaxed);
+            let busy = stats.interactive_running.load(Ordering::Relaxed)
+                + stats.interactive_waiting.load(Ordering::Relaxed);
             if busy == 0 || started.elapsed() >= MAX_YIELD {
                 return Control::Continue;
             }
