@@ -31,7 +31,8 @@ use ferrum_store::{
     JobSuccess, NewEvent, Order, UsageRecord,
 };
 use ferrum_train::{
-    Control, EpochReport, Example, Hyperparameters, Outcome, Progress, StepReport, TrainSettings,
+    Control, EpochReport, Example, Hyperparameters, LineError, Outcome, Progress, StepReport,
+    TrainSettings,
 };
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -988,7 +989,6 @@ fn read_examples(
     path: &std::path::Path,
     validation: bool,
 ) -> Result<Vec<Example>, FileProblem> {
-    use std::io::BufRead;
     let (code, param, what) = if validation {
         ("invalid_validation_file", "validation_file", "validation")
     } else {
@@ -1001,19 +1001,15 @@ fn read_examples(
     };
     let file = std::fs::File::open(path)
         .map_err(|e| problem(format!("The {what} file cannot be read: {e}.")))?;
-    let mut examples = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
-        let n = i + 1;
-        let line = line.map_err(|e| problem(format!("Reading line {n} failed: {e}.")))?;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let value: Value = serde_json::from_slice(&line)
-            .map_err(|e| problem(format!("Line {n}: invalid JSON ({e}).")))?;
-        let example = ferrum_train::chat_example(model, &value)
-            .map_err(|e| problem(format!("Line {n}: {e}.")))?;
-        examples.push(example);
-    }
+    let examples = ferrum_train::read_chat_examples(model, std::io::BufReader::new(file)).map_err(
+        |(n, e)| {
+            problem(match e {
+                LineError::Read(e) => format!("Reading line {n} failed: {e}."),
+                LineError::Json(e) => format!("Line {n}: invalid JSON ({e})."),
+                LineError::Data(e) => format!("Line {n}: {e}."),
+            })
+        },
+    )?;
     if !validation && examples.len() < MIN_EXAMPLES {
         return Err(problem(format!(
             "Training file has {} example(s), but must have at least {MIN_EXAMPLES} examples.",
@@ -1068,6 +1064,57 @@ async fn load_examples(
     .map_err(|e| ServerError::internal("reading fine-tuning files", e))
 }
 
+/// What a job trains on: its tier's model, its examples, its hyperparameters resolved.
+struct JobInputs {
+    loaded: Loaded,
+    train: Vec<Example>,
+    valid: Vec<Example>,
+    hyper: Hyperparameters,
+}
+
+/// Loads a claimed job's base model and reads its files; `None` when that failed the job
+/// (the model cannot be loaded, a file is missing or has a bad line).
+async fn job_inputs(
+    app: &App,
+    worker: &str,
+    job: &JobRecord,
+) -> Result<Option<JobInputs>, ServerError> {
+    let loaded = match app.models.get(&job.base_tier).await {
+        Ok(l) => l,
+        Err(e) => {
+            let p = FileProblem {
+                code: "model_unavailable",
+                param: "model",
+                message: format!("The base model cannot be loaded: {}", e.message),
+            };
+            fail(app, worker, job, &p).await?;
+            return Ok(None);
+        }
+    };
+    let (train, valid) = match load_examples(app, job, &loaded).await? {
+        Ok(x) => x,
+        Err(p) => {
+            fail(app, worker, job, &p).await?;
+            return Ok(None);
+        }
+    };
+    let requested = Requested::from_json(
+        &serde_json::from_str::<Value>(&job.hyperparameters).unwrap_or(Value::Null),
+    );
+    let hyper = Hyperparameters::resolve(
+        train.len(),
+        requested.n_epochs,
+        requested.batch_size,
+        requested.learning_rate_multiplier,
+    );
+    Ok(Some(JobInputs {
+        loaded,
+        train,
+        valid,
+        hyper,
+    }))
+}
+
 /// Validates a claimed job's files: queues it with its hyperparameters resolved, or fails it
 /// naming the file and line at fault.
 async fn validate(app: &App, worker: &str, job: JobRecord) -> Result<(), ServerError> {
@@ -1083,30 +1130,9 @@ async fn validate(app: &App, worker: &str, job: JobRecord) -> Result<(), ServerE
     {
         return Ok(());
     }
-    let loaded = match app.models.get(&job.base_tier).await {
-        Ok(l) => l,
-        Err(e) => {
-            let p = FileProblem {
-                code: "model_unavailable",
-                param: "model",
-                message: format!("The base model cannot be loaded: {}", e.message),
-            };
-            return fail(app, worker, &job, &p).await;
-        }
+    let Some(JobInputs { train, hyper, .. }) = job_inputs(app, worker, &job).await? else {
+        return Ok(());
     };
-    let (train, _) = match load_examples(app, &job, &loaded).await? {
-        Ok(x) => x,
-        Err(p) => return fail(app, worker, &job, &p).await,
-    };
-    let requested = Requested::from_json(
-        &serde_json::from_str::<Value>(&job.hyperparameters).unwrap_or(Value::Null),
-    );
-    let hyper = Hyperparameters::resolve(
-        train.len(),
-        requested.n_epochs,
-        requested.batch_size,
-        requested.learning_rate_multiplier,
-    );
     let resolved = resolved_json(&hyper);
     let queued = app
         .store
@@ -1223,30 +1249,15 @@ async fn run_job(
     {
         return Ok(());
     }
-    let loaded = match app.models.get(&job.base_tier).await {
-        Ok(l) => l,
-        Err(e) => {
-            let p = FileProblem {
-                code: "model_unavailable",
-                param: "model",
-                message: format!("The base model cannot be loaded: {}", e.message),
-            };
-            return fail(app, worker, &job, &p).await;
-        }
+    let Some(JobInputs {
+        loaded,
+        train,
+        valid,
+        hyper,
+    }) = job_inputs(app, worker, &job).await?
+    else {
+        return Ok(());
     };
-    let (train, valid) = match load_examples(app, &job, &loaded).await? {
-        Ok(x) => x,
-        Err(p) => return fail(app, worker, &job, &p).await,
-    };
-    let requested = Requested::from_json(
-        &serde_json::from_str::<Value>(&job.hyperparameters).unwrap_or(Value::Null),
-    );
-    let hyper = Hyperparameters::resolve(
-        train.len(),
-        requested.n_epochs,
-        requested.batch_size,
-        requested.learning_rate_multiplier,
-    );
     let settings = TrainSettings::new(hyper, job.seed as u64);
     let resume = match &resume_from {
         Some(c) => Some(

@@ -1,9 +1,38 @@
 //! Chat lines to token sequences with a loss mask.
 
+use std::io::BufRead;
+
 use ferrum_engine::LoadedModel;
 use serde_json::Value;
 
 use crate::DataError;
+
+/// What is wrong with a line of a fine-tune file, for [`read_chat_examples`].
+#[derive(Debug)]
+pub enum LineError {
+    Read(std::io::Error),
+    Json(serde_json::Error),
+    Data(DataError),
+}
+
+/// Every chat example of a JSONL fine-tune file ([`chat_example`] per non-blank line), or the
+/// first bad line's number (1-based) and what is wrong with it.
+pub fn read_chat_examples(
+    model: &LoadedModel,
+    reader: impl BufRead,
+) -> Result<Vec<Example>, (usize, LineError)> {
+    let mut examples = Vec::new();
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| (n, LineError::Read(e)))?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let value: Value = serde_json::from_slice(&line).map_err(|e| (n, LineError::Json(e)))?;
+        examples.push(chat_example(model, &value).map_err(|e| (n, LineError::Data(e)))?);
+    }
+    Ok(examples)
+}
 
 /// One training example: its tokens, and which of them are targets (predicted from the ones
 /// before; the loss is taken there and nowhere else).

@@ -21,7 +21,7 @@ mod state;
 mod trainer;
 
 pub use adapter::adapter_gguf;
-pub use data::{chat_example, Example};
+pub use data::{chat_example, read_chat_examples, Example, LineError};
 pub use error::{DataError, TrainError};
 pub use model::MAX_TRAIN_TOKENS;
 pub use trainer::{

@@ -2,7 +2,6 @@
 //! machine and without a server, with a progress bar. The server's fine-tuning jobs run the
 //! same trainer; this command is also how training speed is measured.
 
-use std::io::BufRead;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -50,18 +49,16 @@ fn read_examples(
     path: &PathBuf,
 ) -> anyhow::Result<Vec<Example>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
-        let ex = ferrum_train::chat_example(model, &value)
-            .with_context(|| format!("{} line {}", path.display(), i + 1))?;
-        out.push(ex);
-    }
+    let out = ferrum_train::read_chat_examples(model, std::io::BufReader::new(file)).map_err(
+        |(n, e)| {
+            let why = match e {
+                ferrum_train::LineError::Read(e) => e.to_string(),
+                ferrum_train::LineError::Json(e) => format!("not JSON: {e}"),
+                ferrum_train::LineError::Data(e) => e.to_string(),
+            };
+            anyhow::anyhow!("{} line {n}: {why}", path.display())
+        },
+    )?;
     if out.is_empty() {
         bail!("{} has no examples", path.display());
     }
