@@ -87,6 +87,9 @@ pub struct FlashScratch {
     row: Vec<f32>,
     /// The f32 kernel's scores, then weights, of one key block (`[key][lane]`).
     kq: Vec<f32>,
+    /// The f32 kernel's positions per tile and lane, and softmax states per tile.
+    lanes: Vec<[i32; TILE]>,
+    states: Vec<Softmax>,
 }
 
 /// Attention of `n_q <= 16` consecutive queries at positions `pos0..pos0 + n_q` over the keys
@@ -104,7 +107,7 @@ pub fn attend_tile<'a>(
     kv: impl Iterator<Item = (&'a [f16], &'a [f16])>,
     scale: f32,
     scratch: &mut FlashScratch,
-    out: impl FnMut(usize, &[f32]),
+    mut out: impl FnMut(usize, &[f32]),
 ) {
     assert!(available(), "the tiled attention needs AVX-512");
     assert!((1..=TILE).contains(&n_q));
@@ -140,7 +143,14 @@ pub fn attend_tile<'a>(
         };
         kpos += nk;
     }
-    emit(hd, n_q, ot, std::slice::from_ref(&state), row, out);
+    emit(
+        hd,
+        &[n_q],
+        ot,
+        std::slice::from_ref(&state),
+        row,
+        |_, i, r| out(i, r),
+    );
 }
 
 /// Attention over a q8_0 cache (34-byte rows per 32 values: an f16 scale, 32 signed bytes) of
@@ -164,7 +174,7 @@ pub fn attend_tile_q8<'a>(
     kv: impl Iterator<Item = (&'a [u8], &'a [u8])>,
     scale: f32,
     scratch: &mut FlashScratch,
-    out: impl FnMut(usize, &[f32]),
+    mut out: impl FnMut(usize, &[f32]),
 ) {
     use candle_core::quantized::GgmlDType;
     assert!(available_q8(), "the q8_0 tile needs AVX-512 VNNI");
@@ -213,8 +223,19 @@ pub fn attend_tile_q8<'a>(
             )
         };
     }
-    emit(hd, n_q, ot, std::slice::from_ref(&state), row, out);
+    emit(
+        hd,
+        &[n_q],
+        ot,
+        std::slice::from_ref(&state),
+        row,
+        |_, i, r| out(i, r),
+    );
 }
+
+/// The most query heads that share a key head the engine attends in one call of
+/// [`attend_tiles_f32`] (one tile each): the scratch of 16 tiles stays within L2.
+pub const MAX_GROUP: usize = 16;
 
 /// The most queries [`attend_tile_f32`] takes at once: four 16-lane tiles share each widened
 /// key block, so a long prompt's keys are converted and walked a quarter as often.
@@ -237,17 +258,50 @@ pub fn attend_tile_f32<'a>(
     kv: impl Iterator<Item = (&'a [f16], &'a [f16])>,
     scale: f32,
     scratch: &mut FlashScratch,
-    out: impl FnMut(usize, &[f32]),
+    mut out: impl FnMut(usize, &[f32]),
+) {
+    assert!((1..=F32_QUERIES).contains(&pos.len()));
+    assert!(pos.windows(2).all(|w| w[0] <= w[1]));
+    let tiles: Vec<&[usize]> = pos.chunks(TILE).collect();
+    attend_tiles_f32(
+        hd,
+        &tiles,
+        |g, i| q(g * TILE + i),
+        kv,
+        scale,
+        scratch,
+        |g, i, row| out(g * TILE + i, row),
+    );
+}
+
+/// Attention of several tiles of queries over one key head, in llama.cpp's tiled f32
+/// arithmetic (see the module doc): tile `g` holds `pos[g].len() <= 16` queries at the
+/// (non-decreasing) positions `pos[g]`, query `i` of it is `q(g, i)` and its result goes to
+/// `out(g, i, row)`. Each key block of `kv` (one `(key, value)` head row per position, in order,
+/// up to the largest position) is widened to f32 once for all the tiles. The queries of a
+/// prompt chunk's heads that share a key head (see [`attend_tile_f32`]: a query's result does
+/// not depend on its tile or lane) so read and widen each key row once for the whole group
+/// instead of once per head, and a chunk of 4 tokens fills the lanes with its heads instead of
+/// leaving 12 of 16 idle.
+///
+/// # Panics
+/// If [`available`] is false, a tile is empty, longer than 16 or not sorted, `hd` is not a
+/// multiple of 16, or `kv` yields too few rows.
+pub fn attend_tiles_f32<'a>(
+    hd: usize,
+    pos: &[&[usize]],
+    q: impl Fn(usize, usize) -> &'a [f32],
+    kv: impl Iterator<Item = (&'a [f16], &'a [f16])>,
+    scale: f32,
+    scratch: &mut FlashScratch,
+    mut out: impl FnMut(usize, usize, &[f32]),
 ) {
     assert!(available(), "the tiled attention needs AVX-512");
-    let n_q = pos.len();
-    assert!((1..=F32_QUERIES).contains(&n_q) && hd.is_multiple_of(16));
-    assert!(pos.windows(2).all(|w| w[0] <= w[1]));
-    let tiles = n_q.div_ceil(TILE);
-    // Lane i of tile g is query 16g + i; unused lanes repeat the last query's position (on a
-    // zero query), so every lane sees key 0.
-    let lanes: [[i32; TILE]; F32_QUERIES / TILE] =
-        std::array::from_fn(|g| std::array::from_fn(|i| pos[(g * TILE + i).min(n_q - 1)] as i32));
+    assert!(hd.is_multiple_of(16));
+    assert!(pos
+        .iter()
+        .all(|t| (1..=TILE).contains(&t.len()) && t.windows(2).all(|w| w[0] <= w[1])));
+    let tiles = pos.len();
     let FlashScratch {
         qt,
         ot,
@@ -255,15 +309,26 @@ pub fn attend_tile_f32<'a>(
         v,
         row,
         kq,
+        lanes,
+        states,
         ..
     } = scratch;
+    // Lane i of tile g is query i of it; unused lanes repeat the tile's last position (on a
+    // zero query), so every lane sees key 0 and lane 15 holds the tile's largest position.
+    lanes.clear();
+    lanes.extend(
+        pos.iter()
+            .map(|t| std::array::from_fn(|i| t[i.min(t.len() - 1)] as i32)),
+    );
     let tile_len = hd * TILE;
     qt.clear();
     qt.resize(tiles * tile_len, 0.0);
-    for i in 0..n_q {
-        let t = &mut qt[i / TILE * tile_len..];
-        for (d, &x) in q(i).iter().enumerate() {
-            t[d * TILE + i % TILE] = x;
+    for (g, t) in pos.iter().enumerate() {
+        let qg = &mut qt[g * tile_len..(g + 1) * tile_len];
+        for i in 0..t.len() {
+            for (d, &x) in q(g, i).iter().enumerate() {
+                qg[d * TILE + i] = x;
+            }
         }
     }
     ot.clear();
@@ -271,8 +336,10 @@ pub fn attend_tile_f32<'a>(
     k.resize(hd * KV_BLOCK, 0.0);
     v.resize(hd * KV_BLOCK, 0.0);
     kq.resize(KV_BLOCK * TILE, 0.0);
-    let n_ctx = pos[n_q - 1] + 1;
-    let mut states: [Softmax; F32_QUERIES / TILE] = std::array::from_fn(|_| Softmax::new());
+    states.clear();
+    states.resize(tiles, Softmax::new());
+    let n_ctx = lanes.iter().map(|l| l[TILE - 1]).max().unwrap_or(-1) + 1;
+    let n_ctx = n_ctx as usize;
     let mut kv = kv.take(n_ctx);
     let mut kpos = 0;
     while kpos < n_ctx {
@@ -311,28 +378,31 @@ pub fn attend_tile_f32<'a>(
         }
         kpos += nk;
     }
-    emit(hd, n_q, ot, &states, row, out);
+    let counts: Vec<usize> = pos.iter().map(|t| t.len()).collect();
+    emit(hd, &counts, ot, states, row, |g, i, r| out(g, i, r));
 }
 
-/// Hands each of `n_q` queries' results to `out`: query `i`'s output accumulator (lane
-/// `i % 16` of tile `i / 16` in `ot`, tiles `hd × 16` floats apart) divided by its softmax sum.
+/// Hands each tile's queries' results to `out(tile, query, row)`: tile `g` has `counts[g]`
+/// queries, query `i`'s result is lane `i` of the tile's output accumulator (tiles `hd × 16`
+/// floats apart in `ot`) divided by its softmax sum.
 fn emit(
     hd: usize,
-    n_q: usize,
+    counts: &[usize],
     ot: &[f32],
     states: &[Softmax],
     row: &mut Vec<f32>,
-    mut out: impl FnMut(usize, &[f32]),
+    mut out: impl FnMut(usize, usize, &[f32]),
 ) {
     row.resize(hd, 0.0);
-    for i in 0..n_q {
-        let (g, lane) = (i / TILE, i % TILE);
-        let l = states[g].l[lane];
-        let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
-        for (d, o) in row.iter_mut().enumerate() {
-            *o = ot[g * hd * TILE + d * TILE + lane] * inv;
+    for (g, &n) in counts.iter().enumerate() {
+        for lane in 0..n {
+            let l = states[g].l[lane];
+            let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
+            for (d, o) in row.iter_mut().enumerate() {
+                *o = ot[g * hd * TILE + d * TILE + lane] * inv;
+            }
+            out(g, lane, row);
         }
-        out(i, row);
     }
 }
 
@@ -341,6 +411,7 @@ fn widen(src: &[f16], dst: &mut [f32]) {
 }
 
 /// The online softmax's per-query state: running maximum and sum of weights.
+#[derive(Clone)]
 pub(crate) struct Softmax {
     pub(crate) m: [f32; TILE],
     pub(crate) l: [f32; TILE],
@@ -861,6 +932,54 @@ mod tests {
                     },
                 );
             }
+        }
+    }
+
+    /// Tiles of several heads over one key head (a prompt chunk's group of heads in one call)
+    /// against the scalar port of llama.cpp's kernel, bit for bit: chunks shorter than a tile,
+    /// chunks deep in the context, 1 to 7 heads.
+    #[test]
+    fn grouped_f32_tiles_match_llama_cpp_tiled_attention() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU, the tiled attention is not used");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(23);
+        let (hd, n_ctx) = (64, 700);
+        let (keys, vals, _) = random_rows(&mut rng, n_ctx * hd, 3.0);
+        let heads = 7;
+        let qs: Vec<f32> = (0..n_ctx * heads * hd)
+            .map(|_| rng.gen_range(-2.0..2.0))
+            .collect();
+        let query = |p: usize, h: usize| &qs[(p * heads + h) * hd..(p * heads + h + 1) * hd];
+        let rows = (0..n_ctx).map(|p| (&keys[p * hd..(p + 1) * hd], &vals[p * hd..(p + 1) * hd]));
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut scratch = FlashScratch::default();
+        for (pos0, len, n_heads) in [
+            (0, 16, 7),
+            (3, 5, 2),
+            (520, 16, 4),
+            (640, 9, 1),
+            (690, 10, 7),
+        ] {
+            let pos: Vec<usize> = (pos0..pos0 + len).collect();
+            let tiles = vec![&pos[..]; n_heads];
+            let mut seen = 0;
+            attend_tiles_f32(
+                hd,
+                &tiles,
+                |g, i| query(pos0 + i, g),
+                rows.clone(),
+                scale,
+                &mut scratch,
+                |g, i, got| {
+                    let p = pos0 + i;
+                    let want = llama_tiled(query(p, g), &keys, &vals, p, scale);
+                    assert_eq!(got, &want[..], "position {p} head {g}");
+                    seen += 1;
+                },
+            );
+            assert_eq!(seen, len * n_heads);
         }
     }
 

@@ -504,10 +504,12 @@ impl Transformer {
 
     /// Causal attention of every new query over its own sequence's cache, cut into work items
     /// ([`AttnItem`]) for the pool:
-    /// - a prompt chunk of at least [`FLASH_MIN_TOKENS`] tokens, in tiles of 16 consecutive
-    ///   queries per head for the tiled kernels (`flash`), where the CPU has them: from
-    ///   [`flash::F32_MIN_TOKENS`] tokens, or when the chunk starts [`DEEP_CONTEXT`] positions
-    ///   deep, llama.cpp's tiled f32 arithmetic, else the exact replay of the per-token path;
+    /// - a prompt chunk of at least [`FLASH_MIN_TOKENS`] tokens, or any chunk of 2+ tokens
+    ///   that starts [`DEEP_CONTEXT`] positions deep, in tiles of 16 consecutive queries per
+    ///   head for the tiled kernels (`flash`), where the CPU has them: from
+    ///   [`flash::F32_MIN_TOKENS`] tokens, or deep, llama.cpp's tiled f32 arithmetic with the
+    ///   tiles of heads that share a key head in one item, else the exact replay of the
+    ///   per-token path;
     /// - any other token (decoding, short chunks, verification passes, which must reproduce
     ///   decoding exactly) one by one: with at least [`DEEP_CONTEXT`] positions, all the heads
     ///   that share a key head in one f32 tile (each key row read once for them all), else per
@@ -537,19 +539,39 @@ impl Transformer {
                     let len = (t + n - t0).min(flash::TILE);
                     items.extend((0..nh).map(|h| AttnItem::new(Kernel::Tile16, t0, len, h)));
                 }
-            } else if flash && n >= FLASH_MIN_TOKENS && seq.logits != Logits::All {
+            } else if flash
+                && n > 1
+                && (start + 1 >= DEEP_CONTEXT || n >= FLASH_MIN_TOKENS && seq.logits != Logits::All)
+            {
                 // Deep in the context, a short chunk (the scheduler keeps chunks short while
-                // others decode) takes the f32 kernel too: what decoding there computes, and
-                // several times cheaper than the f16 replay over thousands of keys.
+                // others decode) takes the f32 kernel too: what decoding there computes (each
+                // query's arithmetic is its own, so a verification pass there reproduces
+                // decoding as well), and several times cheaper than the f16 replay over
+                // thousands of keys, or than reading them once per token.
                 let deep = start + 1 >= DEEP_CONTEXT;
-                let (kind, step) = if n >= flash::F32_MIN_TOKENS || deep {
-                    (Kernel::Tile32, flash::F32_QUERIES)
+                if n >= flash::F32_MIN_TOKENS || deep {
+                    // 16 tokens of several heads that share a key head per item, so each key
+                    // row is widened once for all of them; the heads are split only as far as
+                    // needed to give every thread work.
+                    let blocks = n.div_ceil(flash::TILE);
+                    let split = (1..=group)
+                        .find(|s| c.n_kv_heads * blocks * s >= 2 * pool.n_threads())
+                        .unwrap_or(group);
+                    let per_item = group.div_ceil(split).min(flash::MAX_GROUP);
+                    for t0 in (t..t + n).step_by(flash::TILE) {
+                        let len = (t + n - t0).min(flash::TILE);
+                        for h0 in (0..nh).step_by(group) {
+                            for h in (h0..h0 + group).step_by(per_item) {
+                                let heads = (h0 + group - h).min(per_item);
+                                items.push(AttnItem::group(t0, len, h, heads));
+                            }
+                        }
+                    }
                 } else {
-                    (Kernel::Tile16, flash::TILE)
-                };
-                for t0 in (t..t + n).step_by(step) {
-                    let len = (t + n - t0).min(step);
-                    items.extend((0..nh).map(|h| AttnItem::new(kind, t0, len, h)));
+                    for t0 in (t..t + n).step_by(flash::TILE) {
+                        let len = (t + n - t0).min(flash::TILE);
+                        items.extend((0..nh).map(|h| AttnItem::new(Kernel::Tile16, t0, len, h)));
+                    }
                 }
             } else {
                 for (i, t0) in (t..t + n).enumerate() {
@@ -570,8 +592,14 @@ impl Transformer {
         let head_bytes = kv_type.row_bytes(hd);
         let out = SendPtr(ws.attn.as_mut_ptr());
         pool.run(items.len(), &|item| {
-            let AttnItem { kind, t0, len, h } = items[item];
-            let (t0, len, h) = (t0 as usize, len as usize, h as usize);
+            let AttnItem {
+                kind,
+                t0,
+                len,
+                h,
+                heads,
+            } = items[item];
+            let (t0, len, h, heads) = (t0 as usize, len as usize, h as usize, heads as usize);
             let (s, pos0) = (tok[t0].0 as usize, tok[t0].1 as usize);
             let cache = caches[s];
             let n_ctx = if kind == Kernel::Heads32 {
@@ -620,16 +648,23 @@ impl Transformer {
                 Kernel::Token => ATTN_SCRATCH.with(|cell| {
                     ops::attend_f16(qh(t0, h), kv, scale, &mut cell.borrow_mut(), dst(t0, h));
                 }),
-                Kernel::Tile32 => FLASH_SCRATCH.with(|cell| {
-                    let pos: [usize; flash::F32_QUERIES] = std::array::from_fn(|i| pos0 + i);
-                    flash::attend_tile_f32(
+                Kernel::Group => FLASH_SCRATCH.with(|cell| {
+                    // Query k is token k / heads of head k % heads: token-major, so positions
+                    // never decrease, and a short chunk fills the lanes with its heads.
+                    let pos: [usize; flash::TILE * flash::MAX_GROUP] =
+                        std::array::from_fn(|k| pos0 + k / heads);
+                    let pos = &pos[..len * heads];
+                    let tiles: Vec<&[usize]> = pos.chunks(flash::TILE).collect();
+                    let query = |g: usize, i: usize| (g * flash::TILE + i) / heads;
+                    let head = |g: usize, i: usize| h + (g * flash::TILE + i) % heads;
+                    flash::attend_tiles_f32(
                         hd,
-                        &pos[..len],
-                        |i| qh(t0 + i, h),
+                        &tiles,
+                        |g, i| qh(t0 + query(g, i), head(g, i)),
                         kv,
                         scale,
                         &mut cell.borrow_mut(),
-                        |i, o| dst(t0 + i, h).copy_from_slice(o),
+                        |g, i, o| dst(t0 + query(g, i), head(g, i)).copy_from_slice(o),
                     );
                 }),
                 Kernel::Heads32 => FLASH_SCRATCH.with(|cell| {
@@ -736,20 +771,22 @@ enum Kernel {
     Token,
     /// Up to 16 consecutive queries of one head, replaying the per-token path exactly.
     Tile16,
-    /// Up to 64 consecutive queries of one head, in llama.cpp's tiled f32 arithmetic.
-    Tile32,
+    /// Up to 16 consecutive queries of `heads` heads that share a key head, in llama.cpp's
+    /// tiled f32 arithmetic, token-major in the lanes (a short chunk fills them with heads).
+    Group,
     /// Up to 16 heads of one token that share a key head, in the same f32 arithmetic.
     Heads32,
 }
 
 /// One attention work item: `len` tokens from `t0` of head `h` (`Heads32`: `len` heads from
-/// `h` of token `t0`).
+/// `h` of token `t0`; `Group`: of `heads` heads from `h`).
 #[derive(Clone, Copy)]
 struct AttnItem {
     kind: Kernel,
     t0: u32,
     len: u16,
     h: u16,
+    heads: u16,
 }
 
 impl AttnItem {
@@ -759,6 +796,14 @@ impl AttnItem {
             t0: t0 as u32,
             len: len as u16,
             h: h as u16,
+            heads: 1,
+        }
+    }
+
+    fn group(t0: usize, len: usize, h: usize, heads: usize) -> Self {
+        AttnItem {
+            heads: heads as u16,
+            ..AttnItem::new(Kernel::Group, t0, len, h)
         }
     }
 }
