@@ -40,6 +40,7 @@ use crate::kv::blocks::{block_hash, BlockAllocator};
 use crate::kv::{KvCache, KvStorage, DEFAULT_BLOCK_SIZE};
 use crate::model::lora::LoraAdapter;
 use crate::model::transformer::{Logits, SeqInput, Workspace};
+use crate::model::ModelConfig;
 use crate::sched::{StepPlanner, Want};
 
 /// What a request reports: `Started` once, then per choice its tokens and a `ChoiceDone`
@@ -339,6 +340,16 @@ struct Engine<'m> {
     planner: StepPlanner,
 }
 
+/// The depth at which a prompt token's attention does as many FLOPs as its matmuls (the
+/// planner's `depth_scale`): per layer, the projections and the feed-forward block against a
+/// score and a weighted value per key and head (mini: ~8,300 positions).
+fn flop_equal_depth(c: &ModelConfig) -> f64 {
+    let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let matmul = c.d_model * (q + 2 * kv) + q * c.d_model + 3 * c.d_model * c.d_ff;
+    let per_key = 2 * c.n_heads * c.head_dim;
+    matmul as f64 / per_key as f64
+}
+
 /// Blocks of a model's KV pool under `opts`' memory budget, and the bytes of one block.
 fn pool_size(model: &LoadedModel, opts: &EngineOptions) -> (usize, usize) {
     let cfg = &model.model.cfg;
@@ -374,7 +385,11 @@ impl<'m> Engine<'m> {
         );
         Engine {
             model,
-            planner: StepPlanner::new(opts.step_tokens, opts.max_decode_slowdown),
+            planner: StepPlanner::new(
+                opts.step_tokens,
+                opts.max_decode_slowdown,
+                flop_equal_depth(cfg),
+            ),
             opts,
             stats,
             ws: Workspace::default(),
@@ -402,8 +417,9 @@ impl<'m> Engine<'m> {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
             match outcome {
                 Ok(Some((decode, prompt))) => {
-                    self.planner
-                        .observe(decode, prompt, started.elapsed().as_secs_f64())
+                    let seconds = started.elapsed().as_secs_f64();
+                    tracing::trace!(decode, prompt_units = prompt, ms = seconds * 1e3, "step");
+                    self.planner.observe(decode, prompt, seconds)
                 }
                 Ok(None) => {}
                 Err(_) => {
@@ -637,15 +653,19 @@ impl<'m> Engine<'m> {
         session.reset();
     }
 
-    /// One forward pass over the batch, then sampling and events. Returns the decode and
-    /// prompt tokens the pass read (`None` when nothing ran).
-    fn step(&mut self) -> Option<(usize, usize)> {
+    /// One forward pass over the batch, then sampling and events. Returns the decode tokens
+    /// and the units of prompt work ([`StepPlanner::units`]) the pass read (`None` when
+    /// nothing ran).
+    fn step(&mut self) -> Option<(usize, f64)> {
         self.draft_proposals();
         let wants: Vec<Want> = self
             .running
             .iter()
             .map(|r| match r.seq.is_prefilling() {
-                true => Want::Prompt(r.seq.prompt_left()),
+                true => Want::Prompt {
+                    left: r.seq.prompt_left(),
+                    depth: r.session.kv.len(),
+                },
                 // One token, or the token and the predicted ones to verify after it.
                 false => Want::Decode(r.seq.decode_len()),
             })
@@ -655,10 +675,10 @@ impl<'m> Engine<'m> {
         if self.running.is_empty() {
             return None;
         }
-        let (mut decode_tokens, mut prompt_tokens) = (0, 0);
+        let (mut decode_tokens, mut prompt_units) = (0, 0.0);
         for (r, p) in self.running.iter().zip(&plan) {
             match (r.seq.is_prefilling(), p) {
-                (true, Some(n)) => prompt_tokens += n,
+                (true, Some(n)) => prompt_units += self.planner.units(*n, r.session.kv.len()),
                 (false, Some(n)) => decode_tokens += n,
                 _ => {}
             }
@@ -758,7 +778,7 @@ impl<'m> Engine<'m> {
             }
         }
         self.retire();
-        Some((decode_tokens, prompt_tokens))
+        Some((decode_tokens, prompt_units))
     }
 
     /// With a draft model: the draft reads along with every sequence that wants one and
