@@ -7,9 +7,11 @@ mod batches;
 mod callstream;
 mod chat;
 mod error;
+mod evals;
 mod files;
 mod fine_tuning;
 mod frontend;
+mod graders;
 mod metrics;
 mod models;
 mod paging;
@@ -73,6 +75,8 @@ pub struct App {
     pub background: responses::Background,
     /// The fine-tuning runner's wake-up, its running jobs, and the adapters loaded for serving.
     pub fine_tuning: fine_tuning::FineTuning,
+    /// The eval worker's wake-up.
+    pub evals: evals::Evals,
     pub api_key: Option<String>,
     pub metrics: Arc<metrics::Metrics>,
 }
@@ -131,6 +135,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(files::routes())
         .merge(batches::routes())
         .merge(fine_tuning::routes())
+        .merge(evals::routes())
         .merge(responses::routes())
         .merge(admin::routes())
         .route_layer(middleware::from_fn(json_bodies))
@@ -192,6 +197,7 @@ pub fn app(registry: Registry, store: Store, config: ServerConfig) -> Arc<App> {
         batch_wakeup: tokio::sync::Notify::new(),
         background: Default::default(),
         fine_tuning: Default::default(),
+        evals: Default::default(),
         api_key: config.api_key,
         metrics: Arc::default(),
     })
@@ -207,6 +213,12 @@ pub async fn run_batch_worker(app: Arc<App>, stop: tokio::sync::watch::Receiver<
 /// beside the routes and the batch worker).
 pub async fn run_fine_tuning_worker(app: Arc<App>, stop: tokio::sync::watch::Receiver<bool>) {
     fine_tuning::run_worker(app, stop).await
+}
+
+/// Runs the eval worker of `app` until `stop` turns true (what [`serve`] runs beside the
+/// routes and the other workers).
+pub async fn run_eval_worker(app: Arc<App>, stop: tokio::sync::watch::Receiver<bool>) {
+    evals::run_worker(app, stop).await
 }
 
 /// Loads the startup tiers, then serves until `shutdown` resolves; requests in flight (streams
@@ -228,6 +240,7 @@ pub async fn serve(
         Arc::clone(&app),
         worker_stopped.clone(),
     ));
+    let evaluator = tokio::spawn(evals::run_worker(Arc::clone(&app), worker_stopped.clone()));
     let tuner = tokio::spawn(fine_tuning::run_worker(Arc::clone(&app), worker_stopped));
     let addr = listener.local_addr().map_err(ServeError::Io)?;
     // The one line scripts wait for: the server takes requests from now on.
@@ -243,6 +256,7 @@ pub async fn serve(
     let _ = stop_worker.send(true);
     let _ = worker.await;
     let _ = tuner.await;
+    let _ = evaluator.await;
     served.map_err(ServeError::Io)?;
     tracing::info!("server stopped");
     Ok(())

@@ -13,6 +13,7 @@ mod blobs;
 mod completions;
 mod connect;
 mod error;
+mod evals;
 mod files;
 mod fine_tuning;
 mod migrate;
@@ -27,6 +28,10 @@ pub use batches::{
 pub use blobs::BlobStore;
 pub use completions::{CompletionFilter, StoredCompletion};
 pub use error::StoreError;
+pub use evals::{
+    ClaimedItem, CriterionCounts, EvalRecord, ItemOutcome, ItemResult, ModelUsage, NewItem,
+    OutputFilter, OutputItemRecord, RunCounts, RunRecord, RunStatus,
+};
 pub use files::FileRecord;
 pub use fine_tuning::{
     CheckpointRecord, EventRecord, FineTunedModel, JobFilter, JobRecord, JobStatus, JobSuccess,

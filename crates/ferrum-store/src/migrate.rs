@@ -47,6 +47,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "fine_tuning",
         sql: include_str!("../migrations/0004_fine_tuning.sql"),
     },
+    Migration {
+        version: 5,
+        name: "evals",
+        sql: include_str!("../migrations/0005_evals.sql"),
+    },
 ];
 
 /// The key of the Postgres advisory lock held while migrating (arbitrary, "ferrum" in ASCII).

@@ -45,6 +45,8 @@ pub enum Command {
     Usage(crate::serve::UsageArgs),
     /// Write stored chat completions (`store: true`) as fine-tuning JSONL.
     Export(crate::serve::ExportArgs),
+    /// The evals in the database and their runs with their scores.
+    Evals(crate::evals::EvalsArgs),
     /// Train a LoRA adapter on a JSONL file of chat examples, locally.
     FineTune(crate::finetune::FineTuneArgs),
 }
@@ -174,6 +176,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => crate::serve::serve(registry, args),
         Command::Usage(args) => crate::serve::usage(args),
         Command::Export(args) => crate::serve::export(args),
+        Command::Evals(args) => crate::evals::evals(args),
         Command::FineTune(args) => crate::finetune::fine_tune(&registry, args),
     }
 }

@@ -1,7 +1,9 @@
-//! The `ferrum` binary: `serve | pull | run | chat | bench | models | usage | export | fine-tune`.
+//! The `ferrum` binary: `serve | pull | run | chat | bench | models | usage | export | evals |
+//! fine-tune`.
 
 mod bench;
 mod cli;
+mod evals;
 mod finetune;
 mod serve;
 

@@ -40,6 +40,13 @@ OPERATIONS = {
     ("post", "/fine_tuning/jobs/{fine_tuning_job_id}/resume"),
     ("get", "/fine_tuning/jobs/{fine_tuning_job_id}/events"),
     ("get", "/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"),
+    ("post", "/evals"), ("get", "/evals"), ("get", "/evals/{eval_id}"),
+    ("post", "/evals/{eval_id}"), ("delete", "/evals/{eval_id}"),
+    ("post", "/evals/{eval_id}/runs"), ("get", "/evals/{eval_id}/runs"),
+    ("get", "/evals/{eval_id}/runs/{run_id}"), ("post", "/evals/{eval_id}/runs/{run_id}"),
+    ("delete", "/evals/{eval_id}/runs/{run_id}"),
+    ("get", "/evals/{eval_id}/runs/{run_id}/output_items"),
+    ("get", "/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}"),
 }
 
 
@@ -53,11 +60,21 @@ OPERATIONS = {
 #   body is `{"error": Error}` (`ErrorResponse`), which the SDKs parse.
 # - FineTuningJob.status lists no `paused`, but the pause operation answers with a paused job
 #   (its own example shows `"status": "paused"`), and resume takes it back to `queued`.
+# - EvalRun.error and an output item's sample.error are typed as objects, but a run or sample
+#   without an error has `"error": null` (the spec's own examples show it).
+# - The message templates of completions and responses run data sources are `oneOf` two
+#   schemas that a plain `{"role", "content": "text"}` message (the spec's own example) matches
+#   both of: `anyOf`.
+# - The spec cancels a run with `POST /evals/{eval_id}/runs/{run_id}`, the official SDKs with
+#   `POST .../runs/{run_id}/cancel`; ferrum serves both, and both answer an EvalRun.
 SPEC_GAPS = [
     "OpenAIFile.purpose also takes 'evals' (CreateFileRequest accepts it)",
     "ChatCompletionMessageList items take every request message role",
     "error responses typed as the bare Error object are ErrorResponse",
     "FineTuningJob.status also takes 'paused' (what the pause operation answers)",
+    "EvalRun.error and EvalRunOutputItem.sample.error are null without an error",
+    "run data source message templates are anyOf (a plain message matches both branches)",
+    "POST /evals/{eval_id}/runs/{run_id}/cancel (the SDKs' cancel) answers an EvalRun too",
 ]
 
 
@@ -75,6 +92,15 @@ def patch_gaps(paths: dict, kept: dict, all_schemas: dict) -> None:
                 for content in (response.get("content") or {}).values():
                     if content.get("schema") == {"$ref": "#/components/schemas/Error"}:
                         content["schema"] = {"$ref": "#/components/schemas/ErrorResponse"}
+    for name in ("EvalRun",):
+        error = schemas[name]["properties"]["error"]
+        schemas[name]["properties"]["error"] = {"anyOf": [error, {"type": "null"}]}
+    sample = schemas["EvalRunOutputItem"]["properties"]["sample"]["properties"]
+    sample["error"] = {"anyOf": [sample["error"], {"type": "null"}]}
+    for name in ("CreateEvalCompletionsRunDataSource", "CreateEvalResponsesRunDataSource"):
+        template = schemas[name]["properties"]["input_messages"]["oneOf"][0]
+        items = template["properties"]["template"]["items"]
+        items["anyOf"] = items.pop("oneOf")
     # The references patched in need their targets.
     schemas.setdefault("ErrorResponse", all_schemas["ErrorResponse"])
     schemas.setdefault("Error", all_schemas["Error"])
@@ -111,6 +137,7 @@ def main() -> None:
                 if ref:
                     name = ref.rsplit("/", 1)[1]
                     operations.setdefault(f"{method.upper()} /v1{path}", {})[ctype] = name
+    operations["POST /v1/evals/{eval_id}/runs/{run_id}/cancel"] = {"application/json": "EvalRun"}
     keep: dict = {}
     while todo:
         name = todo.pop()
