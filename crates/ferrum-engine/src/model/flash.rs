@@ -145,7 +145,7 @@ pub fn attend_tile<'a>(
     }
     emit(
         hd,
-        &[n_q],
+        [n_q],
         ot,
         std::slice::from_ref(&state),
         row,
@@ -225,7 +225,7 @@ pub fn attend_tile_q8<'a>(
     }
     emit(
         hd,
-        &[n_q],
+        [n_q],
         ot,
         std::slice::from_ref(&state),
         row,
@@ -262,10 +262,15 @@ pub fn attend_tile_f32<'a>(
 ) {
     assert!((1..=F32_QUERIES).contains(&pos.len()));
     assert!(pos.windows(2).all(|w| w[0] <= w[1]));
-    let tiles: Vec<&[usize]> = pos.chunks(TILE).collect();
+    // At most four tiles: an array, not an allocation per call (decoding calls this per key
+    // head and layer).
+    let mut tiles = [&pos[..0]; F32_QUERIES / TILE];
+    for (t, chunk) in tiles.iter_mut().zip(pos.chunks(TILE)) {
+        *t = chunk;
+    }
     attend_tiles_f32(
         hd,
-        &tiles,
+        &tiles[..pos.len().div_ceil(TILE)],
         |g, i| q(g * TILE + i),
         kv,
         scale,
@@ -378,23 +383,29 @@ pub fn attend_tiles_f32<'a>(
         }
         kpos += nk;
     }
-    let counts: Vec<usize> = pos.iter().map(|t| t.len()).collect();
-    emit(hd, &counts, ot, states, row, |g, i, r| out(g, i, r));
+    emit(
+        hd,
+        pos.iter().map(|t| t.len()),
+        ot,
+        states,
+        row,
+        |g, i, r| out(g, i, r),
+    );
 }
 
-/// Hands each tile's queries' results to `out(tile, query, row)`: tile `g` has `counts[g]`
-/// queries, query `i`'s result is lane `i` of the tile's output accumulator (tiles `hd × 16`
-/// floats apart in `ot`) divided by its softmax sum.
+/// Hands each tile's queries' results to `out(tile, query, row)`: tile `g` has the `g`th of
+/// `counts` queries, query `i`'s result is lane `i` of the tile's output accumulator (tiles
+/// `hd × 16` floats apart in `ot`) divided by its softmax sum.
 fn emit(
     hd: usize,
-    counts: &[usize],
+    counts: impl IntoIterator<Item = usize>,
     ot: &[f32],
     states: &[Softmax],
     row: &mut Vec<f32>,
     mut out: impl FnMut(usize, usize, &[f32]),
 ) {
     row.resize(hd, 0.0);
-    for (g, &n) in counts.iter().enumerate() {
+    for (g, n) in counts.into_iter().enumerate() {
         for lane in 0..n {
             let l = states[g].l[lane];
             let inv = if l == 0.0 { 0.0 } else { 1.0 / l };

@@ -654,12 +654,16 @@ impl Transformer {
                     let pos: [usize; flash::TILE * flash::MAX_GROUP] =
                         std::array::from_fn(|k| pos0 + k / heads);
                     let pos = &pos[..len * heads];
-                    let tiles: Vec<&[usize]> = pos.chunks(flash::TILE).collect();
+                    let mut tiles = [&pos[..0]; flash::MAX_GROUP];
+                    for (t, chunk) in tiles.iter_mut().zip(pos.chunks(flash::TILE)) {
+                        *t = chunk;
+                    }
+                    let tiles = &tiles[..pos.len().div_ceil(flash::TILE)];
                     let query = |g: usize, i: usize| (g * flash::TILE + i) / heads;
                     let head = |g: usize, i: usize| h + (g * flash::TILE + i) % heads;
                     flash::attend_tiles_f32(
                         hd,
-                        &tiles,
+                        tiles,
                         |g, i| qh(t0 + query(g, i), head(g, i)),
                         kv,
                         scale,
