@@ -192,16 +192,23 @@ def test_auto_streams_text_and_calls_as_they_are_generated(tiers_server, tier, m
         assert len(contents) > 3, "text came whole, not as it was generated"
 
 
+THREE_CITIES = ("I need the current weather in Paris, London and Tokyo (unit c). "
+                "Call the tool once per city.")
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("tier", ["gpt-4.1-mini", "gpt-4.1"])
 def test_auto_calls_are_always_valid_tool_calls(tiers_server, tier, stream):
-    """With tool_choice "auto", mini and gpt-4.1 answer a two-city question with calls in a
-    ```json fence, their own habit: the auto grammar checks that form too, so the answer is
+    """With tool_choice "auto", mini and gpt-4.1 answer a three-city question with calls in
+    ```json fences, their own habit: the auto grammar checks that form too, so the answer is
     `tool_calls` with arguments valid against the schema (before, gpt-4.1 wrote
-    `"city": ["Paris", "Tokyo"]`), never text holding a call, streamed or not."""
+    `"city": ["Paris", "Tokyo"]`), never text holding a call, streamed or not. gpt-4.1 writes one
+    fence per city, a parallel call: three `tool_calls` (before, three fences came back as text
+    with finish "stop"). mini (greedy) writes the first city's call and ends its turn, which the
+    grammar allows; that is the model's choice (under tool_choice "required" it calls all three)."""
     client = tiers_server.client()
-    kwargs = dict(model=tier, tools=TOOLS, max_tokens=200, temperature=0, messages=[
-        {"role": "user", "content": "Get the weather for each of these cities: Paris, Tokyo (celsius)."}])
+    kwargs = dict(model=tier, tools=TOOLS, max_tokens=200, temperature=0,
+                  messages=[{"role": "user", "content": THREE_CITIES}])
     if stream:
         contents, calls, _, finish = stream_choice(client, **kwargs)
         found = [(c["name"], c["arguments"]) for c in calls.values()]
@@ -216,6 +223,35 @@ def test_auto_calls_are_always_valid_tool_calls(tiers_server, tier, stream):
     assert found, found
     for name, arguments in found:
         jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+    cities = [json.loads(arguments)["city"] for _, arguments in found]
+    if tier == "gpt-4.1":
+        assert cities == ["Paris", "London", "Tokyo"], found
+    else:
+        assert cities[0] == "Paris", found
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_parallel_auto_calls_over_responses(tiers_server, stream):
+    """The same parallel call over the Responses API: one `function_call` output item per city,
+    with valid arguments, streamed (`response.output_item.added` per call) or not."""
+    client = tiers_server.client()
+    tools = [{"type": "function", "name": t["function"]["name"],
+              "description": t["function"]["description"], "parameters": t["function"]["parameters"],
+              "strict": t["function"].get("strict", False)} for t in TOOLS]
+    kwargs = dict(model="gpt-4.1", input=THREE_CITIES, tools=tools, max_output_tokens=200,
+                  temperature=0)
+    if stream:
+        events = list(client.responses.create(stream=True, **kwargs))
+        added = [e.item for e in events if e.type == "response.output_item.added"]
+        assert [item.type for item in added] == ["function_call"] * 3, added
+        output = [e for e in events if e.type == "response.completed"][0].response.output
+    else:
+        output = client.responses.create(**kwargs).output
+    assert [item.type for item in output] == ["function_call"] * 3, output
+    for item in output:
+        jsonschema.validate(json.loads(item.arguments), SCHEMAS[item.name])
+        assert item.call_id.startswith("call_"), item
+    assert [json.loads(item.arguments)["city"] for item in output] == ["Paris", "London", "Tokyo"]
 
 
 def run_tool(name: str, arguments: str) -> str:

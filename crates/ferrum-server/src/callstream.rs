@@ -751,6 +751,24 @@ mod tests {
             ]
         );
         assert_eq!(fin, Some(true));
+        // Fence after fence (parallel calls) streams the same calls the whole text parses to.
+        let text = "```json\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n```\n```json\n{\"name\": \"t\", \"arguments\": {}}\n```";
+        let (content, calls, fin) =
+            auto(&chars(text).iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!((content.as_str(), fin), ("", Some(true)));
+        let (_, parsed) = crate::tools::parse(
+            text,
+            crate::tools::ToolMode::Auto,
+            &["get_weather", "t"],
+            String::new,
+        );
+        let parsed: Vec<(usize, String, String)> = parsed
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.function.name, c.function.arguments))
+            .collect();
+        assert_eq!(calls, parsed);
+        assert_eq!(calls.len(), 2);
         // Other fences and text stream.
         let (content, _, fin) = auto(&["```python\nprint(1)\n```"]);
         assert_eq!(

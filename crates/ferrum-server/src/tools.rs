@@ -182,24 +182,23 @@ pub fn parse(
     }
 }
 
-/// The calls of an answer that is only JSON naming known functions.
+/// The calls of an answer that is only JSON naming known functions: one call or an array of
+/// them, bare or in ```json fences (one fence after another is a parallel call, as gpt-4.1's
+/// weights write it).
 fn bare_calls(
     text: &str,
     names: &[&str],
     call: &dyn Fn(&Value) -> Option<ToolCall>,
 ) -> Option<Vec<ToolCall>> {
     let t = text.trim();
-    let t = t
-        .strip_prefix("```json")
-        .or_else(|| t.strip_prefix("```"))
-        .and_then(|r| r.trim_end().strip_suffix("```"))
-        .unwrap_or(t)
-        .trim();
-    let items = match serde_json::from_str::<Value>(t).ok()? {
-        Value::Array(items) => items,
-        v @ Value::Object(_) => vec![v],
-        _ => return None,
-    };
+    let mut items = Vec::new();
+    for value in json_values(t)? {
+        match value {
+            Value::Array(calls) => items.extend(calls),
+            v @ Value::Object(_) => items.push(v),
+            _ => return None,
+        }
+    }
     let known = |v: &Value| {
         v.get("name")
             .and_then(Value::as_str)
@@ -222,6 +221,27 @@ fn bare_calls(
         }
     }
     Some(calls)
+}
+
+/// The JSON values of `t`: one bare value, or the contents of one or more fences (```json or
+/// ```), separated by whitespace only; `None` when anything else is there.
+fn json_values(t: &str) -> Option<Vec<Value>> {
+    if !t.starts_with("```") {
+        return serde_json::from_str(t).ok().map(|v| vec![v]);
+    }
+    let mut values = Vec::new();
+    let mut rest = t;
+    while !rest.is_empty() {
+        let body = rest
+            .strip_prefix("```json")
+            .or_else(|| rest.strip_prefix("```"))?
+            .trim_start();
+        let mut stream = serde_json::Deserializer::from_str(body).into_iter::<Value>();
+        values.push(stream.next()?.ok()?);
+        let end = stream.byte_offset();
+        rest = body[end..].trim_start().strip_prefix("```")?.trim_start();
+    }
+    Some(values)
 }
 
 #[cfg(test)]
@@ -281,5 +301,26 @@ mod tests {
         assert_eq!(calls[0].function.arguments, r#"{"city": "Paris"}"#);
         let (c, calls) = parse(fenced, ToolMode::Auto, &["other"], id);
         assert!(calls.is_empty() && c.is_some());
+        // One fence after another: parallel calls (gpt-4.1 asked about three cities).
+        let fences = "```json\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Paris\"}}\n```\n```json\n[{\"name\": \"time\", \"arguments\": {}}]\n```\n```\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Rome\"}}\n```";
+        let (c, calls) = parse(fences, ToolMode::Auto, &["weather", "time"], id);
+        assert_eq!(c, None);
+        let found: Vec<_> = calls
+            .iter()
+            .map(|c| (c.function.name.as_str(), c.function.arguments.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("weather", r#"{"city": "Paris"}"#),
+                ("time", "{}"),
+                ("weather", r#"{"city": "Rome"}"#)
+            ]
+        );
+        // Text after the fences, or a fence left open, keeps the answer text.
+        for text in [format!("{fences}\nDone."), fences[..fences.len() - 3].to_string()] {
+            let (c, calls) = parse(&text, ToolMode::Auto, &["weather", "time"], id);
+            assert!(calls.is_empty() && c.as_deref() == Some(text.trim()), "{text}");
+        }
     }
 }
