@@ -309,6 +309,62 @@ def test_stored_completions_and_responses_sources(client):
     assert item.sample.output[0].content and item.sample.usage.completion_tokens > 0, item
 
 
+def test_stored_responses_source(client):
+    """A `responses` source reads stored responses by its filter (metadata, model,
+    instructions_search, users, created window): each becomes an item (`input`, `output_text`,
+    ...) whose stored output is the sample, or which a model answers again by
+    `item_reference`."""
+    tag = f"resp-{time.monotonic_ns()}"
+    start = int(time.time())
+    made = []
+    for city, user in [("Paris", "ann"), ("Rome", "bob"), ("Oslo", "ann")]:
+        made.append(client.responses.create(
+            model=NANO, input=f"Say {city}.", instructions="Answer in one word.",
+            metadata={"suite": tag}, user=user, max_output_tokens=16, temperature=0))
+    client.responses.create(model=NANO, input="Say Lima.", metadata={"suite": tag},
+                            store=False, max_output_tokens=16, temperature=0)
+    ev = client.evals.create(
+        data_source_config={"type": "logs", "metadata": {"suite": tag}},
+        testing_criteria=[string_check("same", "eq", reference="{{item.output_text}}"),
+                          string_check("mentions", "ilike", reference="{{item.input.0.content}}")],
+    )
+    source = {"type": "responses", "metadata": {"suite": tag}, "model": NANO,
+              "instructions_search": "one word", "users": ["ann"],
+              "created_after": start, "created_before": int(time.time()) + 1}
+    run = client.evals.runs.create(ev.id, data_source={"type": "responses", "source": source})
+    run = wait_for_run(client, ev.id, run.id)
+    assert run.status == "completed" and run.result_counts.total == 2, run
+    assert run.per_model_usage == []
+    items = output_items(client, ev.id, run.id, order="asc")
+    by_id = {i.datasource_item["id"]: i for i in items}
+    assert set(by_id) == {made[0].id, made[2].id}, by_id.keys()
+    first = by_id[made[0].id]
+    assert first.datasource_item["input"] == [{"role": "user", "content": "Say Paris."}]
+    assert first.datasource_item["output_text"] == made[0].output_text
+    assert first.datasource_item["user"] == "ann"
+    assert [r.name.split("-")[0] for r in first.results][:1] == ["same"]
+    assert first.results[0].passed, first.results
+
+    again = client.evals.runs.create(ev.id, data_source={
+        "type": "responses", "model": NANO,
+        "input_messages": {"type": "item_reference", "item_reference": "item.input"},
+        "sampling_params": {"temperature": 0, "max_completion_tokens": 16},
+        "source": {"type": "responses", "metadata": {"suite": tag}, "users": ["bob"]},
+    })
+    again = wait_for_run(client, ev.id, again.id)
+    assert again.status == "completed" and again.result_counts.total == 1, again
+    assert again.per_model_usage[0].invocation_count == 1
+
+    none = client.evals.runs.create(ev.id, data_source={
+        "type": "responses", "source": {"type": "responses", "metadata": {"suite": "no-such"}}})
+    none = wait_for_run(client, ev.id, none.id)
+    assert none.status == "failed" and "no items" in none.error.message, none
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.evals.runs.create(ev.id, data_source={
+            "type": "responses", "source": {"type": "responses", "users": "ann"}})
+    assert bad.value.body["param"] == "data_source.source.users"
+
+
 def test_bad_files(evals_server, client):
     ev = client.evals.create(data_source_config=CUSTOM,
                              testing_criteria=[string_check("eq", "eq")])

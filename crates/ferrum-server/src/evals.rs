@@ -4,7 +4,9 @@
 //! `logs` filtered by metadata) and testing criteria (`graders.rs`). A run names a data source:
 //! `jsonl` items (inline or a file), or `completions` / `responses`, which first generate a
 //! sample per item with a model through the same in-process path as chat completions and the
-//! Responses API (or, for stored completions without a model, take the stored answer).
+//! Responses API. Their items may also be stored chat completions or stored responses
+//! (selected by metadata, model, time, ...), whose stored answer is the sample unless a model
+//! answers again.
 //!
 //! Every server runs one eval worker, built like the batch worker: it claims a queued run and
 //! reads its data source into one row per item (`queued` -> `in_progress`, or `failed` with an
@@ -307,6 +309,66 @@ enum Source {
         created_before: Option<i64>,
         limit: Option<usize>,
     },
+    /// Stored responses of the Responses API matching a filter.
+    Responses(ResponsesFilter),
+}
+
+/// Which stored responses a `responses` source reads (the spec's `EvalResponsesSource`): all
+/// given conditions must hold. Responses still running, failed or cancelled are left out.
+#[derive(Clone, Debug, Default)]
+struct ResponsesFilter {
+    metadata: Vec<(String, String)>,
+    model: Option<String>,
+    /// A substring of the response's `instructions`.
+    instructions_search: Option<String>,
+    /// Inclusive bounds on `created_at`.
+    created_after: Option<i64>,
+    created_before: Option<i64>,
+    reasoning_effort: Option<String>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    /// The response's `user` is one of these.
+    users: Vec<String>,
+    /// The response offered every one of these tools (by function name, or type).
+    tools: Vec<String>,
+}
+
+impl ResponsesFilter {
+    /// Whether a stored response (its response object) passes the filter's conditions beyond
+    /// the model, which the store applies.
+    fn matches(&self, object: &Value) -> bool {
+        let created = object["created_at"].as_i64().unwrap_or_default();
+        let same = |want: Option<f64>, key: &str| {
+            want.is_none_or(|w| object[key].as_f64().is_some_and(|v| (v - w).abs() < 1e-9))
+        };
+        let offered: Vec<&str> = object["tools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["name"].as_str().or(t["type"].as_str()))
+            .collect();
+        self.metadata
+            .iter()
+            .all(|(k, v)| object["metadata"][k].as_str() == Some(v))
+            && self.instructions_search.as_ref().is_none_or(|q| {
+                object["instructions"]
+                    .as_str()
+                    .is_some_and(|i| i.contains(q.as_str()))
+            })
+            && self.created_after.is_none_or(|t| created >= t)
+            && self.created_before.is_none_or(|t| created <= t)
+            && self
+                .reasoning_effort
+                .as_ref()
+                .is_none_or(|e| object["reasoning"]["effort"].as_str() == Some(e.as_str()))
+            && same(self.temperature, "temperature")
+            && same(self.top_p, "top_p")
+            && (self.users.is_empty()
+                || object["user"]
+                    .as_str()
+                    .is_some_and(|u| self.users.iter().any(|w| w == u)))
+            && self.tools.iter().all(|t| offered.contains(&t.as_str()))
+    }
 }
 
 /// How a run's messages to the model are made from an item.
@@ -378,8 +440,8 @@ fn parse_data_source(f: &Fields, config: &Config) -> Result<DataSource, ApiError
                     input: parse_input_messages(f, &ns)?,
                     params: parse_sampling_params(f, api)?,
                 }),
-                // Stored completions already hold a sample: their answer.
-                None if matches!(source, Source::Stored { .. }) => None,
+                // Stored completions and responses already hold a sample: their answer.
+                None if matches!(source, Source::Stored { .. } | Source::Responses(_)) => None,
                 None => return Err(missing(&f.path_of("model"))),
             };
             Ok(DataSource { source, sampling })
@@ -398,14 +460,6 @@ fn parse_source(f: &Fields, kinds: &[&'static str], config: &Config) -> Result<S
         .ok_or_else(|| missing(&f.path_of("source")))?;
     let kind = s.required_str("type")?;
     if !kinds.contains(&kind) {
-        if kind == "responses" {
-            return Err(ApiError::invalid_param(
-                s.path_of("type"),
-                "unsupported_value",
-                "Sources of type 'responses' (stored responses) are not supported by this \
-                 server; give the items as 'file_content' or 'file_id'.",
-            ));
-        }
         return Err(invalid_value(&s.path_of("type"), kind, kinds));
     }
     match kind {
@@ -438,6 +492,7 @@ fn parse_source(f: &Fields, kinds: &[&'static str], config: &Config) -> Result<S
             s.deny_unknown(&["type", "id"])?;
             Ok(Source::File(s.required_str("id")?.to_string()))
         }
+        "responses" => parse_responses_filter(&s).map(Source::Responses),
         _ => {
             s.deny_unknown(&[
                 "type",
@@ -447,19 +502,8 @@ fn parse_source(f: &Fields, kinds: &[&'static str], config: &Config) -> Result<S
                 "created_before",
                 "limit",
             ])?;
-            let metadata = match s.object("metadata")? {
-                None => Vec::new(),
-                Some(m) => m
-                    .map
-                    .iter()
-                    .map(|(k, v)| match v {
-                        Value::String(v) => Ok((k.clone(), v.clone())),
-                        other => Err(invalid_type(&m.path_of(k), "a string", other)),
-                    })
-                    .collect::<Result<_, _>>()?,
-            };
             Ok(Source::Stored {
-                metadata,
+                metadata: metadata_filter(&s)?,
                 model: s.str("model")?.map(str::to_string),
                 created_after: s.integer("created_after", 0, i64::MAX)?,
                 created_before: s.integer("created_before", 0, i64::MAX)?,
@@ -584,6 +628,66 @@ fn parse_input_messages(f: &Fields, ns: &Namespace) -> Result<InputMessages, Api
     }
 }
 
+/// A source's `metadata` filter: string values only.
+fn metadata_filter(s: &Fields) -> Result<Vec<(String, String)>, ApiError> {
+    match s.object("metadata")? {
+        None => Ok(Vec::new()),
+        Some(m) => m
+            .map
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(v) => Ok((k.clone(), v.clone())),
+                other => Err(invalid_type(&m.path_of(k), "a string", other)),
+            })
+            .collect(),
+    }
+}
+
+/// A `responses` source: the filter over stored responses.
+fn parse_responses_filter(s: &Fields) -> Result<ResponsesFilter, ApiError> {
+    s.deny_unknown(&[
+        "type",
+        "metadata",
+        "model",
+        "instructions_search",
+        "created_after",
+        "created_before",
+        "reasoning_effort",
+        "temperature",
+        "top_p",
+        "users",
+        "tools",
+    ])?;
+    let strings = |key: &str| -> Result<Vec<String>, ApiError> {
+        let Some(list) = s.array(key)? else {
+            return Ok(Vec::new());
+        };
+        list.iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(v) => Ok(v.clone()),
+                other => Err(invalid_type(
+                    &format!("{}[{i}]", s.path_of(key)),
+                    "a string",
+                    other,
+                )),
+            })
+            .collect()
+    };
+    Ok(ResponsesFilter {
+        metadata: metadata_filter(s)?,
+        model: s.str("model")?.map(str::to_string),
+        instructions_search: s.str("instructions_search")?.map(str::to_string),
+        created_after: s.integer("created_after", 0, i64::MAX)?,
+        created_before: s.integer("created_before", 0, i64::MAX)?,
+        reasoning_effort: s.str("reasoning_effort")?.map(str::to_string),
+        temperature: s.decimal("temperature", 0.0, 2.0)?,
+        top_p: s.decimal("top_p", 0.0, 1.0)?,
+        users: strings("users")?,
+        tools: strings("tools")?,
+    })
+}
+
 /// `sampling_params` as members of the chat or Responses request.
 fn parse_sampling_params(f: &Fields, api: Api) -> Result<Map<String, Value>, ApiError> {
     let mut out = Map::new();
@@ -689,6 +793,7 @@ async fn create_run(
         .map(|s| s.model.clone())
         .or(match &ds.source {
             Source::Stored { model, .. } => model.clone(),
+            Source::Responses(filter) => filter.model.clone(),
             _ => None,
         });
     let record = RunRecord {
@@ -1129,7 +1234,8 @@ async fn start(app: &App, worker: &str, run: RunRecord) -> Result<(), ServerErro
     let items = items.and_then(|items| match items.len() {
         0 => Err(SourceError {
             code: "empty_data_source",
-            message: "The data source has no items (no stored completion matches its filter)."
+            message: "The data source has no items (no stored completion or response matches \
+                      its filter)."
                 .into(),
         }),
         n if n > MAX_ITEMS => Err(SourceError {
@@ -1210,7 +1316,95 @@ async fn items(app: &App, source: &Source, config: &Config) -> Result<Vec<NewIte
             }
             Ok(out)
         }
+        Source::Responses(filter) => stored_responses(app, filter).await,
     }
+}
+
+/// The items of a `responses` source: finished stored responses that pass its filter, oldest
+/// first, at most [`MAX_ITEMS`] + 1 (so that too many is reported, not cut).
+async fn stored_responses(
+    app: &App,
+    filter: &ResponsesFilter,
+) -> Result<Vec<NewItem>, SourceError> {
+    let mut page = Page {
+        after: None,
+        limit: 100,
+        order: Order::Asc,
+    };
+    let mut out = Vec::new();
+    loop {
+        let listed = app
+            .store
+            .list_finished_responses(filter.model.as_deref(), &page)
+            .await
+            .map_err(|e| SourceError {
+                code: "server_error",
+                message: format!("The stored responses could not be read: {e}"),
+            })?;
+        page.after = listed.items.last().map(|r| r.id.clone());
+        for r in &listed.items {
+            let object = parse_json(&r.object);
+            if filter.matches(&object) && out.len() <= MAX_ITEMS {
+                out.push(response_item(r, &object));
+            }
+        }
+        if !listed.has_more || out.len() > MAX_ITEMS {
+            return Ok(out);
+        }
+    }
+}
+
+/// A stored response as an item (`input`: its own input items as messages; `output_text`: its
+/// answer; also `instructions`, `metadata`, `user`) with its output as the sample.
+fn response_item(r: &ferrum_store::ResponseRecord, object: &Value) -> NewItem {
+    let input: Vec<Value> = parse_json(&r.input_items)
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["type"].as_str().is_none_or(|t| t == "message"))
+        .map(|i| json!({"role": i["role"], "content": message_text(&i["content"])}))
+        .collect();
+    let (text, tools) = response_output(object);
+    let item = json!({
+        "id": r.id,
+        "model": r.model,
+        "created_at": r.created_at,
+        "metadata": object["metadata"],
+        "instructions": object["instructions"],
+        "user": object["user"],
+        "input": input,
+        "output_text": text,
+    });
+    let mut sample = json!({
+        "model": object["model"],
+        "output_text": text,
+        "finish_reason": match (tools.is_null(), object["status"].as_str()) {
+            (false, _) => "tool_calls",
+            (true, Some("incomplete")) => "length",
+            (true, _) => "stop",
+        },
+        "usage": {
+            "prompt_tokens": object["usage"]["input_tokens"],
+            "completion_tokens": object["usage"]["output_tokens"],
+            "total_tokens": object["usage"]["total_tokens"],
+        },
+    });
+    if !tools.is_null() {
+        sample["output_tools"] = tools;
+    }
+    NewItem {
+        item: item.to_string(),
+        given: Some(with_output_json(sample).to_string()),
+    }
+}
+
+/// A sample context with `output_json` set when its `output_text` is a JSON object or array.
+fn with_output_json(mut sample: Value) -> Value {
+    let text = sample["output_text"].as_str().unwrap_or_default();
+    if let Ok(parsed @ (Value::Object(_) | Value::Array(_))) = serde_json::from_str::<Value>(text) {
+        sample["output_json"] = parsed;
+    }
+    sample
 }
 
 /// A stored completion as an item (`input`: its request's messages; `output_text`: its
@@ -1244,7 +1438,7 @@ fn stored_item(c: &ferrum_store::StoredCompletion) -> NewItem {
     });
     NewItem {
         item: item.to_string(),
-        given: Some(sample.to_string()),
+        given: Some(with_output_json(sample).to_string()),
     }
 }
 
@@ -1603,14 +1797,13 @@ async fn generate(
         "finish_reason": completion["choices"][0]["finish_reason"],
         "usage": completion["usage"],
     });
-    if let Ok(parsed @ (Value::Object(_) | Value::Array(_))) = serde_json::from_str::<Value>(&text)
-    {
-        sample_ctx["output_json"] = parsed;
-    }
     if !tools.is_null() {
         sample_ctx["output_tools"] = tools;
     }
-    (sample_ctx, chat_sample(&body, &completion, None))
+    (
+        with_output_json(sample_ctx),
+        chat_sample(&body, &completion, None),
+    )
 }
 
 /// The text and function calls of a Responses API response object.

@@ -4,8 +4,8 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use crate::page::new_seq;
-use crate::{Store, StoreError};
+use crate::page::{listed, new_seq, Sql};
+use crate::{Listed, Page, Store, StoreError};
 
 /// One stored response.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,6 +76,27 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(response).transpose()
+    }
+
+    /// Finished responses (completed, or cut short as incomplete), in the page's order,
+    /// optionally of one model: what an eval
+    /// run's `responses` source reads (its other filters look inside the response object).
+    pub async fn list_finished_responses(
+        &self,
+        model: Option<&str>,
+        page: &Page,
+    ) -> Result<Listed<ResponseRecord>, StoreError> {
+        let mut q = Sql::new(
+            "SELECT id, created_at, model, status, previous_response_id, input_items, output,
+                object FROM responses WHERE status IN ('completed', 'incomplete')",
+        );
+        if let Some(model) = model {
+            q.push(" AND model = ").bind(model.to_string());
+        }
+        self.push_page(&mut q, "responses", page).await?;
+        let rows = q.query().fetch_all(&self.pool).await?;
+        let items = rows.iter().map(response).collect::<Result<Vec<_>, _>>()?;
+        Ok(listed(items, page.limit))
     }
 
     /// Deletes a response; returns whether it existed. Later responses that name it as their
