@@ -9,10 +9,12 @@
 //! validation layer and error codes; keeping both sides here is smaller and exact.
 
 pub mod chat;
+pub mod embeddings;
 pub mod error;
 pub mod reader;
 pub mod response;
 pub mod responses;
 
 pub use chat::{parse_chat_request, ChatRequest, Message, ResponseFormat, Role, Tool, ToolChoice};
+pub use embeddings::{parse_embedding_request, EmbeddingInput, EmbeddingRequest, EncodingFormat};
 pub use error::{ApiError, ErrorType};

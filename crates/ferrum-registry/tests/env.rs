@@ -93,7 +93,7 @@ fn from_env_defaults() {
 fn load_honours_ferrum_config_and_falls_back_to_the_default() {
     let _env = CleanEnv::new();
     let default = Registry::load(None).unwrap();
-    assert_eq!(default.tiers().len(), 3);
+    assert_eq!(default.tiers().len(), 4);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ferrum.toml");
     std::fs::write(
@@ -109,7 +109,7 @@ fn load_honours_ferrum_config_and_falls_back_to_the_default() {
     // An explicit path wins over the environment.
     let explicit = dir.path().join("other.toml");
     std::fs::write(&explicit, ferrum_registry::DEFAULT_CONFIG).unwrap();
-    assert_eq!(Registry::load(Some(&explicit)).unwrap().tiers().len(), 3);
+    assert_eq!(Registry::load(Some(&explicit)).unwrap().tiers().len(), 4);
 }
 
 #[test]

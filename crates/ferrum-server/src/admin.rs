@@ -67,10 +67,10 @@ async fn load(
     };
     let loaded = app.models.load(&id, weights).await?;
     Ok(Json(json!({
-        "id": loaded.tier.id,
+        "id": loaded.tier().id,
         "loaded": true,
-        "path": loaded.handle.model().path.display().to_string(),
-        "system_fingerprint": loaded.fingerprint,
+        "path": loaded.path().display().to_string(),
+        "system_fingerprint": loaded.fingerprint(),
     })))
 }
 

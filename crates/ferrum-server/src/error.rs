@@ -12,6 +12,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use ferrum_embed::BatchFailed;
 use ferrum_engine::EngineError;
 use ferrum_protocol::ApiError;
 use ferrum_store::StoreError;
@@ -26,6 +27,9 @@ pub enum ServerError {
     /// The engine refused or failed the request.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// An embedding forward pass the request was in failed.
+    #[error(transparent)]
+    Embedding(#[from] BatchFailed),
     /// The database failed (or, for `UnknownCursor`, a list cursor names nothing).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -103,6 +107,7 @@ impl ServerError {
                 format!("Invalid 'after': no object with id '{id}' in this list."),
             ),
             ServerError::Store(_)
+            | ServerError::Embedding(_)
             | ServerError::Io { .. }
             | ServerError::Corrupt { .. }
             | ServerError::Internal { .. }
@@ -120,6 +125,7 @@ impl ServerError {
         let label = match self {
             ServerError::Api(e) => api_label(e),
             ServerError::Engine(_) => "engine",
+            ServerError::Embedding(_) => "embedding",
             ServerError::Store(StoreError::UnknownCursor(_)) => "invalid_request",
             ServerError::Store(_) => "database",
             ServerError::Io { .. } => "io",

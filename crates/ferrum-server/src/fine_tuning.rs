@@ -260,11 +260,17 @@ async fn create(
             app.models
                 .tiers()
                 .iter()
+                .filter(|t| t.kind == ferrum_registry::ModelKind::Chat)
                 .map(|t| t.id.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         ))
     })?;
+    if tier.kind != ferrum_registry::ModelKind::Chat {
+        return Err(not_tunable(format!(
+            "Model {model} is an embedding model; only chat models can be fine-tuned."
+        )));
+    }
     let training_file = f.required_str("training_file")?.to_string();
     let validation_file = f.str("validation_file")?.map(str::to_string);
     let suffix = match f.str("suffix")? {

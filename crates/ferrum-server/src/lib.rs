@@ -6,6 +6,7 @@ mod admin;
 mod batches;
 mod callstream;
 mod chat;
+mod embeddings;
 mod error;
 mod evals;
 mod files;
@@ -36,7 +37,7 @@ use tokio::net::TcpListener;
 
 pub use batches::BatchConfig;
 pub use error::ServerError;
-pub use models::{Engine, EngineConfig, Loaded, Models};
+pub use models::{Engine, EngineConfig, Loaded, LoadedEmbedder, Models, Served};
 pub use stored::{export as export_completions, training_example};
 
 /// Largest request body: long-context prompts are big, but not unbounded.
@@ -130,6 +131,7 @@ pub fn router(app: Arc<App>) -> Router {
             get(get_model).delete(fine_tuning::delete_model),
         )
         .route("/v1/chat/completions", post(chat::create).get(stored::list))
+        .route("/v1/embeddings", post(embeddings::create))
         .route("/v1/usage", get(usage_totals))
         .merge(stored::routes())
         .merge(files::routes())
@@ -335,9 +337,14 @@ async fn render_metrics(State(app): State<Arc<App>>) -> Response {
         .iter()
         .map(|l| (l.tier.id.clone(), l.handle.stats()))
         .collect();
+    let embedders = app.models.loaded_embedders().await;
+    let embedding_stats: Vec<(String, &ferrum_embed::EmbedStats)> = embedders
+        .iter()
+        .map(|e| (e.tier.id.clone(), e.handle.stats()))
+        .collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(&stats),
+        app.metrics.render(&stats, &embedding_stats),
     )
         .into_response()
 }
@@ -347,12 +354,16 @@ async fn not_found(method: Method, uri: Uri) -> ServerError {
 }
 
 fn model_object(id: &str, tier: &Tier) -> ferrum_protocol::response::Model {
-    let _ = tier;
+    // The release of the OpenAI models the tiers stand in for: GPT-4.1 (2025-04-14) and
+    // text-embedding-3 (2024-01-25).
+    let created = match tier.kind {
+        ferrum_registry::ModelKind::Chat => 1_744_588_800,
+        ferrum_registry::ModelKind::Embedding => 1_706_140_800,
+    };
     ferrum_protocol::response::Model {
         id: id.to_string(),
         object: "model",
-        // GPT-4.1's release (2025-04-14), the snapshot these tiers stand in for.
-        created: 1_744_588_800,
+        created,
         owned_by: "ferrum".into(),
     }
 }

@@ -1,10 +1,12 @@
 //! `/metrics` in the Prometheus text format: per model the engine's queue, batch and cache
-//! counters, and server-wide latency histograms (time to first token, inter-token latency).
+//! counters (and an embedding model's inputs, tokens and batches), and server-wide latency
+//! histograms (time to first token, inter-token latency).
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use ferrum_embed::EmbedStats;
 use ferrum_engine::EngineStats;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -67,6 +69,48 @@ type EngineMetric = (
     fn(&EngineStats) -> &AtomicU64,
 );
 
+/// One embedding model counter, as [`EngineMetric`].
+type EmbeddingMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&EmbedStats) -> &AtomicU64,
+);
+
+/// The counters of an embedding model's worker.
+const EMBEDDING_METRICS: [EmbeddingMetric; 5] = [
+    (
+        "ferrum_embedding_requests_total",
+        "counter",
+        "Embedding requests answered.",
+        |s| &s.requests,
+    ),
+    (
+        "ferrum_embedding_inputs_total",
+        "counter",
+        "Inputs embedded.",
+        |s| &s.inputs,
+    ),
+    (
+        "ferrum_embedding_tokens_total",
+        "counter",
+        "Tokens of the inputs embedded, special tokens included.",
+        |s| &s.tokens,
+    ),
+    (
+        "ferrum_embedding_batches_total",
+        "counter",
+        "Embedding forward passes (inputs of concurrent requests share them).",
+        |s| &s.batches,
+    ),
+    (
+        "ferrum_embedding_queued_requests",
+        "gauge",
+        "Embedding requests waiting or running.",
+        |s| &s.queued,
+    ),
+];
+
 /// Server-wide measurements.
 #[derive(Default)]
 pub struct Metrics {
@@ -98,8 +142,12 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The exposition text, with the engine counters of each loaded model.
-    pub fn render(&self, models: &[(String, &EngineStats)]) -> String {
+    /// The exposition text, with the counters of each loaded chat and embedding model.
+    pub fn render(
+        &self,
+        models: &[(String, &EngineStats)],
+        embedders: &[(String, &EmbedStats)],
+    ) -> String {
         let mut out = String::new();
         let gauges: [EngineMetric; 13] = [
             (
@@ -205,6 +253,13 @@ impl Metrics {
                 out,
                 "ferrum_prefix_cache_hit_ratio{{model=\"{model}\"}} {ratio}"
             );
+        }
+        for (name, kind, help, get) in EMBEDDING_METRICS {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (model, stats) in embedders {
+                let v = get(stats).load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}{{model=\"{model}\"}} {v}");
+            }
         }
         for (name, help, v) in [
             (

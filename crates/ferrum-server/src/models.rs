@@ -1,7 +1,8 @@
 //! The tiers this server runs: which are loaded, loading them (at start, on first use for lazy
 //! tiers, or by the operator), unloading them and pointing them at new weights without a
 //! restart. Loading runs on a blocking thread; concurrent requests for a tier that is loading
-//! wait for that one load.
+//! wait for that one load. A tier serves either chat (an engine) or embeddings (an embedding
+//! worker), as its `kind` says; asking one for the other is the client's mistake.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,7 +14,8 @@ use ferrum_engine::{
 };
 use ferrum_protocol::ApiError;
 use ferrum_registry::{
-    KvCacheType, LoadPolicy, Registry, RopeScalingConfig, RopeScalingKind, Tier, WeightsSource,
+    KvCacheType, LoadPolicy, ModelKind, Registry, RopeScalingConfig, RopeScalingKind, Tier,
+    WeightsSource,
 };
 use tokio::sync::Mutex;
 
@@ -83,6 +85,45 @@ pub struct Loaded {
     pub adapter: Option<Arc<LoraAdapter>>,
 }
 
+/// An embedding tier that is ready to serve.
+#[derive(Clone)]
+pub struct LoadedEmbedder {
+    pub tier: Tier,
+    pub handle: Arc<ferrum_embed::EmbedHandle>,
+}
+
+/// What a loaded tier serves, by its kind.
+#[derive(Clone)]
+pub enum Served {
+    Chat(Loaded),
+    Embedding(LoadedEmbedder),
+}
+
+impl Served {
+    pub fn tier(&self) -> &Tier {
+        match self {
+            Served::Chat(l) => &l.tier,
+            Served::Embedding(e) => &e.tier,
+        }
+    }
+
+    /// The weights file it runs on.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            Served::Chat(l) => l.handle.model().path.clone(),
+            Served::Embedding(e) => e.handle.embedder().path.clone(),
+        }
+    }
+
+    /// `fp_...` of the weights it runs on.
+    pub fn fingerprint(&self) -> String {
+        match self {
+            Served::Chat(l) => l.fingerprint.clone(),
+            Served::Embedding(e) => fingerprint(&e.handle.embedder().path),
+        }
+    }
+}
+
 struct Slot {
     tier: Tier,
     state: Mutex<SlotState>,
@@ -90,7 +131,7 @@ struct Slot {
 
 #[derive(Default)]
 struct SlotState {
-    loaded: Option<Loaded>,
+    loaded: Option<Served>,
     /// Weights an operator pointed this tier at, replacing the config's.
     weights_override: Option<WeightsSource>,
     /// Unloaded by an operator: a startup tier stays unloaded until loaded again.
@@ -184,8 +225,54 @@ impl Models {
         Ok(())
     }
 
-    /// The loaded model of a tier, loading it first if it is lazy (or was never loaded).
+    /// The loaded chat model of a tier, loading it first if it is lazy (or was never loaded).
     pub async fn get(&self, model: &str) -> Result<Loaded, ApiError> {
+        if self.resolve(model)?.kind != ModelKind::Chat {
+            return Err(not_a_chat_model(model));
+        }
+        match self.serve(model).await? {
+            Served::Chat(loaded) => Ok(loaded),
+            Served::Embedding(_) => Err(not_a_chat_model(model)),
+        }
+    }
+
+    /// The loaded embedding model of a tier, loading it first if it is lazy.
+    pub async fn get_embedder(&self, model: &str) -> Result<LoadedEmbedder, ApiError> {
+        let tier = self.resolve(model)?;
+        if tier.kind != ModelKind::Embedding {
+            return Err(self.not_an_embedding_model(model));
+        }
+        match self.serve(model).await? {
+            Served::Embedding(loaded) => Ok(loaded),
+            Served::Chat(_) => Err(self.not_an_embedding_model(model)),
+        }
+    }
+
+    /// The chat models' mistake on the embeddings endpoint, naming the models it takes.
+    fn not_an_embedding_model(&self, model: &str) -> ApiError {
+        let embedding: Vec<String> = self
+            .tiers()
+            .into_iter()
+            .filter(|t| t.kind == ModelKind::Embedding)
+            .map(|t| t.id)
+            .collect();
+        ApiError::invalid_param(
+            "model",
+            "model_not_supported",
+            format!(
+                "The model `{model}` is not an embedding model, so it cannot be used with POST \
+                 /v1/embeddings. Embedding models: {}.",
+                if embedding.is_empty() {
+                    "none on this server".to_string()
+                } else {
+                    embedding.join(", ")
+                }
+            ),
+        )
+    }
+
+    /// What a tier serves, loading it first if it is lazy (or was never loaded).
+    async fn serve(&self, model: &str) -> Result<Served, ApiError> {
         let tier = self.resolve(model)?;
         let slot = self.slot(&tier.id)?;
         let mut state = slot.state.lock().await;
@@ -207,7 +294,7 @@ impl Models {
         &self,
         tier_id: &str,
         weights: Option<WeightsSource>,
-    ) -> Result<Loaded, ApiError> {
+    ) -> Result<Served, ApiError> {
         let slot = self.slot(&self.resolve(tier_id)?.id)?;
         let mut state = slot.state.lock().await;
         if weights.is_some() {
@@ -226,12 +313,12 @@ impl Models {
         let mut state = slot.state.lock().await;
         state.held_unloaded = false;
         state.path = Some(engine.model().path.clone());
-        state.loaded = Some(Loaded {
+        state.loaded = Some(Served::Chat(Loaded {
             tier: slot.tier.clone(),
             fingerprint: fingerprint(&engine.model().path),
             handle: engine,
             adapter: None,
-        });
+        }));
         Ok(())
     }
 
@@ -245,16 +332,36 @@ impl Models {
         Ok(was)
     }
 
-    /// The tiers that are loaded now.
+    /// The chat tiers that are loaded now.
     pub async fn loaded(&self) -> Vec<Loaded> {
-        let slots: Vec<Arc<Slot>> = self.slots.read().unwrap().values().cloned().collect();
         let mut out = Vec::new();
-        for slot in slots {
-            if let Some(l) = &slot.state.lock().await.loaded {
-                out.push(l.clone());
+        for served in self.all_served().await {
+            if let Served::Chat(l) = served {
+                out.push(l);
             }
         }
         out.sort_by(|a, b| a.tier.id.cmp(&b.tier.id));
+        out
+    }
+
+    /// The embedding tiers that are loaded now.
+    pub async fn loaded_embedders(&self) -> Vec<LoadedEmbedder> {
+        let mut out = Vec::new();
+        for served in self.all_served().await {
+            if let Served::Embedding(e) = served {
+                out.push(e);
+            }
+        }
+        out.sort_by(|a, b| a.tier.id.cmp(&b.tier.id));
+        out
+    }
+
+    async fn all_served(&self) -> Vec<Served> {
+        let slots: Vec<Arc<Slot>> = self.slots.read().unwrap().values().cloned().collect();
+        let mut out = Vec::new();
+        for slot in slots {
+            out.extend(slot.state.lock().await.loaded.clone());
+        }
         out
     }
 
@@ -302,12 +409,24 @@ impl Models {
         *self.registry.write().unwrap() = registry;
     }
 
-    async fn load_into(&self, slot: &Slot, state: &mut SlotState) -> Result<Loaded, ApiError> {
+    async fn load_into(&self, slot: &Slot, state: &mut SlotState) -> Result<Served, ApiError> {
         let tier = slot.tier.clone();
         let weights = state
             .weights_override
             .clone()
             .unwrap_or_else(|| tier.weights.clone());
+        let served = match tier.kind {
+            ModelKind::Chat => Served::Chat(self.load_chat(tier, weights).await?),
+            ModelKind::Embedding => {
+                Served::Embedding(crate::embeddings::load(tier, weights).await?)
+            }
+        };
+        state.loaded = Some(served.clone());
+        state.path = Some(served.path());
+        Ok(served)
+    }
+
+    async fn load_chat(&self, tier: Tier, weights: WeightsSource) -> Result<Loaded, ApiError> {
         let opts = LoadOptions {
             threads: self.config.threads,
             context_length: tier.context_length,
@@ -337,15 +456,12 @@ impl Models {
                 .map_err(|e| ApiError::internal(format!("loading `{id}` panicked: {e}")))??;
         let fingerprint = fingerprint(&path);
         tracing::info!(tier = %tier.id, path = %path.display(), %fingerprint, "model ready");
-        let loaded = Loaded {
+        Ok(Loaded {
             tier,
             handle: Arc::new(handle),
             fingerprint,
             adapter: None,
-        };
-        state.loaded = Some(loaded.clone());
-        state.path = Some(path);
-        Ok(loaded)
+        })
     }
 }
 
@@ -385,6 +501,18 @@ fn load_model(
     let handle = ModelHandle::spawn_with_draft(model, scheduling, draft)
         .map_err(|e| ApiError::internal(format!("could not start the engine thread: {e}")))?;
     Ok((handle, path))
+}
+
+/// A chat endpoint asked for an embedding model.
+fn not_a_chat_model(model: &str) -> ApiError {
+    ApiError::invalid_param(
+        "model",
+        "model_not_supported",
+        format!(
+            "The model `{model}` is an embedding model: it serves POST /v1/embeddings, not this \
+             endpoint."
+        ),
+    )
 }
 
 /// `fp_` + 10 hex digits of a hash of the weights file (name and size) and ferrum's version, so

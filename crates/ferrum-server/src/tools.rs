@@ -318,9 +318,15 @@ mod tests {
             ]
         );
         // Text after the fences, or a fence left open, keeps the answer text.
-        for text in [format!("{fences}\nDone."), fences[..fences.len() - 3].to_string()] {
+        for text in [
+            format!("{fences}\nDone."),
+            fences[..fences.len() - 3].to_string(),
+        ] {
             let (c, calls) = parse(&text, ToolMode::Auto, &["weather", "time"], id);
-            assert!(calls.is_empty() && c.as_deref() == Some(text.trim()), "{text}");
+            assert!(
+                calls.is_empty() && c.as_deref() == Some(text.trim()),
+                "{text}"
+            );
         }
     }
 }

@@ -1070,10 +1070,14 @@ async fn a_configured_adapter_is_served_on_its_tier() {
             panic!("training stopped")
         };
         std::fs::write(dir.join("support.gguf"), adapter).unwrap();
-        // The default config's last tier is nano: the adapter table attaches to it.
-        let text = format!(
-            "{}\n[[tier.adapter]]\nid = \"nano-support\"\nweights = {{ path = \"support.gguf\" }}\n",
-            ferrum_registry::DEFAULT_CONFIG
+        // The adapter table attaches to the tier above it: nano, the last chat tier.
+        let embedding = "[[tier]]\nid = \"text-embedding-3-small\"";
+        let text = ferrum_registry::DEFAULT_CONFIG.replace(
+            embedding,
+            &format!(
+                "[[tier.adapter]]\nid = \"nano-support\"\nweights = {{ path = \"support.gguf\" }}\n\n\
+                 {embedding}"
+            ),
         );
         Registry::from_toml_str(&text, Some(dir)).unwrap()
     })

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use ferrum_engine::{
     FinishReason, GenerateParams, KvType, LoadOptions, LoadedModel, RopeScaling, SamplingParams,
 };
-use ferrum_registry::Registry;
+use ferrum_registry::{ModelKind, Registry};
 
 #[derive(Parser)]
 #[command(name = "ferrum", version, about = "Self-hosted GPT-4.1 API platform")]
@@ -194,11 +194,27 @@ fn pull(registry: &Registry, models: &[String], verify: bool) -> anyhow::Result<
             .collect::<Result<_, _>>()?
     };
     for tier in tiers {
-        let path = ferrum_registry::ensure_weights_with(&tier.weights, &opts, progress.as_ref())
+        let path = pull_tier(tier, &opts, progress.as_ref())
             .with_context(|| format!("fetching the weights of {}", tier.id))?;
         println!("{}: {}", tier.id, path.display());
     }
     Ok(())
+}
+
+/// Fetches one tier's weights; returns the GGUF file, or an embedding model's weights file
+/// (its tokenizer and config are beside it).
+fn pull_tier(
+    tier: &ferrum_registry::Tier,
+    opts: &ferrum_registry::FetchOptions,
+    progress: &dyn ferrum_registry::Progress,
+) -> Result<PathBuf, ferrum_registry::RegistryError> {
+    match tier.kind {
+        ModelKind::Chat => ferrum_registry::ensure_weights_with(&tier.weights, opts, progress),
+        ModelKind::Embedding => {
+            ferrum_registry::ensure_embedding_weights_with(&tier.weights, opts, progress)
+                .map(|files| files.weights)
+        }
+    }
 }
 
 /// Resolves `--model` (a tier id/alias or a .gguf path), fetching weights if needed, and loads it.
@@ -207,6 +223,12 @@ pub fn load_model(registry: &Registry, args: &ModelArgs) -> anyhow::Result<Loade
         PathBuf::from(&args.model)
     } else {
         let tier = registry.get(&args.model)?;
+        if tier.kind == ModelKind::Embedding {
+            bail!(
+                "`{}` is an embedding model: serve it and call POST /v1/embeddings",
+                tier.id
+            );
+        }
         let progress = ferrum_registry::default_progress();
         ferrum_registry::ensure_weights(&tier.weights, progress.as_ref())?
     };

@@ -182,8 +182,9 @@ pub fn usage(args: UsageArgs) -> anyhow::Result<()> {
         let mut cost = 0.0;
         for t in &totals {
             cost += t.cost_usd;
+            // Eight decimals: embeddings cost $0.00000002 a token.
             println!(
-                "{:<24} {:>9} {:>14} {:>14} {:>14} {:>12.6}",
+                "{:<24} {:>9} {:>14} {:>14} {:>14} {:>12.8}",
                 t.model,
                 t.requests,
                 t.prompt_tokens,
@@ -192,7 +193,7 @@ pub fn usage(args: UsageArgs) -> anyhow::Result<()> {
                 t.cost_usd
             );
         }
-        println!("{:<24} {:>68.6}", "total", cost);
+        println!("{:<24} {:>68.8}", "total", cost);
         Ok(())
     })
 }

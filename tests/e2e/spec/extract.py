@@ -47,6 +47,7 @@ OPERATIONS = {
     ("delete", "/evals/{eval_id}/runs/{run_id}"),
     ("get", "/evals/{eval_id}/runs/{run_id}/output_items"),
     ("get", "/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}"),
+    ("post", "/embeddings"),
 }
 
 
@@ -67,6 +68,9 @@ OPERATIONS = {
 #   both of: `anyOf`.
 # - The spec cancels a run with `POST /evals/{eval_id}/runs/{run_id}`, the official SDKs with
 #   `POST .../runs/{run_id}/cancel`; ferrum serves both, and both answer an EvalRun.
+# - Embedding.embedding is typed as an array of floats, but with `encoding_format: "base64"`
+#   (what the official SDKs send by default) the API answers a base64 string of the float32
+#   bytes, which the SDKs decode.
 SPEC_GAPS = [
     "OpenAIFile.purpose also takes 'evals' (CreateFileRequest accepts it)",
     "ChatCompletionMessageList items take every request message role",
@@ -75,6 +79,7 @@ SPEC_GAPS = [
     "EvalRun.error and EvalRunOutputItem.sample.error are null without an error",
     "run data source message templates are anyOf (a plain message matches both branches)",
     "POST /evals/{eval_id}/runs/{run_id}/cancel (the SDKs' cancel) answers an EvalRun too",
+    "Embedding.embedding is a base64 string with encoding_format 'base64'",
 ]
 
 
@@ -101,6 +106,10 @@ def patch_gaps(paths: dict, kept: dict, all_schemas: dict) -> None:
         template = schemas[name]["properties"]["input_messages"]["oneOf"][0]
         items = template["properties"]["template"]["items"]
         items["anyOf"] = items.pop("oneOf")
+    vector = schemas["Embedding"]["properties"]["embedding"]
+    schemas["Embedding"]["properties"]["embedding"] = {
+        "anyOf": [vector, {"type": "string", "contentEncoding": "base64"}]
+    }
     # The references patched in need their targets.
     schemas.setdefault("ErrorResponse", all_schemas["ErrorResponse"])
     schemas.setdefault("Error", all_schemas["Error"])

@@ -1,4 +1,5 @@
-//! GGUF files from the Hugging Face Hub, through the `hf-hub` crate and its standard cache.
+//! Files from the Hugging Face Hub (GGUF weights, embedding models), through the `hf-hub`
+//! crate and its standard cache.
 
 use std::path::PathBuf;
 
@@ -18,25 +19,32 @@ pub(crate) fn locate(hub: &HfWeights, opts: &FetchOptions) -> Option<PathBuf> {
         .get(&hub.file)
 }
 
-/// Returns the file from the HF cache, downloading it first unless offline.
+/// Returns the GGUF file from the HF cache, downloading it first unless offline.
 pub(crate) fn ensure(
     hub: &HfWeights,
     opts: &FetchOptions,
     progress: &dyn Progress,
 ) -> Result<PathBuf, RegistryError> {
-    let path = match locate(hub, opts) {
-        Some(path) => path,
-        None if opts.hf_offline => {
-            return Err(RegistryError::HubOfflineMiss {
-                repo: hub.repo.clone(),
-                file: hub.file.clone(),
-                cache_dir: opts.hf_cache_dir.clone(),
-            })
-        }
-        None => download(hub, opts, progress)?,
-    };
+    let path = fetch(hub, opts, progress)?;
     check_gguf(&path)?;
     Ok(path)
+}
+
+/// Returns the file from the HF cache, downloading it first unless offline.
+pub(crate) fn fetch(
+    hub: &HfWeights,
+    opts: &FetchOptions,
+    progress: &dyn Progress,
+) -> Result<PathBuf, RegistryError> {
+    match locate(hub, opts) {
+        Some(path) => Ok(path),
+        None if opts.hf_offline => Err(RegistryError::HubOfflineMiss {
+            repo: hub.repo.clone(),
+            file: hub.file.clone(),
+            cache_dir: opts.hf_cache_dir.clone(),
+        }),
+        None => download(hub, opts, progress),
+    }
 }
 
 /// Downloads the file into the HF cache and returns its path there.

