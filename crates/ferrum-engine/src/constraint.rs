@@ -122,12 +122,13 @@ impl ConstraintFactory {
         ));
         let lark = format!(
             "start: TEXT | calls | bare | fences\n\
-             calls: call (\"\\n\" call){{0,{more}}}\n\
+             calls: call (SEP call){{0,{more}}}\n\
              call: \"<tool_call>\\n\" %json {one} \"\\n</tool_call>\"\n\
              bare: %json {bare}\n\
-             fences: fence (\"\\n\" fence){{0,{more}}}\n\
+             fences: fence (SEP fence){{0,{more}}}\n\
              fence: \"```json\\n\" %json {bare} \"\\n```\"\n\
-             TEXT: /{text}/\n",
+             TEXT: /{text}/\n\
+             SEP: /\\n\\n?/\n",
             more = max_calls - 1,
             // Nor whitespace: a call indented or after a newline would otherwise pass as text
             // and be read back as an unchecked call.

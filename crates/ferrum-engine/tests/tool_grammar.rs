@@ -70,6 +70,11 @@ fn check(tier: &str) {
     assert_eq!(feed(&tok, &c, &call("Paris")), Ok(true), "{tier}");
     let two = format!("{}\n{}", call("Paris"), call("Tokyo"));
     assert_eq!(feed(&tok, &c, &two), Ok(true), "{tier}");
+    // A blank line between two blocks is allowed too (models write it), no more than that.
+    let spaced = format!("{}\n\n{}", call("Paris"), call("Tokyo"));
+    assert_eq!(feed(&tok, &c, &spaced), Ok(true), "{tier}");
+    let wide = format!("{}\n\n\n{}", call("Paris"), call("Tokyo"));
+    assert!(feed(&tok, &c, &wide).is_err(), "{tier}");
     // A third call is past max_calls (2): refused, as is text after a call.
     let three = format!("{two}\n{}", call("Paris"));
     assert!(feed(&tok, &c, &three).is_err(), "{tier}");
@@ -99,6 +104,11 @@ fn check(tier: &str) {
     // A fenced call (Qwen2.5-Coder's habit) is checked like the others; other fences are text.
     let fenced = "```json\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Tokyo\"}}\n```";
     assert_eq!(feed(&tok, &c, fenced), Ok(true), "{tier}");
+    assert_eq!(
+        feed(&tok, &c, &format!("{fenced}\n\n{fenced}")),
+        Ok(true),
+        "{tier}"
+    );
     assert!(
         feed(&tok, &c, &fenced.replace("Tokyo", "Rome")).is_err(),
         "{tier}"
