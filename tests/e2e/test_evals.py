@@ -199,6 +199,29 @@ def test_jsonl_run_with_string_and_similarity_graders(client):
         client.evals.runs.retrieve(run.id, eval_id=ev.id)
 
 
+def test_cosine_similarity_grades_by_embeddings(tiers_server):
+    """`text_similarity` with `cosine` embeds the sample and the reference with the server's
+    embedding tier (MiniLM on the default tiers) and passes above the threshold; the embedding
+    calls count in `per_model_usage`. (A server without an embedding tier refuses the metric at
+    creation: test_bad_evals_are_400s_naming_the_parameter.)"""
+    client = tiers_server.client()
+    ev = client.evals.create(data_source_config=CUSTOM,
+                             testing_criteria=[similarity("cosine", 0.6)])
+    run = client.evals.runs.create(ev.id, data_source={
+        "type": "jsonl", "source": {"type": "file_content", "content": ITEMS}})
+    run = wait_for_run(client, ev.id, run.id)
+    assert run.status == "completed", run
+    scores = {i.datasource_item["answer"]: i.results[0]
+              for i in output_items(client, ev.id, run.id)}
+    assert scores["Paris"].score == pytest.approx(1.0, abs=1e-5), scores
+    assert scores["Paris"].passed and scores["Rome"].passed, scores
+    assert scores["Madrid"].score < scores["Rome"].score < 1.0, scores  # Lisbon vs Madrid
+    assert not scores["Madrid"].passed, scores
+    usage = {u.model_name: u for u in run.per_model_usage}
+    assert usage["text-embedding-3-small"].invocation_count == 3, run.per_model_usage
+    assert usage["text-embedding-3-small"].prompt_tokens > 0, run.per_model_usage
+
+
 def test_completions_run_graded_by_model_graders_at_batch_price(evals_server, client):
     ev = client.evals.create(
         data_source_config=CUSTOM,

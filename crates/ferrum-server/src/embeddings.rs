@@ -127,6 +127,39 @@ fn input_error(param: &str, problem: InputProblem) -> ServerError {
     error.into()
 }
 
+/// Embeds texts for another feature of the server (an eval's cosine similarity): their
+/// vectors and how many tokens they had, unbilled (the caller bills them as it bills).
+pub(crate) async fn embed_texts(
+    app: &App,
+    loaded: &LoadedEmbedder,
+    texts: Vec<String>,
+) -> Result<(Vec<Vec<f32>>, u64), ServerError> {
+    let inputs = {
+        let handle = Arc::clone(&loaded.handle);
+        tokio::task::spawn_blocking(move || {
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let tokens = handle
+                        .embedder()
+                        .tokenize(t)
+                        .map_err(|e| ServerError::internal("tokenizing a text", e))?;
+                    handle
+                        .embedder()
+                        .check(&tokens)
+                        .map_err(|problem| input_error(&format!("text {i}"), problem))?;
+                    Ok(tokens)
+                })
+                .collect::<Result<Vec<_>, ServerError>>()
+        })
+        .await
+        .map_err(|e| ServerError::internal("tokenizing a text", e))??
+    };
+    let tokens = inputs.iter().map(Vec::len).sum::<usize>() as u64;
+    Ok((embed(app, loaded, inputs).await?, tokens))
+}
+
 /// Queues the inputs on the tier's worker and waits for their vectors without holding a
 /// runtime thread.
 async fn embed(

@@ -181,6 +181,15 @@ async fn create(
                 .await
                 .map_err(|e| e.with_param(&format!("testing_criteria[{i}].model")))?;
         }
+        if c.grader.needs_embeddings() && app.models.embedding_tier().is_none() {
+            return Err(ApiError::invalid_param(
+                format!("testing_criteria[{i}].evaluation_metric"),
+                "unsupported_value",
+                "The evaluation metric 'cosine' needs text embeddings, and this server has no \
+                 embedding model configured (a tier with kind = \"embedding\").",
+            )
+            .into());
+        }
     }
     let id = random_id("eval_");
     let record = EvalRecord {
@@ -1503,6 +1512,36 @@ impl Calls {
         Ok(object)
     }
 
+    /// The cosine similarity of two texts' embeddings by the server's embedding tier, billed
+    /// like the other calls of the item.
+    async fn cosine(
+        &mut self,
+        app: &Arc<App>,
+        item: &ClaimedItem,
+        a: String,
+        b: String,
+    ) -> Result<f64, graders::GradeError> {
+        let failed = |message: String| graders::GradeError {
+            code: "grader_error",
+            message,
+        };
+        let tier = app
+            .models
+            .embedding_tier()
+            .ok_or_else(|| failed("no embedding model is configured".into()))?;
+        let loaded = app
+            .models
+            .get_embedder(&tier.id)
+            .await
+            .map_err(|e| failed(e.message))?;
+        let (vectors, tokens) = crate::embeddings::embed_texts(app, &loaded, vec![a, b])
+            .await
+            .map_err(|e| failed(e.into_api_logged().message))?;
+        let usage = ferrum_protocol::response::Usage::new(tokens, 0, 0);
+        self.add(app, item, &tier.id, &usage).await;
+        Ok(graders::cosine(&vectors[0], &vectors[1]))
+    }
+
     async fn add(
         &mut self,
         app: &App,
@@ -1645,6 +1684,14 @@ async fn grade_one(
     ctx: &Value,
     calls: &mut Calls,
 ) -> Result<(graders::Grade, Value), graders::GradeError> {
+    if let Some((a, b, threshold)) = c.grader.cosine_texts(ctx)? {
+        let score = calls.cosine(app, item, a, b).await?;
+        let grade = graders::Grade {
+            score,
+            passed: score >= threshold,
+        };
+        return Ok((grade, Value::Null));
+    }
     if c.grader.model().is_none() {
         return Ok((c.grader.grade_local(ctx)?, Value::Null));
     }

@@ -101,6 +101,9 @@ pub enum Metric {
     /// ROUGE-N for N in 1..=5.
     Rouge(usize),
     RougeL,
+    /// Cosine similarity of the two texts' embeddings, by the server's embedding tier
+    /// (computed by the eval worker, which calls that model).
+    Cosine,
 }
 
 /// A message whose text parts are templates.
@@ -363,19 +366,14 @@ fn text_similarity(f: &Fields, ns: &Namespace) -> Result<(Grader, Value), ApiErr
         "bleu" => Metric::Bleu,
         "gleu" => Metric::Gleu,
         "rouge_l" => Metric::RougeL,
-        "cosine" | "meteor" => {
-            let why = if name == "cosine" {
-                "it needs text embeddings, which this server does not serve yet"
-            } else {
-                "it needs WordNet synonyms, which this server does not ship"
-            };
+        "cosine" => Metric::Cosine,
+        "meteor" => {
             return Err(ApiError::invalid_param(
                 f.path_of("evaluation_metric"),
                 "unsupported_value",
-                format!(
-                    "The evaluation metric '{name}' is not supported by this server: {why}. \
-                     Supported: 'fuzzy_match', 'bleu', 'gleu', 'rouge_1' to 'rouge_5', 'rouge_l'."
-                ),
+                "The evaluation metric 'meteor' is not supported by this server: it needs \
+                 WordNet synonyms, which this server does not ship. Supported: 'fuzzy_match', \
+                 'bleu', 'gleu', 'rouge_1' to 'rouge_5', 'rouge_l', 'cosine'.",
             ));
         }
         rouge => Metric::Rouge(rouge[6..].parse().unwrap_or(1)),
@@ -720,6 +718,12 @@ impl Grader {
                 pass_threshold,
             } => {
                 let (a, b) = (render(input, ctx)?, render(reference, ctx)?);
+                if *metric == Metric::Cosine {
+                    return Err(GradeError::new(
+                        "grader_error",
+                        "a cosine similarity needs the texts' embeddings",
+                    ));
+                }
                 let score = similarity(*metric, &a, &b);
                 Ok(Grade {
                     score,
@@ -731,6 +735,35 @@ impl Grader {
                 "a model grader needs a model call",
             )),
         }
+    }
+
+    /// For a cosine `text_similarity`: the two texts to embed, rendered over `ctx`, and the
+    /// pass threshold; `None` for every other criterion.
+    pub fn cosine_texts(&self, ctx: &Value) -> Result<Option<(String, String, f64)>, GradeError> {
+        match self {
+            Grader::TextSimilarity {
+                input,
+                reference,
+                metric: Metric::Cosine,
+                pass_threshold,
+            } => Ok(Some((
+                render(input, ctx)?,
+                render(reference, ctx)?,
+                *pass_threshold,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether grading needs an embedding model (a cosine `text_similarity`).
+    pub fn needs_embeddings(&self) -> bool {
+        matches!(
+            self,
+            Grader::TextSimilarity {
+                metric: Metric::Cosine,
+                ..
+            }
+        )
     }
 
     /// The chat completion request body a model grader runs over `ctx`.
@@ -872,6 +905,20 @@ pub fn similarity(metric: Metric, a: &str, b: &str) -> f64 {
             let (x, y) = (words(a, true), words(b, true));
             f1(lcs(&x, &y), x.len(), y.len())
         }
+        // Needs embeddings: graded by the worker through `cosine_texts`.
+        Metric::Cosine => 0.0,
+    }
+}
+
+/// The cosine similarity of two vectors (0 when either is all zeros).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let n = norm(a) * norm(b);
+    if n == 0.0 {
+        0.0
+    } else {
+        dot / n
     }
 }
 
@@ -1080,8 +1127,17 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("testing_criteria[0].type"));
-        let cosine = json!({"type": "text_similarity", "name": "x", "input": "a", "reference": "b", "evaluation_metric": "cosine", "pass_threshold": 0.5});
-        let e = parse_criteria(&[cosine], "testing_criteria", &ns).unwrap_err();
+        let by_embeddings = json!({"type": "text_similarity", "name": "x", "input": "a", "reference": "b", "evaluation_metric": "cosine", "pass_threshold": 0.5});
+        let (criteria, _) = parse_criteria(&[by_embeddings], "testing_criteria", &ns).unwrap();
+        assert!(criteria[0].grader.needs_embeddings());
+        assert_eq!(
+            criteria[0].grader.cosine_texts(&json!({})).unwrap(),
+            Some(("a".into(), "b".into(), 0.5))
+        );
+        assert!((cosine(&[1.0, 0.0], &[1.0, 1.0]) - 0.5f64.sqrt()).abs() < 1e-9);
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 1.0]), 0.0);
+        let meteor = json!({"type": "text_similarity", "name": "x", "input": "a", "reference": "b", "evaluation_metric": "meteor", "pass_threshold": 0.5});
+        let e = parse_criteria(&[meteor], "testing_criteria", &ns).unwrap_err();
         assert_eq!(
             e.param.as_deref(),
             Some("testing_criteria[0].evaluation_metric")

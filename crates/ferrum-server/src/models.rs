@@ -172,6 +172,14 @@ impl Models {
         self.registry.read().unwrap().tiers().to_vec()
     }
 
+    /// The first embedding tier in config order: the one that embeds for other features (an
+    /// eval's cosine similarity), `None` when the config has none.
+    pub fn embedding_tier(&self) -> Option<Tier> {
+        self.tiers()
+            .into_iter()
+            .find(|t| t.kind == ModelKind::Embedding)
+    }
+
     /// The config file the tiers came from (`None` for the embedded default).
     pub fn config_path(&self) -> Option<PathBuf> {
         self.registry
