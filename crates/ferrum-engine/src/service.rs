@@ -19,12 +19,13 @@
 //! preempted: their blocks are released and their context is recomputed when there is room,
 //! which yields the same keys and values, so the same output.
 //!
-//! Priorities: interactive requests go before background ones (batch jobs). A waiting
-//! interactive request is admitted ahead of every background one, background sequences are
-//! preempted first, and when the batch is full an interactive arrival preempts the newest
-//! background sequence rather than waiting for it. Background requests have a queue of their
-//! own without a capacity limit (their producer, the batch runner, bounds what it submits), so
-//! they never take queue room from interactive clients.
+//! Priorities, highest first: priority requests (`service_tier: "priority"`), interactive
+//! ones, and background ones (batch lines, flex processing, evals). A waiting request is
+//! admitted ahead of every request of a lower level, lower levels' sequences are preempted
+//! first, and when the batch is full an arrival preempts the newest sequence of a lower level
+//! rather than waiting for it. Background requests have a queue of their own without a capacity
+//! limit (their producers, such as the batch runner, bound what they submit), so they never
+//! take queue room from clients.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
@@ -81,12 +82,34 @@ fn cache_root(adapter: Option<&LoraAdapter>) -> u64 {
     adapter.map_or(0, LoraAdapter::cache_root)
 }
 
-/// Who waits for a request: a client (interactive) or nobody in particular (a batch line).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Who waits for a request, in the order the engine serves them: a client who pays for
+/// priority processing (OpenAI's `service_tier: "priority"`), a client, or nobody in
+/// particular (a batch line, flex processing, an eval). A level's waiting requests are admitted
+/// before any of the next level's, and sequences of a higher level preempt lower ones for room.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Priority {
+    Priority,
     #[default]
     Interactive,
     Background,
+}
+
+impl Priority {
+    /// Every level, highest first.
+    const ALL: [Priority; 3] = [
+        Priority::Priority,
+        Priority::Interactive,
+        Priority::Background,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether a client waits for it (what background jobs such as fine-tuning yield to).
+    pub fn is_interactive(self) -> bool {
+        self != Priority::Background
+    }
 }
 
 /// The requests waiting for admission, shared by the handles and the engine thread.
@@ -98,8 +121,8 @@ struct Queue {
 
 #[derive(Default)]
 struct Waiting {
-    interactive: VecDeque<Request>,
-    background: VecDeque<Request>,
+    /// One queue per [`Priority`], highest first.
+    queues: [VecDeque<Request>; 3],
     /// No handle is left: no more requests will come.
     closed: bool,
 }
@@ -261,19 +284,17 @@ impl ModelHandle {
         &self.stats
     }
 
-    /// Queues a request without waiting. Interactive requests are refused when their queue
-    /// is full; background ones always queue.
+    /// Queues a request without waiting. Interactive requests (priority ones included) are
+    /// refused when their queue is full; background ones always queue.
     pub fn submit(&self, request: Request) -> Result<(), SubmitError> {
-        let interactive = request.priority == Priority::Interactive;
+        let interactive = request.priority.is_interactive();
         {
             let mut w = self.queue.lock();
-            match request.priority {
-                Priority::Interactive if w.interactive.len() >= self.capacity => {
-                    return Err(SubmitError::QueueFull(self.capacity))
-                }
-                Priority::Interactive => w.interactive.push_back(request),
-                Priority::Background => w.background.push_back(request),
+            let q = &mut w.queues[request.priority.index()];
+            if interactive && q.len() >= self.capacity {
+                return Err(SubmitError::QueueFull(self.capacity));
             }
+            q.push_back(request);
         }
         if interactive {
             self.stats
@@ -325,15 +346,14 @@ struct Engine<'m> {
     ws: Workspace,
     storage: Arc<KvStorage>,
     blocks: BlockAllocator,
-    /// Interactive sequences, then background ones, each in admission order: the last is the
+    /// Sequences by priority, highest first, each level in admission order: the last is the
     /// first to be preempted.
     running: Vec<Running<'m>>,
     /// Waiting to be resumed, before any new request of their priority is admitted.
     preempted: VecDeque<Preempted<'m>>,
     requests: HashMap<u64, Active>,
     /// A request taken off a queue that did not fit yet, one per priority.
-    next_interactive: Option<Request>,
-    next_background: Option<Request>,
+    next: [Option<Request>; 3],
     next_id: u64,
     /// Proposes tokens for decoding sequences (draft-model speculative decoding).
     drafter: Option<Drafter>,
@@ -398,8 +418,7 @@ impl<'m> Engine<'m> {
             running: Vec::new(),
             preempted: VecDeque::new(),
             requests: HashMap::new(),
-            next_interactive: None,
-            next_background: None,
+            next: [None, None, None],
             next_id: 0,
             drafter: draft.map(Drafter::new),
         }
@@ -432,20 +451,23 @@ impl<'m> Engine<'m> {
         tracing::info!(path = %self.model.path.display(), "engine thread stopped");
     }
 
-    /// Admits work while there is room, interactive first; parks the thread (no spinning) when
-    /// there is nothing to do. Returns false once every handle is gone and all work is done.
+    /// Admits work while there is room, highest priority first; parks the thread (no spinning)
+    /// when there is nothing to do. Returns false once every handle is gone and all work is
+    /// done.
     fn admit(&mut self, queue: &Queue) -> bool {
         loop {
-            if !self.admit_priority(queue, Priority::Interactive) {
-                // Interactive work waits for room: background work waits behind it.
-                return true;
+            for priority in Priority::ALL {
+                if !self.admit_priority(queue, priority) {
+                    // This level waits for room: the levels below wait behind it.
+                    return true;
+                }
             }
-            if !self.admit_priority(queue, Priority::Background) || !self.running.is_empty() {
+            if !self.running.is_empty() {
                 return true;
             }
             // Idle: sleep until a request arrives.
             let mut w = queue.lock();
-            while w.interactive.is_empty() && w.background.is_empty() {
+            while w.queues.iter().all(VecDeque::is_empty) {
                 if w.closed {
                     return false;
                 }
@@ -461,45 +483,26 @@ impl<'m> Engine<'m> {
             return false;
         }
         loop {
-            let slot = match priority {
-                Priority::Interactive => &mut self.next_interactive,
-                Priority::Background => &mut self.next_background,
-            };
-            let request = match slot.take() {
+            let request = match self.next[priority.index()].take() {
                 Some(r) => r,
-                None => {
-                    let mut w = queue.lock();
-                    let q = match priority {
-                        Priority::Interactive => &mut w.interactive,
-                        Priority::Background => &mut w.background,
-                    };
-                    match q.pop_front() {
-                        Some(r) => r,
-                        None => return true,
-                    }
-                }
+                None => match queue.lock().queues[priority.index()].pop_front() {
+                    Some(r) => r,
+                    None => return true,
+                },
             };
             let n = request.choices.max(1) as usize;
-            if priority == Priority::Interactive {
-                // Room for an interactive request is made by preempting background sequences.
-                while self.running.len() + n > self.opts.max_running
-                    && self
-                        .running
-                        .last()
-                        .is_some_and(|r| r.priority == Priority::Background)
-                {
-                    self.preempt_last();
-                }
+            // Room for a request is made by preempting sequences of lower priority.
+            while self.running.len() + n > self.opts.max_running
+                && self.running.last().is_some_and(|r| r.priority > priority)
+            {
+                self.preempt_last();
             }
             if !self.running.is_empty() && self.running.len() + n > self.opts.max_running {
-                match priority {
-                    Priority::Interactive => self.next_interactive = Some(request),
-                    Priority::Background => self.next_background = Some(request),
-                }
+                self.next[priority.index()] = Some(request);
                 return false;
             }
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-            if priority == Priority::Interactive {
+            if priority.is_interactive() {
                 self.stats
                     .interactive_waiting
                     .fetch_sub(1, Ordering::Relaxed);
@@ -545,16 +548,13 @@ impl<'m> Engine<'m> {
         true
     }
 
-    /// Adds a sequence after the others of its priority (interactive ones before background).
+    /// Adds a sequence after the others of its priority (and before those of lower ones).
     fn push_running(&mut self, r: Running<'m>) {
-        let at = match r.priority {
-            Priority::Interactive => self
-                .running
-                .iter()
-                .position(|x| x.priority == Priority::Background)
-                .unwrap_or(self.running.len()),
-            Priority::Background => self.running.len(),
-        };
+        let at = self
+            .running
+            .iter()
+            .position(|x| x.priority > r.priority)
+            .unwrap_or(self.running.len());
         self.running.insert(at, r);
     }
 
@@ -982,7 +982,7 @@ impl<'m> Engine<'m> {
         let interactive = self
             .running
             .iter()
-            .filter(|r| r.priority == Priority::Interactive)
+            .filter(|r| r.priority.is_interactive())
             .count();
         s.interactive_running
             .store(interactive as u64, Ordering::Relaxed);

@@ -428,6 +428,17 @@ fn an_odd_block_size_reuses_prefixes_at_its_granularity() {
 
 #[test]
 fn interactive_requests_preempt_background_ones_without_changing_any_output() {
+    higher_priority_preempts_lower(Priority::Background, Priority::Interactive);
+}
+
+#[test]
+fn priority_requests_preempt_interactive_ones_without_changing_any_output() {
+    higher_priority_preempts_lower(Priority::Interactive, Priority::Priority);
+}
+
+/// Two `low` requests fill the batch; a `high` one arrives while they run, finishes first, and
+/// nobody's tokens change.
+fn higher_priority_preempts_lower(low: Priority, high: Priority) {
     let h = handle_with(EngineOptions {
         max_running: 2,
         ..Default::default()
@@ -449,17 +460,17 @@ fn interactive_requests_preempt_background_ones_without_changing_any_output() {
         .tokens
         .clone();
 
-    // Two background requests fill the batch; an interactive one arrives while they run.
     let mut background = Vec::new();
     for p in [&p1, &p2] {
         let (mut r, rx) = request(p.clone(), endless(&h, 60), 1, None);
-        r.priority = Priority::Background;
+        r.priority = low;
         h.submit(r).unwrap();
         background.push(rx);
     }
     let first = background[0].recv().unwrap();
     assert!(matches!(first, Event::Started));
-    let (r, quick_rx) = request(quick, endless(&h, 6), 1, None);
+    let (mut r, quick_rx) = request(quick, endless(&h, 6), 1, None);
+    r.priority = high;
     h.submit(r).unwrap();
     let quick_done = collect(quick_rx);
     // It finished while the background requests were still generating.
@@ -467,13 +478,13 @@ fn interactive_requests_preempt_background_ones_without_changing_any_output() {
     let still_running = background.iter().map(collect_rest).collect::<Vec<_>>();
     assert!(
         left < 2 * 60,
-        "the interactive request waited for the background ones to finish"
+        "the {high:?} request waited for the {low:?} ones to finish"
     );
     assert_eq!(quick_done[0].tokens, quick_alone);
     for (got, want) in still_running.iter().zip(&alone) {
         assert_eq!(
             &got.tokens, want,
-            "a preempted background request changed its output"
+            "a preempted {low:?} request changed its output"
         );
     }
     assert!(
