@@ -28,6 +28,19 @@ if [[ ! -x $venv/bin/python ]]; then
         fi
     fi
 fi
+# The console's tests drive a real browser: Debian's chromium (installed here when missing and
+# running as root; elsewhere set CHROMIUM or install it).
+if [[ -z ${CHROMIUM:-} ]] && ! command -v chromium >/dev/null; then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        echo "installing chromium (Debian) for the console's browser tests"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q chromium >/dev/null ||
+            { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+    else
+        echo "chromium not found: install it (Debian: apt-get install chromium) or set CHROMIUM" >&2
+        exit 1
+    fi
+fi
 # Install only when the requirements changed since the last successful install.
 if ! cmp -s "$requirements" "$stamp"; then
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$requirements"

@@ -10,6 +10,8 @@ pub enum ErrorType {
     Authentication,
     /// What OpenAI reports for rate limits (`"type": "requests"` with code `rate_limit_exceeded`).
     RateLimit,
+    /// A rate limit on tokens (`"type": "tokens"`, code `rate_limit_exceeded`).
+    RateLimitTokens,
     Server,
 }
 
@@ -19,6 +21,7 @@ impl ErrorType {
             ErrorType::InvalidRequest => "invalid_request_error",
             ErrorType::Authentication => "invalid_request_error",
             ErrorType::RateLimit => "requests",
+            ErrorType::RateLimitTokens => "tokens",
             ErrorType::Server => "server_error",
         }
     }
@@ -117,6 +120,34 @@ impl ApiError {
             format!("Incorrect API key provided: {shown}."),
         )
         .with_code("invalid_api_key")
+    }
+
+    /// 401: a valid key without the scope a route needs (a project key on the admin routes).
+    pub fn missing_scope(scope: &str) -> Self {
+        Self::new(
+            401,
+            ErrorType::Authentication,
+            format!(
+                "You have insufficient permissions for this operation. Missing scopes: {scope}. \
+                 Check that you have the correct role in your organization (Owner), and if \
+                 you're using a restricted API key, that it has the necessary scopes."
+            ),
+        )
+    }
+
+    /// 403: a valid key that may not be used here.
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self::new(403, ErrorType::Authentication, message)
+    }
+
+    /// 429 `rate_limit_exceeded`: a project's limit on requests (`tokens` false) or tokens.
+    pub fn rate_limit_exceeded(tokens: bool, message: impl Into<String>) -> Self {
+        let kind = if tokens {
+            ErrorType::RateLimitTokens
+        } else {
+            ErrorType::RateLimit
+        };
+        Self::new(429, kind, message).with_code("rate_limit_exceeded")
     }
 
     pub fn queue_full(model: &str, capacity: usize) -> Self {

@@ -11,6 +11,7 @@
 pub mod chat;
 pub mod embeddings;
 pub mod error;
+pub mod moderation;
 pub mod reader;
 pub mod response;
 pub mod responses;

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::moderation::{FilterResults, PromptFilterResult};
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ChatCompletion {
     pub id: String,
@@ -16,6 +18,9 @@ pub struct ChatCompletion {
     /// The request's `metadata`, echoed when the completion is stored (`store: true`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The prompt's content filter annotation (Azure OpenAI's), when the tier filters prompts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_filter_results: Option<Vec<PromptFilterResult>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -24,6 +29,9 @@ pub struct Choice {
     pub message: AssistantMessage,
     pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: &'static str,
+    /// The choice's content filter annotation, when the tier filters completions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_filter_results: Option<FilterResults>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -152,6 +160,9 @@ pub struct ChatCompletionChunk {
     /// Present (as `null` until the last chunk) only with `stream_options.include_usage`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    /// In a stream's first chunk (with no choices), when the tier filters prompts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_filter_results: Option<Vec<PromptFilterResult>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -160,6 +171,9 @@ pub struct ChunkChoice {
     pub delta: Delta,
     pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: Option<&'static str>,
+    /// In a choice's last chunk, when the tier filters completions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_filter_results: Option<FilterResults>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -18,7 +18,19 @@ pub const CONFIG_ENV: &str = "FERRUM_CONFIG";
 #[derive(Debug, Clone)]
 pub struct Registry {
     tiers: Vec<Tier>,
+    moderation: ModerationConfig,
     path: Option<PathBuf>,
+}
+
+/// `[moderation]`: which classifier answers `POST /v1/moderations`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModerationConfig {
+    /// A chat tier that judges texts for the `omni-moderation-*` models, one yes/no question
+    /// per category; `None` (the default) answers every moderation model with the lexical
+    /// classifier. The `text-moderation-*` models and the content filter stay lexical.
+    #[serde(default)]
+    pub judge: Option<String>,
 }
 
 /// One model tier: an OpenAI model id backed by one GGUF file (a chat model) or one sentence
@@ -226,6 +238,8 @@ pub enum LoadPolicy {
 struct ConfigFile {
     #[serde(default)]
     tier: Vec<Tier>,
+    #[serde(default)]
+    moderation: ModerationConfig,
 }
 
 impl Price {
@@ -409,6 +423,11 @@ impl Registry {
         &self.tiers
     }
 
+    /// The `[moderation]` table.
+    pub fn moderation(&self) -> &ModerationConfig {
+        &self.moderation
+    }
+
     /// The config file this registry was read from, or `None` for an inline or default config.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
@@ -444,6 +463,7 @@ impl Registry {
         let file: ConfigFile = toml::from_str(s).map_err(|e| config_error(e.to_string()))?;
         let mut tiers = file.tier;
         validate_tiers(&tiers).map_err(config_error)?;
+        validate_moderation(&file.moderation, &tiers).map_err(config_error)?;
         if let Some(base_dir) = base_dir {
             for t in &mut tiers {
                 t.weights.resolve_relative(base_dir);
@@ -454,8 +474,30 @@ impl Registry {
         }
         Ok(Self {
             tiers,
+            moderation: file.moderation,
             path: path.map(Path::to_path_buf),
         })
+    }
+}
+
+/// Checks that the moderation judge, if any, is a chat tier whose own content filter does not
+/// refuse the texts it is asked to judge.
+fn validate_moderation(m: &ModerationConfig, tiers: &[Tier]) -> Result<(), String> {
+    let Some(judge) = &m.judge else {
+        return Ok(());
+    };
+    match tiers.iter().find(|t| t.names().any(|n| n == judge)) {
+        None => Err(format!(
+            "moderation: the judge tier `{judge}` is not defined"
+        )),
+        Some(t) if t.kind != ModelKind::Chat => Err(format!(
+            "moderation: the judge tier `{judge}` is not a chat model"
+        )),
+        Some(t) if t.content_filter.prompt == FilterMode::Block => Err(format!(
+            "moderation: the judge tier `{judge}` blocks flagged prompts (content_filter), so \
+             it could not judge them"
+        )),
+        Some(_) => Ok(()),
     }
 }
 

@@ -22,8 +22,8 @@ mod weights;
 
 pub use config::{
     AdapterConfig, ContentFilterConfig, DraftConfig, FilterMode, FineTunedPrice, KvCacheType,
-    LoadPolicy, ModelKind, Price, Registry, RopeScalingConfig, RopeScalingKind, Tier, CONFIG_ENV,
-    DEFAULT_CONFIG,
+    LoadPolicy, ModelKind, ModerationConfig, Price, Registry, RopeScalingConfig, RopeScalingKind,
+    Tier, CONFIG_ENV, DEFAULT_CONFIG,
 };
 pub use error::RegistryError;
 pub use fetch::{

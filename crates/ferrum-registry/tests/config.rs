@@ -442,6 +442,23 @@ fn other_invalid_configs_are_errors_not_panics() {
 }
 
 #[test]
+fn the_moderation_judge_must_be_a_chat_tier_that_does_not_block_prompts() {
+    let a = tier("a", "\"a-1\"", PATH_WEIGHTS);
+    let r =
+        Registry::from_toml_str(&format!("{a}\n[moderation]\njudge = \"a-1\"\n"), None).unwrap();
+    assert_eq!(r.moderation().judge.as_deref(), Some("a-1"));
+    let r = Registry::from_toml_str(&a, None).unwrap();
+    assert_eq!(r.moderation().judge, None);
+    let missing = config_error(&format!("{a}\n[moderation]\njudge = \"b\"\n"));
+    assert!(missing.contains("`b` is not defined"), "{missing}");
+    let blocking = config_error(&format!(
+        "{a}content_filter = {{ prompt = \"block\" }}\n[moderation]\njudge = \"a\"\n"
+    ));
+    assert!(blocking.contains("blocks flagged prompts"), "{blocking}");
+    config_error(&format!("{a}\n[moderation]\nclassifier = \"x\"\n"));
+}
+
+#[test]
 fn relative_paths_are_relative_to_the_config_directory() {
     let toml = tier("rel", "", r#"{ path = "models/m.gguf" }"#)
         + &tier("abs", "", r#"{ path = "/abs/m.gguf" }"#);

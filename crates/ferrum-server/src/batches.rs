@@ -123,6 +123,12 @@ async fn create(
         )
         .into());
     }
+    // A project's batch input counts against its daily batch limit, and its lines are billed
+    // to it.
+    let caller = crate::auth::Caller::current();
+    if let crate::auth::Principal::Project { project_id, .. } = &caller.principal {
+        crate::ratelimit::admit_batch(&app, project_id, &input_file_id).await?;
+    }
     let created_at = now();
     let record = BatchRecord {
         id: random_id("batch_"),
@@ -146,6 +152,11 @@ async fn create(
         cancelled_at: None,
     };
     app.store.create_batch(&record).await?;
+    let owner = caller.attribution();
+    if owner.project_id.is_some() {
+        // Before the worker is woken; validation then takes far longer than this write.
+        app.store.set_batch_owner(&record.id, &owner).await?;
+    }
     tracing::info!(id = %record.id, input = %record.input_file_id, "batch created");
     app.batch_wakeup.notify_one();
     Ok(Json(object(record, LineCounts::default())))

@@ -11,17 +11,20 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ferrum_engine::{Completion, Event, FinishReason, Priority, Request, Sink, SubmitError};
+use ferrum_protocol::moderation::PromptFilterResult;
 use ferrum_protocol::response::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
     FunctionDelta, TokenLogprob, ToolCallDelta,
 };
 use ferrum_protocol::{parse_chat_request, ApiError, ChatRequest};
+use ferrum_registry::ContentFilterConfig;
 use futures_util::stream::{self, Stream, StreamExt};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::callstream::{AutoDelta, CallDelta, ChoiceDecoder};
 use crate::frontend::{self, finish_reason, logprobs_of, token_logprob};
 use crate::models::Loaded;
+use crate::moderation::{self, CompletionGate, LogprobQueue};
 use crate::tools::{self, ToolMode};
 use crate::{now, random_id, App, ServerError};
 
@@ -96,23 +99,33 @@ pub(crate) async fn submit(
     endpoint: Endpoint,
 ) -> Result<(Meta, UnboundedReceiver<Event>), ServerError> {
     let loaded = crate::fine_tuning::loaded(app, &req.model).await?;
+    let filter = loaded.tier.content_filter;
     let (prompt_req, req) = {
         let loaded = loaded.clone();
         tokio::task::spawn_blocking(move || {
-            let p = frontend::prepare(loaded.handle.model(), &req);
+            // The content filter reads the prompt before any work is queued for it.
+            let p = moderation::check_prompt(filter.prompt, &req.messages)
+                .map_err(ServerError::from)
+                .and_then(|checked| {
+                    let prepared = frontend::prepare(loaded.handle.model(), &req)?;
+                    Ok((checked, prepared))
+                });
             (p, req)
         })
         .await
         .map_err(|e| ServerError::internal("preparing the prompt", e))?
     };
-    let prepared = prompt_req?;
+    let (prompt_filter, prepared) = prompt_req?;
     let (id, created) = (random_id(endpoint.id_prefix), now());
     let tool_mode = prepared.tool_mode;
     let prompt_len = prepared.prompt.len();
     let (tx, rx) = unbounded_channel();
     // A batch line interrupted (by a shutdown) runs again later and is billed then: only
     // interactive requests bill what a departed client cost.
+    // The caller is read here, in the handler's task: the stream outlives its scope.
+    let caller = crate::auth::Caller::current();
     let bill = (priority == Priority::Interactive).then(|| PartialBill {
+        caller: caller.clone(),
         endpoint: endpoint.name,
         app: Arc::clone(app),
         runtime: tokio::runtime::Handle::current(),
@@ -147,6 +160,7 @@ pub(crate) async fn submit(
     app.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let meta = Meta {
         id,
+        caller,
         created,
         app: Arc::clone(app),
         loaded,
@@ -155,6 +169,8 @@ pub(crate) async fn submit(
         endpoint: endpoint.name,
         record: true,
         stored_request: None,
+        filter,
+        prompt_filter,
     };
     Ok((meta, rx))
 }
@@ -216,6 +232,7 @@ fn timed_sink(
 /// the prompt and the tokens generated so far are billed. The prompt is billed at the full input
 /// price: which part of it was cached is known only to complete responses.
 struct PartialBill {
+    caller: crate::auth::Caller,
     endpoint: &'static str,
     app: Arc<App>,
     runtime: tokio::runtime::Handle,
@@ -236,7 +253,8 @@ impl Drop for PartialBill {
             return;
         }
         let usage = ferrum_protocol::response::Usage::new(self.prompt_tokens, 0, self.generated);
-        let (app, id, tier, created, endpoint) = (
+        let (caller, app, id, tier, created, endpoint) = (
+            std::mem::take(&mut self.caller),
             Arc::clone(&self.app),
             std::mem::take(&mut self.id),
             self.tier.clone(),
@@ -245,7 +263,7 @@ impl Drop for PartialBill {
         );
         // The sink is dropped on the engine thread; the ledger is written on the runtime.
         self.runtime.spawn(async move {
-            app.record_usage(&id, endpoint, &tier, &usage, created)
+            app.record_usage(&caller, &id, endpoint, &tier, &usage, created)
                 .await;
         });
     }
@@ -254,6 +272,8 @@ impl Drop for PartialBill {
 /// What every part of one response shares.
 pub(crate) struct Meta {
     pub(crate) id: String,
+    /// Who the response is billed to.
+    pub(crate) caller: crate::auth::Caller,
     pub(crate) created: i64,
     pub(crate) app: Arc<App>,
     pub(crate) loaded: Loaded,
@@ -265,6 +285,9 @@ pub(crate) struct Meta {
     pub(crate) record: bool,
     /// The request body as sent, when it asked to be stored (`store: true`).
     pub(crate) stored_request: Option<serde_json::Value>,
+    /// The tier's content filter, and its annotation of the prompt (when it reads prompts).
+    pub(crate) filter: ContentFilterConfig,
+    pub(crate) prompt_filter: Option<PromptFilterResult>,
 }
 
 impl Meta {
@@ -287,6 +310,7 @@ impl Meta {
         if self.record {
             self.app
                 .record_usage(
+                    &self.caller,
                     &self.id,
                     self.endpoint,
                     &self.loaded.tier,
@@ -298,7 +322,8 @@ impl Meta {
         usage
     }
 
-    /// The response object of finished choices (with their log-probabilities when asked).
+    /// The response object of finished choices (with their log-probabilities when asked),
+    /// each through the content filter.
     fn completion(
         &self,
         done: Vec<Completion>,
@@ -310,10 +335,17 @@ impl Meta {
             .into_iter()
             .zip(logprobs)
             .enumerate()
-            .map(|(i, (c, lp))| {
+            .map(|(i, (c, mut lp))| {
+                let mut gate = CompletionGate::new(&self.filter);
+                let text = gate.filter_whole(&c.text);
+                if gate.withheld() {
+                    keep_logprobs_of(&mut lp, text.len());
+                }
                 let (content, calls) =
-                    tools::parse(&c.text, self.tool_mode, &names, || random_id("call_"));
-                let reason = if calls.is_empty() {
+                    tools::parse(&text, self.tool_mode, &names, || random_id("call_"));
+                let reason = if gate.withheld() {
+                    "content_filter"
+                } else if calls.is_empty() {
                     finish_reason(c.finish_reason)
                 } else {
                     "tool_calls"
@@ -329,6 +361,7 @@ impl Meta {
                     },
                     logprobs: self.req.logprobs.then(|| logprobs_of(lp)),
                     finish_reason: reason,
+                    content_filter_results: gate.results(),
                 }
             })
             .collect();
@@ -342,6 +375,7 @@ impl Meta {
             service_tier: "default",
             system_fingerprint: self.loaded.fingerprint.clone(),
             metadata: self.req.store.then(|| self.req.metadata.clone()).flatten(),
+            prompt_filter_results: self.prompt_filter.map(|p| vec![p]),
         }
     }
 
@@ -393,6 +427,10 @@ struct StreamState {
     done: Vec<Option<Completion>>,
     /// With tools: per choice, what turns the generated text into content and call deltas.
     decoders: Vec<ChoiceDecoder>,
+    /// Per choice, the content filter's hold on the text, and the log-probabilities of
+    /// tokens whose text it holds.
+    gates: Vec<CompletionGate>,
+    pending: Vec<LogprobQueue<TokenLogprob>>,
     finished: bool,
 }
 
@@ -407,6 +445,12 @@ fn stream_response(
                 let names = meta.tool_names().into_iter().map(String::from).collect();
                 ChoiceDecoder::new(meta.tool_mode, names)
             })
+            .collect(),
+        gates: (0..meta.req.n)
+            .map(|_| CompletionGate::new(&meta.filter))
+            .collect(),
+        pending: (0..meta.req.n)
+            .map(|_| LogprobQueue::new(&meta.filter))
             .collect(),
         meta,
         rx,
@@ -435,6 +479,7 @@ impl StreamState {
             service_tier: "default",
             choices,
             usage: m.req.include_usage.then_some(None),
+            prompt_filter_results: None,
         }
     }
 
@@ -465,6 +510,7 @@ impl StreamState {
                     delta,
                     logprobs: None,
                     finish_reason: None,
+                    content_filter_results: None,
                 }])));
             };
         for d in deltas {
@@ -501,69 +547,103 @@ impl StreamState {
             return self.end().await;
         };
         match ev {
-            // Each choice opens with the assistant role, as OpenAI's streams do.
-            Event::Started => (0..self.meta.req.n)
-                .map(|index| {
-                    Self::data(&self.chunk(vec![ChunkChoice {
-                        index,
-                        delta: Delta {
-                            role: Some("assistant"),
-                            content: Some(String::new()),
-                            ..Delta::default()
-                        },
-                        logprobs: None,
-                        finish_reason: None,
-                    }]))
-                })
-                .collect(),
-            // With tools, a forced call streams as it is generated (its name once complete,
-            // then its arguments fragment by fragment); with "auto", text streams as soon as it
-            // cannot be the start of a call, and the calls of `<tool_call>` blocks as written.
-            Event::Token { choice, token } if self.meta.tool_mode != ToolMode::Off => {
-                let deltas = self.decoders[choice as usize].push(&token.text);
-                self.auto_chunks(choice, deltas)
-            }
+            Event::Started => self.opening(),
             Event::Token { choice, token } => {
-                let lp = self.meta.logprob(&token);
-                if token.text.is_empty() && lp.is_none() {
-                    return Vec::new();
+                if let Some(lp) = self.meta.logprob(&token) {
+                    self.pending[choice as usize].push(lp.bytes.len(), lp);
                 }
-                vec![Self::data(&self.chunk(vec![ChunkChoice {
-                    index: choice,
-                    delta: Delta {
-                        content: Some(token.text),
-                        ..Delta::default()
-                    },
-                    logprobs: lp.map(|lp| logprobs_of(vec![lp])),
-                    finish_reason: None,
-                }]))]
+                // The content filter holds text back until its window is checked.
+                let text = self.gates[choice as usize].push(&token.text);
+                self.text_chunks(choice, text)
             }
-            Event::ChoiceDone { choice, completion } => {
-                let mut reason = finish_reason(completion.finish_reason);
-                let mut out = Vec::new();
-                if self.meta.tool_mode != ToolMode::Off {
-                    let cut = completion.finish_reason == FinishReason::Length;
-                    let (rest, calls) =
-                        self.decoders[choice as usize].finish(&completion.text, cut);
-                    out.extend(self.auto_chunks(choice, rest));
-                    if calls {
-                        reason = "tool_calls";
-                    }
-                }
-                self.done[choice as usize] = Some(completion);
-                out.push(Self::data(&self.chunk(vec![ChunkChoice {
-                    index: choice,
-                    delta: Delta::default(),
-                    logprobs: None,
-                    finish_reason: Some(reason),
-                }])));
-                out
-            }
+            Event::ChoiceDone { choice, completion } => self.choice_done(choice, completion),
             Event::Error(e) => {
                 self.finished = true;
                 vec![Self::data(&ServerError::from(e).into_api_logged().body())]
             }
         }
+    }
+
+    /// Each choice opens with the assistant role, as OpenAI's streams do; with a prompt
+    /// filter, a chunk without choices carrying its annotation comes first (as Azure's).
+    fn opening(&self) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        if let Some(p) = self.meta.prompt_filter {
+            let mut chunk = self.chunk(Vec::new());
+            chunk.prompt_filter_results = Some(vec![p]);
+            out.push(Self::data(&chunk));
+        }
+        out.extend((0..self.meta.req.n).map(|index| {
+            Self::data(&self.chunk(vec![ChunkChoice {
+                index,
+                delta: Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                    ..Delta::default()
+                },
+                logprobs: None,
+                finish_reason: None,
+                content_filter_results: None,
+            }]))
+        }));
+        out
+    }
+
+    /// The chunks of text the content filter let through. With tools, a forced call streams
+    /// as it is generated (its name once complete, then its arguments fragment by fragment);
+    /// with "auto", text streams as soon as it cannot be the start of a call, and the calls of
+    /// `<tool_call>` blocks as written.
+    fn text_chunks(&mut self, choice: u32, text: String) -> Vec<SseEvent> {
+        let c = choice as usize;
+        let lp = self.pending[c].release(text.len());
+        if self.meta.tool_mode != ToolMode::Off {
+            let deltas = self.decoders[c].push(&text);
+            return self.auto_chunks(choice, deltas);
+        }
+        // A token with no text yet still sends its log-probability (unless the filter holds
+        // it back with its text).
+        if text.is_empty() && lp.is_empty() {
+            return Vec::new();
+        }
+        vec![Self::data(&self.chunk(vec![ChunkChoice {
+            index: choice,
+            delta: Delta {
+                content: Some(text),
+                ..Delta::default()
+            },
+            logprobs: (!lp.is_empty()).then(|| logprobs_of(lp)),
+            finish_reason: None,
+            content_filter_results: None,
+        }]))]
+    }
+
+    /// A choice's end: the text the filter still held (unless it withheld the rest), what the
+    /// tool decoder still holds, and the chunk with its finish reason (`content_filter` when
+    /// text was withheld) and its filter annotation.
+    fn choice_done(&mut self, choice: u32, completion: Completion) -> Vec<SseEvent> {
+        let c = choice as usize;
+        let mut reason = finish_reason(completion.finish_reason);
+        let rest = self.gates[c].finish();
+        let mut out = self.text_chunks(choice, rest);
+        if self.gates[c].withheld() {
+            reason = "content_filter";
+        } else if self.meta.tool_mode != ToolMode::Off {
+            let cut = completion.finish_reason == FinishReason::Length;
+            let (rest, calls) = self.decoders[c].finish(&completion.text, cut);
+            out.extend(self.auto_chunks(choice, rest));
+            if calls {
+                reason = "tool_calls";
+            }
+        }
+        self.done[c] = Some(completion);
+        out.push(Self::data(&self.chunk(vec![ChunkChoice {
+            index: choice,
+            delta: Delta::default(),
+            logprobs: None,
+            finish_reason: Some(reason),
+            content_filter_results: self.gates[c].results(),
+        }])));
+        out
     }
 
     /// After the last engine event: the usage chunk (when asked for) and `[DONE]`.
@@ -594,6 +674,16 @@ impl StreamState {
         out.push(SseEvent::default().data("[DONE]"));
         out
     }
+}
+
+/// Keeps the log-probabilities of the tokens that make up the first `bytes` bytes of the text
+/// (what the content filter let through).
+fn keep_logprobs_of(lp: &mut Vec<TokenLogprob>, bytes: usize) {
+    let mut seen = 0;
+    lp.retain(|t| {
+        seen += t.bytes.len();
+        seen <= bytes
+    });
 }
 
 /// A scanned call delta in OpenAI's chunk shape: a new call with a fresh id, or more arguments.

@@ -40,8 +40,16 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
     let vectors = embed(&app, &loaded, inputs).await?;
     let usage = Usage::new(prompt_tokens, 0, 0);
     tracing::debug!(user = ?req.user, inputs = vectors.len(), "embedded");
-    app.record_usage(&random_id("emb-"), ENDPOINT, &loaded.tier, &usage, now())
-        .await;
+    let caller = crate::auth::Caller::current();
+    app.record_usage(
+        &caller,
+        &random_id("emb-"),
+        ENDPOINT,
+        &loaded.tier,
+        &usage,
+        now(),
+    )
+    .await;
     // 2048 vectors make megabytes of JSON: encoded off the async threads too.
     let (model, format) = (loaded.tier.id.clone(), req.encoding_format);
     let json = tokio::task::spawn_blocking(move || {

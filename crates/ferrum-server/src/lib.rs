@@ -3,9 +3,11 @@
 //! engine requests (through `frontend`) and never touches tensors.
 
 mod admin;
+mod auth;
 mod batches;
 mod callstream;
 mod chat;
+mod console;
 mod embeddings;
 mod error;
 mod evals;
@@ -15,7 +17,11 @@ mod frontend;
 mod graders;
 mod metrics;
 mod models;
+mod moderation;
+mod org_usage;
+mod organization;
 mod paging;
+mod ratelimit;
 mod responses;
 mod stored;
 mod tools;
@@ -35,13 +41,14 @@ use ferrum_registry::{Registry, Tier};
 use ferrum_store::{BlobStore, Store, UsageRecord};
 use tokio::net::TcpListener;
 
+pub use auth::{create_admin_key, hash_key};
 pub use batches::BatchConfig;
 pub use error::ServerError;
 pub use models::{Engine, EngineConfig, Loaded, LoadedEmbedder, Models, Served};
 pub use stored::{export as export_completions, training_example};
 
 /// Largest request body: long-context prompts are big, but not unbounded.
-const MAX_BODY_BYTES: usize = 64 << 20;
+pub(crate) const MAX_BODY_BYTES: usize = 64 << 20;
 
 /// How to run the server.
 #[derive(Clone, Debug)]
@@ -49,6 +56,9 @@ pub struct ServerConfig {
     pub engine: EngineConfig,
     /// Requests must carry `Authorization: Bearer <key>` when set.
     pub api_key: Option<String>,
+    /// The admin key of the organization API (`/v1/organization`), besides those in the
+    /// database.
+    pub admin_key: Option<String>,
     /// Where file contents live.
     pub blobs: BlobStore,
     /// Largest upload, in bytes.
@@ -78,15 +88,19 @@ pub struct App {
     pub fine_tuning: fine_tuning::FineTuning,
     /// The eval worker's wake-up.
     pub evals: evals::Evals,
-    pub api_key: Option<String>,
+    /// The keys this server takes (see `auth`).
+    pub auth: auth::Auth,
     pub metrics: Arc<metrics::Metrics>,
 }
 
 impl App {
-    /// Prices a response's usage with its tier's price table and records it in the ledger. A
-    /// failing database is logged, never turned into a failed response the client paid for.
+    /// Prices a response's usage with its tier's price table and records it in the ledger,
+    /// billed to the caller's project and key; settles the caller's rate-limit admission with
+    /// the real token count. A failing database is logged, never turned into a failed
+    /// response the client paid for.
     async fn record_usage(
         &self,
+        caller: &auth::Caller,
         id: &str,
         endpoint: &str,
         tier: &Tier,
@@ -107,7 +121,15 @@ impl App {
                 .cost_usd(usage.prompt_tokens, cached, usage.completion_tokens),
             batch: false,
         };
-        if let Err(e) = self.store.record_usage(&record).await {
+        if let Some(admitted) = &caller.admission {
+            let used = usage.prompt_tokens + usage.completion_tokens;
+            ratelimit::settle(self, admitted, used).await;
+        }
+        if let Err(e) = self
+            .store
+            .record_usage_as(&record, &caller.attribution())
+            .await
+        {
             tracing::error!(error = %e, id, "could not record usage");
         }
         tracing::info!(
@@ -132,6 +154,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/v1/chat/completions", post(chat::create).get(stored::list))
         .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/moderations", post(moderation::create))
         .route("/v1/usage", get(usage_totals))
         .merge(stored::routes())
         .merge(files::routes())
@@ -140,10 +163,12 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(evals::routes())
         .merge(responses::routes())
         .merge(admin::routes())
+        .merge(organization::routes())
         .route_layer(middleware::from_fn(json_bodies))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&app), auth));
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&app), auth::gate));
     api.route("/health", get(|| async { "ok" }))
         .route("/metrics", get(render_metrics))
+        .merge(console::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(
@@ -200,7 +225,7 @@ pub fn app(registry: Registry, store: Store, config: ServerConfig) -> Arc<App> {
         background: Default::default(),
         fine_tuning: Default::default(),
         evals: Default::default(),
-        api_key: config.api_key,
+        auth: auth::Auth::new(config.api_key, config.admin_key),
         metrics: Arc::default(),
     })
 }
@@ -295,39 +320,6 @@ async fn json_bodies(req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
-}
-
-async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    let Some(key) = &app.api_key else {
-        return next.run(req).await;
-    };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        None | Some("") => ServerError::from(ApiError::missing_api_key()).into_response(),
-        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => next.run(req).await,
-        Some(g) => ServerError::from(ApiError::invalid_api_key(&redact(g))).into_response(),
-    }
-}
-
-/// Compares without an early exit, so response times do not reveal how much of a key matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// `sk-ab****wxyz`, as OpenAI shows a wrong key.
-fn redact(key: &str) -> String {
-    let chars: Vec<char> = key.chars().collect();
-    if chars.len() <= 8 {
-        return "*".repeat(chars.len());
-    }
-    let head: String = chars[..4].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
-    format!("{head}{}{tail}", "*".repeat(chars.len() - 8))
 }
 
 /// `GET /metrics` (Prometheus text format; not behind the API key, like a health check).

@@ -180,6 +180,12 @@ impl Models {
             .find(|t| t.kind == ModelKind::Embedding)
     }
 
+    /// The chat tier that judges texts for `POST /v1/moderations` (`[moderation] judge`), if
+    /// the config names one.
+    pub fn moderation_judge(&self) -> Option<String> {
+        self.registry.read().unwrap().moderation().judge.clone()
+    }
+
     /// The config file the tiers came from (`None` for the embedded default).
     pub fn config_path(&self) -> Option<PathBuf> {
         self.registry

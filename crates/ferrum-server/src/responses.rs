@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferrum_engine::{Completion, Event, Priority};
+use ferrum_protocol::moderation::{FilterResults, PromptFilterResult};
 use ferrum_protocol::response::{ChatCompletion, Usage};
 use ferrum_protocol::responses::{
     parse_item, parse_responses_request, to_messages, Item, ResponsesRequest,
@@ -34,6 +35,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::callstream::{AutoDelta, CallDelta, ChoiceDecoder};
 use crate::chat::{self, Endpoint, Meta};
 use crate::frontend::finish_reason;
+use crate::moderation::{CompletionGate, LogprobQueue};
 use crate::paging::{self, ListOut, Rules};
 use crate::tools::ToolMode;
 use crate::{now, random_id, App, ServerError};
@@ -70,7 +72,7 @@ impl Ctx {
         status: &str,
         output: &[Value],
         usage: Option<&Usage>,
-        incomplete: bool,
+        incomplete: Option<&str>,
     ) -> Value {
         let r = &self.req;
         let mut out = json!({
@@ -80,7 +82,7 @@ impl Ctx {
             "status": status,
             "completed_at": (status == "completed").then(now),
             "error": null,
-            "incomplete_details": incomplete.then(|| json!({"reason": "max_output_tokens"})),
+            "incomplete_details": incomplete.map(|reason| json!({"reason": reason})),
             "instructions": r.instructions,
             "max_output_tokens": r.max_output_tokens,
             "max_tool_calls": null,
@@ -111,7 +113,7 @@ impl Ctx {
     }
 
     fn failed(&self, e: &ApiError) -> Value {
-        let mut o = self.object("failed", &[], None, false);
+        let mut o = self.object("failed", &[], None, None);
         o["error"] = json!({"code": e.code.clone().unwrap_or_else(|| "server_error".into()), "message": e.message});
         o
     }
@@ -132,8 +134,9 @@ fn usage_json(u: &Usage) -> Value {
     })
 }
 
-/// The output items of a finished generation: the text as a message, then the calls.
-fn output_items(c: &ChatCompletion) -> (Vec<Value>, bool) {
+/// The output items of a finished generation: the text as a message, then the calls; and why
+/// the response is incomplete, if it is.
+fn output_items(c: &ChatCompletion) -> (Vec<Value>, Option<&'static str>) {
     let choice = &c.choices[0];
     let mut items = Vec::new();
     if let Some(text) = choice
@@ -163,7 +166,31 @@ fn output_items(c: &ChatCompletion) -> (Vec<Value>, bool) {
             "completed",
         ));
     }
-    (items, choice.finish_reason == "length")
+    (items, incomplete_reason(choice.finish_reason))
+}
+
+/// The `incomplete_details.reason` of a chat finish reason (`None`: the response completed).
+fn incomplete_reason(finish_reason: &str) -> Option<&'static str> {
+    match finish_reason {
+        "length" => Some("max_output_tokens"),
+        "content_filter" => Some("content_filter"),
+        _ => None,
+    }
+}
+
+/// Adds the content filter's annotations to a response object (Azure OpenAI's names, as on
+/// chat completions): the prompt's, and the output text's.
+fn add_filter_results(
+    object: &mut Value,
+    prompt: Option<PromptFilterResult>,
+    output: Option<FilterResults>,
+) {
+    if let Some(p) = prompt {
+        object["prompt_filter_results"] = json!([p]);
+    }
+    if let Some(o) = output {
+        object["content_filter_results"] = json!(o);
+    }
 }
 
 fn message_item(id: &str, text: &str, status: &str, logprobs: &[Value]) -> Value {
@@ -346,7 +373,7 @@ async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, Se
         input_json,
     };
     if ctx.req.background {
-        let queued = ctx.object("queued", &[], None, false);
+        let queued = ctx.object("queued", &[], None, None);
         save(&app, &ctx, "queued", &[], &queued).await?;
         let app2 = Arc::clone(&app);
         let id = ctx.id.clone();
@@ -430,12 +457,18 @@ async fn complete(
 ) -> Result<Done, ServerError> {
     let (completion, usage) = chat::collect(meta, rx).await?;
     let (output, incomplete) = output_items(&completion);
-    let status = if incomplete {
+    let status = if incomplete.is_some() {
         "incomplete"
     } else {
         "completed"
     };
-    let object = ctx.object(status, &output, Some(&usage), incomplete);
+    let mut object = ctx.object(status, &output, Some(&usage), incomplete);
+    let prompt = completion.prompt_filter_results.as_ref().map(|p| p[0]);
+    add_filter_results(
+        &mut object,
+        prompt,
+        completion.choices[0].content_filter_results,
+    );
     Ok(Done {
         status,
         output,
@@ -498,6 +531,11 @@ struct Streamer {
     /// streamed (output index, item id, call id, name, arguments so far) and the output items
     /// opened.
     decoder: ChoiceDecoder,
+    /// The request's tool mode (kept here: `meta` is taken by `end`, which still decodes).
+    tool_mode: ToolMode,
+    /// The content filter's hold on the text, and on the log-probabilities of its tokens.
+    gate: CompletionGate,
+    held_logprobs: LogprobQueue<Value>,
     auto_calls: Vec<(usize, String, String, String, String)>,
     opened: usize,
     /// Token log-probabilities of the text (when asked for): all so far, and those not sent
@@ -517,7 +555,7 @@ impl Streamer {
     }
 
     fn start(&mut self) -> Vec<SseEvent> {
-        let response = self.ctx.object("in_progress", &[], None, false);
+        let response = self.ctx.object("in_progress", &[], None, None);
         vec![
             self.event(json!({"type": "response.created", "response": response})),
             self.event(json!({"type": "response.in_progress", "response": response})),
@@ -525,9 +563,7 @@ impl Streamer {
     }
 
     fn tools_on(&self) -> bool {
-        self.meta
-            .as_ref()
-            .is_some_and(|m| m.tool_mode != ToolMode::Off)
+        self.tool_mode != ToolMode::Off
     }
 
     /// Opens the message item (output 0) and its text part.
@@ -618,6 +654,27 @@ impl Streamer {
         }
     }
 
+    /// The events of generated text the content filter let through. With tools, a forced
+    /// call streams as it is generated; with "auto", text streams as soon as it cannot be the
+    /// start of a call, and calls as they are written.
+    fn text_events(&mut self, text: &str, out: &mut Vec<SseEvent>) {
+        if self.tools_on() {
+            let deltas = self.decoder.push(text);
+            self.auto_events(deltas, out);
+            return;
+        }
+        if self.message.is_none() {
+            let id = self.open_message(out, 0);
+            self.message = Some((id, String::new()));
+        }
+        if !text.is_empty() {
+            let (id, all) = self.message.as_mut().expect("opened above");
+            all.push_str(text);
+            let id = id.clone();
+            out.push(self.delta(0, &id, text));
+        }
+    }
+
     async fn next_events(&mut self) -> Vec<SseEvent> {
         let Some(ev) = self.rx.recv().await else {
             self.finished = true;
@@ -625,31 +682,19 @@ impl Streamer {
         };
         match ev {
             Event::Started => Vec::new(),
-            // With tools, a forced call streams as it is generated; with "auto", text streams
-            // as soon as it cannot be the start of a call, and calls as they are written.
-            Event::Token { token, .. } if self.tools_on() => {
-                let deltas = self.decoder.push(&token.text);
-                let mut out = Vec::new();
-                self.auto_events(deltas, &mut out);
-                out
-            }
             Event::Token { token, .. } => {
-                let mut out = Vec::new();
                 if let Some(lp) = self.meta.as_ref().and_then(|m| m.logprob(&token)) {
-                    // A token that completes no text yet goes with the next delta.
-                    self.delta_logprobs.push(json!(lp));
-                    self.logprobs.push(json!(lp));
+                    self.held_logprobs.push(lp.bytes.len(), json!(lp));
                 }
-                if self.message.is_none() {
-                    let id = self.open_message(&mut out, 0);
-                    self.message = Some((id, String::new()));
-                }
-                if !token.text.is_empty() {
-                    let (id, text) = self.message.as_mut().expect("opened above");
-                    text.push_str(&token.text);
-                    let id = id.clone();
-                    out.push(self.delta(0, &id, &token.text));
-                }
+                // The content filter holds text back until its window is checked (and the
+                // log-probabilities of its tokens with it).
+                let text = self.gate.push(&token.text);
+                // A token that completes no text yet goes with the next delta.
+                let lps = self.held_logprobs.release(text.len());
+                self.delta_logprobs.extend(lps.iter().cloned());
+                self.logprobs.extend(lps);
+                let mut out = Vec::new();
+                self.text_events(&text, &mut out);
                 out
             }
             Event::ChoiceDone { completion, .. } => {
@@ -677,8 +722,18 @@ impl Streamer {
             return vec![self.event(json!({"type": "response.failed", "response": failed}))];
         };
         let usage = meta.record_usage(std::slice::from_ref(&done)).await;
-        let incomplete = finish_reason(done.finish_reason) == "length";
         let mut out = Vec::new();
+        let rest = self.gate.finish();
+        let lps = self.held_logprobs.release(rest.len());
+        self.delta_logprobs.extend(lps.iter().cloned());
+        self.logprobs.extend(lps);
+        self.text_events(&rest, &mut out);
+        let withheld = self.gate.withheld();
+        let incomplete = if withheld {
+            Some("content_filter")
+        } else {
+            incomplete_reason(finish_reason(done.finish_reason))
+        };
         let mut items = Vec::new();
         if meta.tool_mode == ToolMode::Off {
             let (id, text) = match self.message.take() {
@@ -687,9 +742,13 @@ impl Streamer {
             };
             items.push(self.close_message(&mut out, 0, &id, &text));
         } else {
-            // Tools: what is left of the answer, then close what was opened, in output order.
-            let (rest, _) = self.decoder.finish(&done.text, incomplete);
-            self.auto_events(rest, &mut out);
+            // Tools: what is left of the answer (unless the filter withheld it), then close
+            // what was opened, in output order.
+            if !withheld {
+                let cut = incomplete.is_some();
+                let (rest, _) = self.decoder.finish(&done.text, cut);
+                self.auto_events(rest, &mut out);
+            }
             if self.message.is_none() && self.auto_calls.is_empty() {
                 self.message = Some((self.open_message(&mut out, 0), String::new()));
             }
@@ -710,16 +769,17 @@ impl Streamer {
             closing.sort_by_key(|c| c.0);
             items.extend(closing.into_iter().map(|c| c.1));
         }
-        let status = if incomplete {
+        let status = if incomplete.is_some() {
             "incomplete"
         } else {
             "completed"
         };
-        let object = self.ctx.object(status, &items, Some(&usage), incomplete);
+        let mut object = self.ctx.object(status, &items, Some(&usage), incomplete);
+        add_filter_results(&mut object, meta.prompt_filter, self.gate.results());
         if let Err(e) = save(&self.app, &self.ctx, status, &items, &object).await {
             tracing::error!(error = %e, id = %self.ctx.id, "could not store a streamed response");
         }
-        let kind = if incomplete {
+        let kind = if incomplete.is_some() {
             "response.incomplete"
         } else {
             "response.completed"
@@ -737,6 +797,9 @@ fn stream_response(
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let names = meta.tool_names().into_iter().map(String::from).collect();
     let decoder = ChoiceDecoder::new(meta.tool_mode, names);
+    let gate = CompletionGate::new(&meta.filter);
+    let held_logprobs = LogprobQueue::new(&meta.filter);
+    let tool_mode = meta.tool_mode;
     let mut st = Streamer {
         app,
         meta: Some(meta),
@@ -746,6 +809,9 @@ fn stream_response(
         message: None,
         message_index: 0,
         decoder,
+        held_logprobs,
+        tool_mode,
+        gate,
         auto_calls: Vec::new(),
         opened: 0,
         logprobs: Vec::new(),

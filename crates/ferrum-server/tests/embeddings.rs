@@ -67,6 +67,7 @@ async fn server() -> Server {
             kv_type: Default::default(),
         },
         api_key: None,
+        admin_key: None,
         blobs: BlobStore::open(dir.path().join("blobs")).unwrap(),
         max_file_bytes: 1 << 20,
         batch: BatchConfig {

@@ -131,6 +131,7 @@ async fn server_on(dir: tempfile::TempDir) -> Server {
             kv_type: Default::default(),
         },
         api_key: None,
+        admin_key: None,
         blobs: BlobStore::open(dir.path().join("blobs")).unwrap(),
         max_file_bytes: 1 << 20,
         batch: BatchConfig {
@@ -355,10 +356,10 @@ async fn eval_objects_validation_update_list_delete() {
         (
             bad(
                 json!([{"type": "text_similarity", "name": "c", "input": "a", "reference": "b",
-                        "evaluation_metric": "cosine", "pass_threshold": 0.5}]),
+                        "evaluation_metric": "meteor", "pass_threshold": 0.5}]),
             ),
             "testing_criteria[0].evaluation_metric",
-            "embeddings",
+            "WordNet",
         ),
         (
             bad(json!([{"type": "python", "name": "p", "source": "def grade(): pass"}])),

@@ -145,6 +145,7 @@ async fn server(replies: &[&str], full: bool) -> Server {
             kv_type: Default::default(),
         },
         api_key: None,
+        admin_key: None,
         blobs: BlobStore::open(dir.path().join("blobs")).unwrap(),
         max_file_bytes: 1 << 20,
         batch: BatchConfig {

@@ -14,6 +14,7 @@ use sqlx::{Connection, Row};
 
 use crate::files::{insert_file, FileRecord};
 use crate::page::{listed, new_seq, Sql};
+use crate::projects::batch_owner;
 use crate::usage::{insert_usage, to_i64, to_u64};
 use crate::{Backend, Listed, Page, Store, StoreError, UsageRecord};
 
@@ -477,7 +478,9 @@ impl Store {
             return Ok(false);
         }
         if let Some(usage) = &result.usage {
-            insert_usage(&mut *tx, usage).await?;
+            // Billed to the project and key that created the batch.
+            let owner = batch_owner(&mut *tx, &line.batch_id).await?;
+            insert_usage(&mut *tx, usage, &owner).await?;
         }
         tx.commit().await?;
         Ok(true)

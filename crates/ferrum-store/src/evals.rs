@@ -658,7 +658,7 @@ impl Store {
             .await?;
         }
         for rec in &result.ledger {
-            insert_usage(&mut *tx, rec).await?;
+            insert_usage(&mut *tx, rec, &Default::default()).await?;
         }
         tx.commit().await?;
         Ok(true)

@@ -786,7 +786,7 @@ impl Store {
             insert_file(&mut *tx, f).await?;
         }
         if let Some(u) = &success.usage {
-            insert_usage(&mut *tx, u).await?;
+            insert_usage(&mut *tx, u, &Default::default()).await?;
         }
         for e in &success.events {
             insert_event(&mut tx, id, e, success.now).await?;

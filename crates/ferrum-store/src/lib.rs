@@ -18,9 +18,12 @@ mod files;
 mod fine_tuning;
 mod migrate;
 mod page;
+mod projects;
+mod ratelimits;
 mod responses;
 mod target;
 mod usage;
+mod usage_report;
 
 pub use batches::{
     BatchRecord, BatchStatus, ClaimedLine, DoneLine, LineCounts, LineResult, NewLine,
@@ -38,9 +41,12 @@ pub use fine_tuning::{
     NewEvent,
 };
 pub use page::{Listed, Order, Page};
+pub use projects::{FoundKey, KeyRecord, KeyScope, NewKey, ProjectRecord, ServiceAccountRecord};
+pub use ratelimits::{Admission, DefaultLimits, LimitKind, RateLimitRecord, Window, WindowState};
 pub use responses::ResponseRecord;
 pub use target::Backend;
-pub use usage::{UsageRecord, UsageTotal};
+pub use usage::{Attribution, UsageRecord, UsageTotal};
+pub use usage_report::{UsageGroup, UsageQuery};
 
 use sqlx::AnyPool;
 

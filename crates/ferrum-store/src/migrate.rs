@@ -52,6 +52,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "evals",
         sql: include_str!("../migrations/0005_evals.sql"),
     },
+    Migration {
+        version: 6,
+        name: "projects",
+        sql: include_str!("../migrations/0006_projects.sql"),
+    },
 ];
 
 /// The key of the Postgres advisory lock held while migrating (arbitrary, "ferrum" in ASCII).

@@ -25,6 +25,14 @@ pub struct UsageRecord {
     pub batch: bool,
 }
 
+/// Who a usage record belongs to: the project and key that made the request (both `None` for
+/// requests on an open server or with the single `--api-key`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attribution {
+    pub project_id: Option<String>,
+    pub api_key_id: Option<String>,
+}
+
 /// The sums over a model's records.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UsageTotal {
@@ -40,7 +48,16 @@ impl Store {
     /// Records one response's usage. Idempotent on `rec.id`, so a retried write never counts
     /// a response twice.
     pub async fn record_usage(&self, rec: &UsageRecord) -> Result<(), StoreError> {
-        insert_usage(&self.pool, rec).await
+        insert_usage(&self.pool, rec, &Attribution::default()).await
+    }
+
+    /// Records one response's usage, attributed to a project and key.
+    pub async fn record_usage_as(
+        &self,
+        rec: &UsageRecord,
+        by: &Attribution,
+    ) -> Result<(), StoreError> {
+        insert_usage(&self.pool, rec, by).await
     }
 
     /// Totals per model, ordered by model id (byte order, the same on every backend), over
@@ -101,12 +118,13 @@ pub(crate) fn to_u64(field: &'static str, value: i64) -> Result<u64, StoreError>
 pub(crate) async fn insert_usage<'e>(
     exec: impl sqlx::Executor<'e, Database = sqlx::Any>,
     rec: &UsageRecord,
+    by: &Attribution,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO usage_records
             (id, created, model, endpoint, prompt_tokens, cached_tokens,
-             completion_tokens, cost_usd, batch)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             completion_tokens, cost_usd, batch, project_id, api_key_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(&rec.id)
@@ -118,6 +136,8 @@ pub(crate) async fn insert_usage<'e>(
     .bind(to_i64("completion_tokens", rec.completion_tokens)?)
     .bind(rec.cost_usd)
     .bind(i64::from(rec.batch))
+    .bind(&by.project_id)
+    .bind(&by.api_key_id)
     .execute(exec)
     .await?;
     Ok(())

@@ -49,6 +49,9 @@ pub enum Command {
     Evals(crate::evals::EvalsArgs),
     /// Train a LoRA adapter on a JSONL file of chat examples, locally.
     FineTune(crate::finetune::FineTuneArgs),
+    /// The organization's admin keys (`ferrum admin init` creates one).
+    #[command(subcommand)]
+    Admin(crate::serve::AdminCommand),
 }
 
 #[derive(Args, Clone)]
@@ -178,6 +181,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => crate::serve::export(args),
         Command::Evals(args) => crate::evals::evals(args),
         Command::FineTune(args) => crate::finetune::fine_tune(&registry, args),
+        Command::Admin(command) => crate::serve::admin(command),
     }
 }
 

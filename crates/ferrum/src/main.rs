@@ -1,5 +1,5 @@
 //! The `ferrum` binary: `serve | pull | run | chat | bench | models | usage | export | evals |
-//! fine-tune`.
+//! fine-tune | admin`.
 
 mod bench;
 mod cli;

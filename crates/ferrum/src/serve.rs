@@ -17,6 +17,10 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <KEY>` on every API request.
     #[arg(long, env = "FERRUM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// The admin key of the organization API (/v1/organization: projects, their keys and
+    /// rate limits, usage and costs), besides the admin keys in the database.
+    #[arg(long, env = "FERRUM_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
     /// Requests that may wait per model before new ones get 429.
     #[arg(long, default_value_t = 64)]
     pub queue_size: usize,
@@ -98,6 +102,39 @@ pub struct UsageArgs {
     pub since: Option<i64>,
 }
 
+#[derive(clap::Subcommand)]
+pub enum AdminCommand {
+    /// Create an admin key in the database and print it (once: only its hash is kept).
+    Init {
+        /// Database URL (as for `serve`).
+        #[arg(long, env = "FERRUM_DATABASE_URL")]
+        database: Option<String>,
+        /// The key's name in the admin key list.
+        #[arg(long, default_value = "ferrum admin init")]
+        name: String,
+    },
+}
+
+pub fn admin(command: AdminCommand) -> anyhow::Result<()> {
+    let AdminCommand::Init { database, name } = command;
+    runtime()?.block_on(async move {
+        let url = database.unwrap_or_else(Store::default_url);
+        let store = Store::connect(&url)
+            .await
+            .with_context(|| format!("opening the database {url}"))?;
+        let (key, value) = ferrum_server::create_admin_key(&store, &name, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("creating the admin key: {e}"))?;
+        eprintln!(
+            "Created admin key {} ({name}). It is shown once: store it now. Use it as \
+             `Authorization: Bearer <key>` on /v1/organization (OPENAI_ADMIN_KEY for the SDKs).",
+            key.id
+        );
+        println!("{value}");
+        Ok(())
+    })
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -132,6 +169,7 @@ pub fn serve(registry: Registry, args: ServeArgs) -> anyhow::Result<()> {
                 kv_type: args.kv_type,
             },
             api_key: args.api_key.filter(|k| !k.is_empty()),
+            admin_key: args.admin_key.filter(|k| !k.is_empty()),
             blobs,
             max_file_bytes: args.max_file_mib.max(1) << 20,
             batch: BatchConfig {
