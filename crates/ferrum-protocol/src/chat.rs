@@ -199,6 +199,55 @@ pub struct ChatRequest {
     /// Predicted output (`prediction.content`, text parts joined): speeds up answers that
     /// repeat it, never changes them.
     pub prediction: Option<String>,
+    pub service_tier: ServiceTier,
+}
+
+/// OpenAI's `service_tier`: how a request is scheduled and priced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceTier {
+    /// `auto` or `default` (or absent): standard processing at the tier's price. `scale` and
+    /// `fast` also land here: no scale-tier contract exists on this server.
+    #[default]
+    Default,
+    /// Flex processing: the background queue, behind every client request, at the Batch API's
+    /// price (half).
+    Flex,
+    /// Priority processing: admitted before every other request, at OpenAI's priority premium.
+    Priority,
+}
+
+impl ServiceTier {
+    /// The `service_tier` member of a request (chat completions or Responses).
+    pub fn parse(f: &Fields) -> Result<ServiceTier> {
+        let tier = f.choice(
+            "service_tier",
+            &["auto", "default", "flex", "scale", "priority", "fast"],
+        )?;
+        Ok(match tier {
+            Some("flex") => ServiceTier::Flex,
+            Some("priority") => ServiceTier::Priority,
+            _ => ServiceTier::Default,
+        })
+    }
+
+    /// What the response echoes: the tier the request actually ran at.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceTier::Default => "default",
+            ServiceTier::Flex => "flex",
+            ServiceTier::Priority => "priority",
+        }
+    }
+
+    /// The factor on the tier's token prices: flex at the Batch API's 50%, priority at
+    /// OpenAI's GPT-4.1 priority prices (1.75x: $3.50 / $0.875 / $14.00 for gpt-4.1).
+    pub fn price_factor(self) -> f64 {
+        match self {
+            ServiceTier::Default => 1.0,
+            ServiceTier::Flex => 0.5,
+            ServiceTier::Priority => 1.75,
+        }
+    }
 }
 
 /// Parses and validates a request body.
@@ -266,6 +315,7 @@ impl ChatRequest {
             stream,
             include_usage,
             user: f.str("user")?.map(str::to_string),
+            service_tier: ServiceTier::parse(&f)?,
             metadata,
             store: f.bool("store")?.unwrap_or(false),
             response_format: parse_response_format(&f)?,
@@ -827,10 +877,6 @@ pub fn parse_metadata(f: &Fields) -> Result<Option<Map<String, Value>>> {
 /// not do what they ask (yet); the message says which, so nothing is silently ignored that would
 /// change the output.
 fn check_accepted_fields(f: &Fields) -> Result<()> {
-    f.choice(
-        "service_tier",
-        &["auto", "default", "flex", "scale", "priority", "fast"],
-    )?;
     f.choice("verbosity", &["low", "medium", "high"])?;
     f.bool("parallel_tool_calls")?;
     f.str("prompt_cache_key")?;

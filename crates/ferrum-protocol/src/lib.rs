@@ -16,6 +16,8 @@ pub mod reader;
 pub mod response;
 pub mod responses;
 
-pub use chat::{parse_chat_request, ChatRequest, Message, ResponseFormat, Role, Tool, ToolChoice};
+pub use chat::{
+    parse_chat_request, ChatRequest, Message, ResponseFormat, Role, ServiceTier, Tool, ToolChoice,
+};
 pub use embeddings::{parse_embedding_request, EmbeddingInput, EmbeddingRequest, EncodingFormat};
 pub use error::{ApiError, ErrorType};

@@ -5,7 +5,8 @@ use serde_json::{json, Map, Value};
 
 use crate::chat::{
     check_tool_choice, parse_function, parse_json_schema, parse_metadata, parse_tool_list,
-    read_tool_choice, unsupported, ResponseFormat, Role, Tool, ToolChoice, MAX_TOP_LOGPROBS,
+    read_tool_choice, unsupported, ResponseFormat, Role, ServiceTier, Tool, ToolChoice,
+    MAX_TOP_LOGPROBS,
 };
 use crate::error::ApiError;
 use crate::reader::{invalid_type, invalid_value, missing, parse_object, Fields, Result};
@@ -148,6 +149,7 @@ pub struct ResponsesRequest {
     /// log-probabilities (with `top_logprobs` alternatives each).
     pub output_logprobs: bool,
     pub user: Option<String>,
+    pub service_tier: ServiceTier,
     /// The request's `tools`, `tool_choice` and `text` as the response object echoes them.
     pub echo: Echo,
 }
@@ -256,6 +258,7 @@ pub fn parse_responses_request(body: &[u8]) -> Result<ResponsesRequest> {
         top_logprobs,
         output_logprobs,
         user: f.str("user")?.map(str::to_string),
+        service_tier: ServiceTier::parse(&f)?,
     })
 }
 
@@ -439,10 +442,6 @@ fn parse_text(f: &Fields) -> Result<(ResponseFormat, Value)> {
 }
 
 fn check_unsupported(f: &Fields) -> Result<()> {
-    f.choice(
-        "service_tier",
-        &["auto", "default", "flex", "scale", "priority", "fast"],
-    )?;
     f.str("prompt_cache_key")?;
     f.str("safety_identifier")?;
     f.integer("max_tool_calls", 1, i64::MAX)?;

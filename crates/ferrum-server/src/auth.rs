@@ -115,6 +115,7 @@ impl Caller {
             Principal::Project { project_id, key_id } => Attribution {
                 project_id: Some(project_id.clone()),
                 api_key_id: Some(key_id.clone()),
+                service_tier: None,
             },
             Principal::Open | Principal::Legacy | Principal::Admin { .. } => Attribution::default(),
         }

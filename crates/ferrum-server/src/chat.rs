@@ -16,7 +16,7 @@ use ferrum_protocol::response::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
     FunctionDelta, TokenLogprob, ToolCallDelta,
 };
-use ferrum_protocol::{parse_chat_request, ApiError, ChatRequest};
+use ferrum_protocol::{parse_chat_request, ApiError, ChatRequest, ServiceTier};
 use ferrum_registry::ContentFilterConfig;
 use futures_util::stream::{self, Stream, StreamExt};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -124,7 +124,9 @@ pub(crate) async fn submit(
     // interactive requests bill what a departed client cost.
     // The caller is read here, in the handler's task: the stream outlives its scope.
     let caller = crate::auth::Caller::current();
+    let service_tier = req.service_tier;
     let bill = (priority == Priority::Interactive).then(|| PartialBill {
+        service_tier,
         caller: caller.clone(),
         endpoint: endpoint.name,
         app: Arc::clone(app),
@@ -138,6 +140,14 @@ pub(crate) async fn submit(
         choices: req.n,
         failed: false,
     });
+    // A client's service tier sets its place in the engine's queues: priority ahead of everyone,
+    // flex behind every client (with batch lines); work already in the background stays there.
+    let priority = match (priority, service_tier) {
+        (Priority::Background, _) => Priority::Background,
+        (_, ServiceTier::Priority) => Priority::Priority,
+        (_, ServiceTier::Flex) => Priority::Background,
+        (p, ServiceTier::Default) => p,
+    };
     let request = Request {
         prompt: prepared.prompt,
         params: prepared.params,
@@ -233,6 +243,7 @@ fn timed_sink(
 /// price: which part of it was cached is known only to complete responses.
 struct PartialBill {
     caller: crate::auth::Caller,
+    service_tier: ServiceTier,
     endpoint: &'static str,
     app: Arc<App>,
     runtime: tokio::runtime::Handle,
@@ -253,17 +264,18 @@ impl Drop for PartialBill {
             return;
         }
         let usage = ferrum_protocol::response::Usage::new(self.prompt_tokens, 0, self.generated);
-        let (caller, app, id, tier, created, endpoint) = (
+        let (caller, app, id, tier, created, endpoint, service_tier) = (
             std::mem::take(&mut self.caller),
             Arc::clone(&self.app),
             std::mem::take(&mut self.id),
             self.tier.clone(),
             self.created,
             self.endpoint,
+            self.service_tier,
         );
         // The sink is dropped on the engine thread; the ledger is written on the runtime.
         self.runtime.spawn(async move {
-            app.record_usage(&caller, &id, endpoint, &tier, &usage, created)
+            app.record_usage_at(&caller, &id, endpoint, &tier, &usage, created, service_tier)
                 .await;
         });
     }
@@ -309,13 +321,14 @@ impl Meta {
         let usage = frontend::usage_of(completions);
         if self.record {
             self.app
-                .record_usage(
+                .record_usage_at(
                     &self.caller,
                     &self.id,
                     self.endpoint,
                     &self.loaded.tier,
                     &usage,
                     self.created,
+                    self.req.service_tier,
                 )
                 .await;
         }
@@ -372,7 +385,7 @@ impl Meta {
             model: self.loaded.tier.id.clone(),
             choices,
             usage,
-            service_tier: "default",
+            service_tier: self.req.service_tier.as_str(),
             system_fingerprint: self.loaded.fingerprint.clone(),
             metadata: self.req.store.then(|| self.req.metadata.clone()).flatten(),
             prompt_filter_results: self.prompt_filter.map(|p| vec![p]),
@@ -476,7 +489,7 @@ impl StreamState {
             created: m.created,
             model: m.loaded.tier.id.clone(),
             system_fingerprint: m.loaded.fingerprint.clone(),
-            service_tier: "default",
+            service_tier: m.req.service_tier.as_str(),
             choices,
             usage: m.req.include_usage.then_some(None),
             prompt_filter_results: None,

@@ -36,7 +36,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferrum_protocol::response::{List, Usage};
-use ferrum_protocol::ApiError;
+use ferrum_protocol::{ApiError, ServiceTier};
 use ferrum_registry::{Registry, Tier};
 use ferrum_store::{BlobStore, Store, UsageRecord};
 use tokio::net::TcpListener;
@@ -107,6 +107,31 @@ impl App {
         usage: &Usage,
         created: i64,
     ) {
+        self.record_usage_at(
+            caller,
+            id,
+            endpoint,
+            tier,
+            usage,
+            created,
+            ServiceTier::Default,
+        )
+        .await
+    }
+
+    /// [`App::record_usage`] for a request that ran at a service tier: priced at the tier's
+    /// factor, and recorded with it (the usage API groups by it).
+    #[allow(clippy::too_many_arguments)]
+    async fn record_usage_at(
+        &self,
+        caller: &auth::Caller,
+        id: &str,
+        endpoint: &str,
+        tier: &Tier,
+        usage: &Usage,
+        created: i64,
+        service_tier: ServiceTier,
+    ) {
         let cached = usage.prompt_tokens_details.cached_tokens;
         let record = UsageRecord {
             id: id.to_string(),
@@ -116,20 +141,21 @@ impl App {
             prompt_tokens: usage.prompt_tokens,
             cached_tokens: cached,
             completion_tokens: usage.completion_tokens,
-            cost_usd: tier
-                .price
-                .cost_usd(usage.prompt_tokens, cached, usage.completion_tokens),
+            cost_usd: service_tier.price_factor()
+                * tier
+                    .price
+                    .cost_usd(usage.prompt_tokens, cached, usage.completion_tokens),
             batch: false,
         };
+        let mut attribution = caller.attribution();
+        if service_tier != ServiceTier::Default {
+            attribution.service_tier = Some(service_tier.as_str().into());
+        }
         if let Some(admitted) = &caller.admission {
             let used = usage.prompt_tokens + usage.completion_tokens;
             ratelimit::settle(self, admitted, used).await;
         }
-        if let Err(e) = self
-            .store
-            .record_usage_as(&record, &caller.attribution())
-            .await
-        {
+        if let Err(e) = self.store.record_usage_as(&record, &attribution).await {
             tracing::error!(error = %e, id, "could not record usage");
         }
         tracing::info!(

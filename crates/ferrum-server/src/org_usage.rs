@@ -271,7 +271,7 @@ fn field(g: &UsageGroup, name: &str) -> Value {
         "api_key_id" => json!(g.api_key_id),
         "model" => json!(g.model),
         "batch" => json!(g.batch),
-        "service_tier" => json!("default"),
+        "service_tier" => json!(g.service_tier),
         _ => Value::Null,
     }
 }

@@ -91,7 +91,7 @@ impl Ctx {
             "parallel_tool_calls": r.parallel_tool_calls,
             "previous_response_id": r.previous_response_id,
             "reasoning": {"effort": null, "summary": null},
-            "service_tier": "default",
+            "service_tier": r.service_tier.as_str(),
             "store": r.store,
             "background": r.background,
             "temperature": r.temperature,
@@ -317,6 +317,7 @@ fn chat_request(req: &ResponsesRequest, items: &[Item], stream: bool) -> ChatReq
         tool_choice: req.tool_choice.clone(),
         parallel_tool_calls: req.parallel_tool_calls,
         prediction: None,
+        service_tier: req.service_tier,
     }
 }
 

@@ -57,6 +57,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "projects",
         sql: include_str!("../migrations/0006_projects.sql"),
     },
+    Migration {
+        version: 7,
+        name: "service_tier",
+        sql: include_str!("../migrations/0007_service_tier.sql"),
+    },
 ];
 
 /// The key of the Postgres advisory lock held while migrating (arbitrary, "ferrum" in ASCII).

@@ -405,6 +405,7 @@ pub(crate) async fn batch_owner<'e>(
         Some(r) => Ok(Attribution {
             project_id: r.try_get("project_id")?,
             api_key_id: r.try_get("api_key_id")?,
+            service_tier: None,
         }),
         None => Ok(Attribution::default()),
     }

@@ -26,11 +26,13 @@ pub struct UsageRecord {
 }
 
 /// Who a usage record belongs to: the project and key that made the request (both `None` for
-/// requests on an open server or with the single `--api-key`).
+/// requests on an open server or with the single `--api-key`), and the service tier it ran at
+/// (`None`: the default tier).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Attribution {
     pub project_id: Option<String>,
     pub api_key_id: Option<String>,
+    pub service_tier: Option<String>,
 }
 
 /// The sums over a model's records.
@@ -123,8 +125,8 @@ pub(crate) async fn insert_usage<'e>(
     sqlx::query(
         "INSERT INTO usage_records
             (id, created, model, endpoint, prompt_tokens, cached_tokens,
-             completion_tokens, cost_usd, batch, project_id, api_key_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             completion_tokens, cost_usd, batch, project_id, api_key_id, service_tier)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(&rec.id)
@@ -138,6 +140,7 @@ pub(crate) async fn insert_usage<'e>(
     .bind(i64::from(rec.batch))
     .bind(&by.project_id)
     .bind(&by.api_key_id)
+    .bind(by.service_tier.as_deref().unwrap_or("default"))
     .execute(exec)
     .await?;
     Ok(())

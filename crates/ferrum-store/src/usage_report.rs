@@ -28,7 +28,8 @@ pub struct UsageQuery {
     pub batch: Option<bool>,
 }
 
-/// The sums of one bucket's records that share a project, key, model and batch flag.
+/// The sums of one bucket's records that share a project, key, model, batch flag and service
+/// tier.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UsageGroup {
     /// The bucket's start (Unix seconds).
@@ -37,6 +38,8 @@ pub struct UsageGroup {
     pub api_key_id: Option<String>,
     pub model: String,
     pub batch: bool,
+    /// `default`, `flex` or `priority`.
+    pub service_tier: String,
     pub requests: u64,
     pub prompt_tokens: u64,
     pub cached_tokens: u64,
@@ -45,14 +48,15 @@ pub struct UsageGroup {
 }
 
 impl Store {
-    /// The ledger's sums per bucket and (project, key, model, batch), ordered by bucket. The
+    /// The ledger's sums per bucket and (project, key, model, batch, service tier), ordered by
+    /// bucket. The
     /// caller merges groups further when it groups by fewer fields.
     pub async fn usage_groups(&self, q: &UsageQuery) -> Result<Vec<UsageGroup>, StoreError> {
         let width = q.width.max(1);
         // Postgres sums BIGINTs into NUMERIC, which `Any` cannot decode: hence the casts.
         let mut sql = Sql::new("SELECT (created - ");
         sql.bind(q.start).push(") / ").bind(width).push(
-            " AS bucket, project_id, api_key_id, model, batch, COUNT(*) AS requests,
+            " AS bucket, project_id, api_key_id, model, batch, service_tier, COUNT(*) AS requests,
                 CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens,
                 CAST(SUM(cached_tokens) AS BIGINT) AS cached_tokens,
                 CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens,
@@ -67,7 +71,7 @@ impl Store {
         if let Some(batch) = q.batch {
             sql.push(" AND batch = ").bind(i64::from(batch));
         }
-        sql.push(" GROUP BY bucket, project_id, api_key_id, model, batch");
+        sql.push(" GROUP BY bucket, project_id, api_key_id, model, batch, service_tier");
         let rows = sql.query().fetch_all(&self.pool).await?;
         let mut groups = rows
             .iter()
@@ -82,6 +86,7 @@ impl Store {
                 &a.api_key_id,
                 &a.model,
                 a.batch,
+                &a.service_tier,
             )
                 .cmp(&(
                     b.bucket_start,
@@ -89,6 +94,7 @@ impl Store {
                     &b.api_key_id,
                     &b.model,
                     b.batch,
+                    &b.service_tier,
                 ))
         });
         Ok(groups)
@@ -119,6 +125,7 @@ fn group(row: &AnyRow, start: i64, width: i64) -> Result<UsageGroup, StoreError>
         api_key_id: row.try_get("api_key_id")?,
         model: row.try_get("model")?,
         batch: row.try_get::<i64, _>("batch")? != 0,
+        service_tier: row.try_get("service_tier")?,
         requests: count("requests")?,
         prompt_tokens: count("prompt_tokens")?,
         cached_tokens: count("cached_tokens")?,

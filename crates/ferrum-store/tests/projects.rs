@@ -273,6 +273,7 @@ async fn usage_groups_sum_the_ledger_per_bucket() {
         let p = |project: &str, key: &str| Attribution {
             project_id: Some(project.into()),
             api_key_id: Some(key.into()),
+            service_tier: None,
         };
         let rows = [
             (usage("r1", 1000, "m", false, [10, 2, 5]), p("pa", "ka")),
