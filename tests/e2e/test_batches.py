@@ -342,17 +342,17 @@ def test_input_file_of_another_purpose_is_400(client, http):
     [
         {"completion_window": "1h"},
         {"completion_window": None},
-        {"endpoint": "/v1/embeddings"},
+        {"endpoint": "/v1/moderations"},
         {"endpoint": "/v1/completions"},
         {"endpoint": None},
         {"input_file_id": None},
         {"metadata": "not an object"},
     ],
-    ids=["window_1h", "no_window", "embeddings", "completions", "no_endpoint", "no_input_file", "bad_metadata"],
+    ids=["window_1h", "no_window", "moderations", "completions", "no_endpoint", "no_input_file", "bad_metadata"],
 )
 def test_invalid_batch_request_is_400(http, batch_file_id, overrides):
-    """Only the 24h window and the /v1/chat/completions endpoint are supported; required fields
-    must be present."""
+    """Only the 24h window and the chat, responses and embeddings endpoints are supported;
+    required fields must be present."""
     assert_error(http.post("/v1/batches", json=batch_request(batch_file_id, **overrides)), 400)
 
 

@@ -337,6 +337,35 @@ def test_each_request_is_billed_in_the_ledger(client, http):
     )
 
 
+def test_a_batch_of_embedding_requests(client, http):
+    """The Batch API runs /v1/embeddings lines: each output line's body is the same embedding
+    list the endpoint answers, and the batch bills half the price."""
+    from helpers import upload_jsonl, wait_for_batch
+
+    texts = {"a": "The cat sat on the mat.", "b": ["Hello", "world"]}
+    lines = [{"custom_id": k, "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": EMBED, "input": v}} for k, v in texts.items()]
+    before = usage_by_model(http).get(EMBED, {"cost_usd": 0.0})["cost_usd"]
+    batch = client.batches.create(input_file_id=upload_jsonl(client, lines).id,
+                                  endpoint="/v1/embeddings", completion_window="24h")
+    batch = wait_for_batch(client, batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    out = {json.loads(line)["custom_id"]: json.loads(line)["response"]
+           for line in client.files.content(batch.output_file_id).text.splitlines()}
+    tokens = 0
+    for custom_id, text in texts.items():
+        assert out[custom_id]["status_code"] == 200, out[custom_id]
+        body = out[custom_id]["body"]
+        direct = client.embeddings.create(model=EMBED, input=text)
+        assert len(body["data"]) == len(direct.data)
+        for got, want in zip(body["data"], direct.data):
+            assert np.allclose(got["embedding"], want.embedding, atol=1e-5)
+        tokens += body["usage"]["prompt_tokens"]
+    after = usage_by_model(http)[EMBED]["cost_usd"]
+    direct_cost = tokens * PRICE_PER_TOKEN  # the two direct calls, at the full price
+    assert math.isclose(after - before, direct_cost + direct_cost / 2, rel_tol=1e-6)
+
+
 def test_concurrent_requests_share_batches_and_match_sequential_ones(client, http):
     requests = [[SENTENCES[(i + j) % len(SENTENCES)] for j in range(1 + i % 4)] for i in range(16)]
     sequential = [floats(client, r) for r in requests]

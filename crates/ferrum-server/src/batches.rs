@@ -29,10 +29,9 @@ use crate::paging::{self, ListOut, Rules};
 use crate::{now, random_id, App, ServerError};
 
 /// The endpoints batches can run.
-const ENDPOINTS: &[&str] = &["/v1/chat/completions", "/v1/responses"];
+const ENDPOINTS: &[&str] = &["/v1/chat/completions", "/v1/responses", "/v1/embeddings"];
 /// Endpoints of the spec that ferrum does not serve in batches.
 const UNSUPPORTED_ENDPOINTS: &[&str] = &[
-    "/v1/embeddings",
     "/v1/completions",
     "/v1/moderations",
     "/v1/images/generations",
@@ -586,6 +585,8 @@ async fn run_line(app: &Arc<App>, worker: &str, line: ClaimedLine) {
     };
     let outcome = if endpoint == "/v1/responses" {
         crate::responses::run_for_batch(app, line.body.as_bytes()).await
+    } else if endpoint == "/v1/embeddings" {
+        crate::embeddings::run_for_batch(app, line.body.as_bytes()).await
     } else {
         match parse_chat_request(line.body.as_bytes()) {
             Ok(req) => crate::chat::run_for_batch(app, req)

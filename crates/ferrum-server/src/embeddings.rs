@@ -26,7 +26,28 @@ use crate::{now, random_id, App, ServerError};
 const ENDPOINT: &str = "embeddings";
 
 pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ServerError> {
-    let req = parse_embedding_request(&body)?;
+    let (json, usage, tier) = run(&app, &body).await?;
+    let caller = crate::auth::Caller::current();
+    app.record_usage(&caller, &random_id("emb-"), ENDPOINT, &tier, &usage, now())
+        .await;
+    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
+}
+
+/// An embeddings request run for a batch line: the response body and its usage, which the
+/// batch worker records at the batch price.
+pub(crate) async fn run_for_batch(
+    app: &Arc<App>,
+    body: &[u8],
+) -> Result<(serde_json::Value, Usage), ServerError> {
+    let (json, usage, _) = run(app, body).await?;
+    let value = serde_json::from_slice(&json)
+        .map_err(|e| ServerError::internal("reading back the embeddings", e))?;
+    Ok((value, usage))
+}
+
+/// Parses, embeds and encodes one request: the JSON body, its usage and the tier that served it.
+async fn run(app: &App, body: &[u8]) -> Result<(Vec<u8>, Usage, Tier), ServerError> {
+    let req = parse_embedding_request(body)?;
     let loaded = app.models.get_embedder(&req.model).await?;
     let dimensions = check_dimensions(req.dimensions, loaded.handle.embedder().dimensions())?;
     let inputs = {
@@ -37,19 +58,8 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
             .map_err(|e| ServerError::internal("tokenizing the input", e))??
     };
     let prompt_tokens = inputs.iter().map(Vec::len).sum::<usize>() as u64;
-    let vectors = embed(&app, &loaded, inputs).await?;
-    let usage = Usage::new(prompt_tokens, 0, 0);
+    let vectors = embed(app, &loaded, inputs).await?;
     tracing::debug!(user = ?req.user, inputs = vectors.len(), "embedded");
-    let caller = crate::auth::Caller::current();
-    app.record_usage(
-        &caller,
-        &random_id("emb-"),
-        ENDPOINT,
-        &loaded.tier,
-        &usage,
-        now(),
-    )
-    .await;
     // 2048 vectors make megabytes of JSON: encoded off the async threads too.
     let (model, format) = (loaded.tier.id.clone(), req.encoding_format);
     let json = tokio::task::spawn_blocking(move || {
@@ -62,7 +72,7 @@ pub async fn create(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
     .await
     .map_err(|e| ServerError::internal("encoding the embeddings", e))?
     .map_err(|e| ServerError::internal("encoding the embeddings", e))?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
+    Ok((json, Usage::new(prompt_tokens, 0, 0), loaded.tier.clone()))
 }
 
 /// The dimensions to return: the model's, or fewer as asked.
