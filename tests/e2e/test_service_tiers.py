@@ -96,3 +96,53 @@ def test_usage_api_groups_by_service_tier(server_factory):
     with pytest.raises(openai.BadRequestError):
         project.chat.completions.create(model=NANO, messages=SHORT_PROMPT, max_tokens=4,
                                         service_tier="platinum")
+
+
+def finishing_order(clients: list[tuple[str, openai.OpenAI, int]]) -> list[str]:
+    """Sends (name, client, max_tokens) requests one after another (a moment apart, so each is
+    running or queued before the next), all greedy and without end of text; returns the names
+    in the order their responses came back."""
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def ask(name: str, client: openai.OpenAI, max_tokens: int) -> None:
+        client.chat.completions.create(model=NANO, messages=SHORT_PROMPT, max_tokens=max_tokens,
+                                       temperature=0, logit_bias=BAN_EOS)
+        with lock:
+            finished.append(name)
+
+    threads = []
+    for name, client, max_tokens in clients:
+        t = threading.Thread(target=ask, args=(name, client, max_tokens))
+        t.start()
+        threads.append(t)
+        time.sleep(0.7)
+    for t in threads:
+        t.join(timeout=300)
+    return finished
+
+
+def test_reserved_capacity_keeps_a_project_ahead_of_others(server_factory):
+    """A project's reserved tokens a minute (`reserved_tokens_per_1_minute` on its rate limit,
+    ferrum's provisioned throughput) are served at priority: with one sequence at a time and
+    another project's long answer running and its next request waiting, the reserved project's
+    request, sent last, finishes first. Past its reservation it waits its turn like the rest."""
+    server = server_factory("--admin-key", ADMIN_KEY, "--max-running", "1")
+    admin = admin_client(server)
+    limits = admin.admin.organization.projects.rate_limits
+    reserved_id, _, reserved_key = new_project(admin, "reserved")
+    _, _, other_key = new_project(admin, "other")
+    updated = limits.update_rate_limit(f"rl-{NANO}", project_id=reserved_id,
+                                       extra_body={"reserved_tokens_per_1_minute": 1_000_000})
+    assert updated.model_extra["reserved_tokens_per_1_minute"] == 1_000_000, updated
+    reserved, other = server.client(api_key=reserved_key), server.client(api_key=other_key)
+
+    order = finishing_order([("other-long", other, 400), ("other", other, 8),
+                             ("reserved", reserved, 8)])
+    assert order[0] == "reserved", order
+
+    limits.update_rate_limit(f"rl-{NANO}", project_id=reserved_id,
+                             extra_body={"reserved_tokens_per_1_minute": 1})
+    order = finishing_order([("other-long", other, 200), ("other", other, 8),
+                             ("reserved", reserved, 8)])
+    assert order.index("reserved") > order.index("other"), order

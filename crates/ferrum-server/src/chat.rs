@@ -142,10 +142,17 @@ pub(crate) async fn submit(
     });
     // A client's service tier sets its place in the engine's queues: priority ahead of everyone,
     // flex behind every client (with batch lines); work already in the background stays there.
+    // A default request within its project's reserved capacity runs at priority too (the
+    // provisioned throughput other projects' load cannot slow).
+    let reserved = caller
+        .admission
+        .as_ref()
+        .is_some_and(|a| a.within_reservation);
     let priority = match (priority, service_tier) {
         (Priority::Background, _) => Priority::Background,
         (_, ServiceTier::Priority) => Priority::Priority,
         (_, ServiceTier::Flex) => Priority::Background,
+        (_, ServiceTier::Default) if reserved => Priority::Priority,
         (p, ServiceTier::Default) => p,
     };
     let request = Request {

@@ -449,6 +449,9 @@ struct RateLimitOut {
     max_requests_per_1_minute: u64,
     max_tokens_per_1_minute: u64,
     batch_1_day_max_input_tokens: u64,
+    /// ferrum's reserved capacity (provisioned throughput): the tokens a minute of this model
+    /// served ahead of other projects' requests. Not in OpenAI's object.
+    reserved_tokens_per_1_minute: u64,
 }
 
 impl From<RateLimitRecord> for RateLimitOut {
@@ -460,6 +463,7 @@ impl From<RateLimitRecord> for RateLimitOut {
             max_requests_per_1_minute: r.max_requests_per_1_minute,
             max_tokens_per_1_minute: r.max_tokens_per_1_minute,
             batch_1_day_max_input_tokens: r.batch_1_day_max_input_tokens,
+            reserved_tokens_per_1_minute: r.reserved_tokens_per_1_minute,
         }
     }
 }
@@ -481,6 +485,7 @@ async fn all_limits(app: &App, project_id: &str) -> Result<Vec<RateLimitRecord>,
                     max_requests_per_1_minute: DEFAULT_LIMITS.requests,
                     max_tokens_per_1_minute: DEFAULT_LIMITS.tokens,
                     batch_1_day_max_input_tokens: DEFAULT_BATCH_DAY_TOKENS,
+                    reserved_tokens_per_1_minute: 0,
                 })
         })
         .collect())
@@ -509,6 +514,7 @@ struct ModifyRateLimit {
     max_requests_per_1_minute: Option<i64>,
     max_tokens_per_1_minute: Option<i64>,
     batch_1_day_max_input_tokens: Option<i64>,
+    reserved_tokens_per_1_minute: Option<i64>,
     max_images_per_1_minute: Option<i64>,
     max_audio_megabytes_per_1_minute: Option<i64>,
     max_requests_per_1_day: Option<i64>,
@@ -572,6 +578,11 @@ async fn modify_rate_limit(
             "batch_1_day_max_input_tokens",
             req.batch_1_day_max_input_tokens,
             current.batch_1_day_max_input_tokens,
+        )?,
+        reserved_tokens_per_1_minute: limit(
+            "reserved_tokens_per_1_minute",
+            req.reserved_tokens_per_1_minute,
+            current.reserved_tokens_per_1_minute,
         )?,
         ..current
     };

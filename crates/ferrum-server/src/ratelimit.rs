@@ -46,6 +46,10 @@ pub struct Admitted {
     reserved: u64,
     settled: AtomicBool,
     pub headers: Headers,
+    /// Whether the request fits the project's reserved capacity on the model (its window's
+    /// tokens, this request's estimate included, within the reservation): it is then
+    /// scheduled at priority, ahead of other projects' requests.
+    pub within_reservation: bool,
 }
 
 /// The `x-ratelimit-*` values of a response.
@@ -114,7 +118,19 @@ pub async fn admit(
     };
     match admission {
         Admission::Admitted(state) => {
-            tracing::debug!(project = project_id, model = %window.model, tokens, "admitted");
+            // Reserved capacity is read per request, like the keys, so a change applies at once.
+            let reservation = match app.store.reserved_tokens(project_id, &window.model).await {
+                Ok(r) => r,
+                Err(e) => return Err(ServerError::from(e).into_response()),
+            };
+            let within_reservation = reservation > 0 && state.tokens <= reservation;
+            tracing::debug!(
+                project = project_id,
+                model = %window.model,
+                tokens,
+                within_reservation,
+                "admitted"
+            );
             Ok((
                 req,
                 Some(Admitted {
@@ -122,6 +138,7 @@ pub async fn admit(
                     reserved: tokens,
                     settled: AtomicBool::new(false),
                     headers: Headers { state, reset },
+                    within_reservation,
                 }),
             ))
         }

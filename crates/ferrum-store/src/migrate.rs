@@ -62,6 +62,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "service_tier",
         sql: include_str!("../migrations/0007_service_tier.sql"),
     },
+    Migration {
+        version: 8,
+        name: "reserved_capacity",
+        sql: include_str!("../migrations/0008_reserved_capacity.sql"),
+    },
 ];
 
 /// The key of the Postgres advisory lock held while migrating (arbitrary, "ferrum" in ASCII).

@@ -29,6 +29,9 @@ pub struct RateLimitRecord {
     pub max_requests_per_1_minute: u64,
     pub max_tokens_per_1_minute: u64,
     pub batch_1_day_max_input_tokens: u64,
+    /// Reserved capacity: the tokens a minute of this model that are served at priority
+    /// (ahead of every other project's requests); 0 for none.
+    pub reserved_tokens_per_1_minute: u64,
 }
 
 /// Which limits a window counts against.
@@ -108,7 +111,7 @@ impl Store {
     pub async fn rate_limits(&self, project_id: &str) -> Result<Vec<RateLimitRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT project_id, model, max_requests_per_1_minute, max_tokens_per_1_minute,
-                    batch_1_day_max_input_tokens
+                    batch_1_day_max_input_tokens, reserved_tokens_per_1_minute
              FROM project_rate_limits WHERE project_id = $1",
         )
         .bind(project_id)
@@ -121,12 +124,14 @@ impl Store {
     pub async fn set_rate_limit(&self, r: &RateLimitRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO project_rate_limits (project_id, model, max_requests_per_1_minute,
-                max_tokens_per_1_minute, batch_1_day_max_input_tokens)
-             VALUES ($1, $2, $3, $4, $5)
+                max_tokens_per_1_minute, batch_1_day_max_input_tokens,
+                reserved_tokens_per_1_minute)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (project_id, model) DO UPDATE SET
                 max_requests_per_1_minute = excluded.max_requests_per_1_minute,
                 max_tokens_per_1_minute = excluded.max_tokens_per_1_minute,
-                batch_1_day_max_input_tokens = excluded.batch_1_day_max_input_tokens",
+                batch_1_day_max_input_tokens = excluded.batch_1_day_max_input_tokens,
+                reserved_tokens_per_1_minute = excluded.reserved_tokens_per_1_minute",
         )
         .bind(&r.project_id)
         .bind(&r.model)
@@ -142,9 +147,26 @@ impl Store {
             "batch_1_day_max_input_tokens",
             r.batch_1_day_max_input_tokens,
         )?)
+        .bind(to_i64(
+            "reserved_tokens_per_1_minute",
+            r.reserved_tokens_per_1_minute,
+        )?)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// A project's reserved tokens a minute on a model (0 when it has none).
+    pub async fn reserved_tokens(&self, project_id: &str, model: &str) -> Result<u64, StoreError> {
+        let reserved: Option<i64> = sqlx::query_scalar(
+            "SELECT reserved_tokens_per_1_minute FROM project_rate_limits
+             WHERE project_id = $1 AND model = $2",
+        )
+        .bind(project_id)
+        .bind(model)
+        .fetch_optional(&self.pool)
+        .await?;
+        to_u64("reserved_tokens_per_1_minute", reserved.unwrap_or(0))
     }
 
     /// Counts one request of `tokens` (estimated) in `window` if it fits its limits: one UPSERT
@@ -259,6 +281,10 @@ fn rate_limit(row: &AnyRow) -> Result<RateLimitRecord, StoreError> {
         batch_1_day_max_input_tokens: to_u64(
             "batch_1_day_max_input_tokens",
             row.try_get("batch_1_day_max_input_tokens")?,
+        )?,
+        reserved_tokens_per_1_minute: to_u64(
+            "reserved_tokens_per_1_minute",
+            row.try_get("reserved_tokens_per_1_minute")?,
         )?,
     })
 }

@@ -158,9 +158,12 @@ async fn admissions_count_against_the_project_limits() {
                 max_requests_per_1_minute: 3,
                 max_tokens_per_1_minute: 100,
                 batch_1_day_max_input_tokens: 50,
+                reserved_tokens_per_1_minute: 40,
             })
             .await
             .unwrap();
+        assert_eq!(store.reserved_tokens("p", "m").await.unwrap(), 40);
+        assert_eq!(store.reserved_tokens("p", "other").await.unwrap(), 0);
         let w = window("p", 60);
         let admitted = |requests, tokens| {
             Admission::Admitted(ferrum_store::WindowState {
@@ -225,6 +228,7 @@ async fn concurrent_servers_share_one_limit() {
             max_requests_per_1_minute: 25,
             max_tokens_per_1_minute: 1_000_000,
             batch_1_day_max_input_tokens: 1,
+            reserved_tokens_per_1_minute: 0,
         })
         .await
         .unwrap();

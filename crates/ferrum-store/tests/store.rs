@@ -154,7 +154,7 @@ async fn migrations_apply_once_even_when_processes_race() {
                 .fetch_all(&mut conn)
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7], "{}", db.url);
+        assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7, 8], "{}", db.url);
         conn.close().await.unwrap();
     }
 }
@@ -176,7 +176,7 @@ async fn a_schema_from_a_newer_ferrum_is_refused() {
                 err,
                 StoreError::NewerSchema {
                     found: 999,
-                    known: 7
+                    known: 8
                 }
             ),
             "{err}"
