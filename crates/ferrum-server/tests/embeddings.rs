@@ -3,19 +3,16 @@
 //! directory like any tier. Input forms, encodings, dimensions, limits and their errors, usage
 //! billing, the model list, metrics, and concurrent requests sharing batches.
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use axum::body::Body;
-use axum::http::{Request as HttpRequest, StatusCode};
+use std::sync::Arc;
+
+use axum::http::StatusCode;
 use base64::Engine;
 use ferrum_embed::testing::{write_tiny_model, HIDDEN};
 use ferrum_registry::Registry;
-use ferrum_server::{BatchConfig, EngineConfig, ServerConfig};
-use ferrum_store::{BlobStore, Store};
-use http_body_util::BodyExt;
+use ferrum_store::Store;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 /// The tiny vocabulary's ids of "hello" and "world".
 const HELLO_WORLD: [u32; 2] = [13, 14];
@@ -60,21 +57,7 @@ async fn server() -> Server {
     let registry = Registry::from_toml_str(&toml, None).unwrap();
     let url = format!("sqlite://{}", dir.path().join("ferrum.db").display());
     let store = Store::connect(&url).await.unwrap();
-    let config = ServerConfig {
-        engine: EngineConfig {
-            threads: Some(1),
-            scheduling: Default::default(),
-            kv_type: Default::default(),
-        },
-        api_key: None,
-        admin_key: None,
-        blobs: BlobStore::open(dir.path().join("blobs")).unwrap(),
-        max_file_bytes: 1 << 20,
-        batch: BatchConfig {
-            poll: Duration::from_millis(20),
-            ..BatchConfig::default()
-        },
-    };
+    let config = common::config(dir.path());
     Server {
         app: ferrum_server::app(registry, store, config),
         _dir: dir,
@@ -88,20 +71,7 @@ impl Server {
     }
 
     async fn raw(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, String) {
-        let mut req = HttpRequest::builder().method(method).uri(uri);
-        let body = match body {
-            Some(v) => {
-                req = req.header("content-type", "application/json");
-                Body::from(v.to_string())
-            }
-            None => Body::empty(),
-        };
-        let response = ferrum_server::router(Arc::clone(&self.app))
-            .oneshot(req.body(body).unwrap())
-            .await
-            .unwrap();
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let (status, _, bytes) = common::send(&self.app, method, uri, None, body).await;
         (status, String::from_utf8(bytes.to_vec()).unwrap())
     }
 

@@ -6,6 +6,8 @@
 //! through the worker; counts, usage and the batch-price ledger; bad files; cancel and delete;
 //! and a run whose first worker died mid-run, finished by another with every item graded once.
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +20,8 @@ use ferrum_engine::{
     TokenEvent,
 };
 use ferrum_registry::Registry;
-use ferrum_server::{BatchConfig, Engine, EngineConfig, ServerConfig};
-use ferrum_store::{BlobStore, Store, StoredCompletion};
+use ferrum_server::Engine;
+use ferrum_store::{Store, StoredCompletion};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -124,22 +126,8 @@ async fn server_on(dir: tempfile::TempDir) -> Server {
     });
     let url = format!("sqlite://{}", dir.path().join("ferrum.db").display());
     let store = Store::connect(&url).await.unwrap();
-    let config = ServerConfig {
-        engine: EngineConfig {
-            threads: Some(1),
-            scheduling: Default::default(),
-            kv_type: Default::default(),
-        },
-        api_key: None,
-        admin_key: None,
-        blobs: BlobStore::open(dir.path().join("blobs")).unwrap(),
-        max_file_bytes: 1 << 20,
-        batch: BatchConfig {
-            poll: Duration::from_millis(20),
-            lease: Duration::from_millis(600),
-            ..BatchConfig::default()
-        },
-    };
+    let mut config = common::config(dir.path());
+    config.batch.lease = Duration::from_millis(600);
     let app = ferrum_server::app(Registry::embedded_default(), store.clone(), config);
     app.models
         .install("gpt-4.1-nano", engine.clone())

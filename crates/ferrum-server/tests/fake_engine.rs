@@ -4,6 +4,8 @@
 //! (`TinyModel::write_chat`) loaded for its byte-level vocabulary and ChatML template; the
 //! engine answers each request with the next scripted text, one token per byte.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
@@ -17,8 +19,8 @@ use ferrum_engine::{
     SubmitError, TokenEvent,
 };
 use ferrum_registry::Registry;
-use ferrum_server::{BatchConfig, Engine, EngineConfig, ServerConfig};
-use ferrum_store::{BlobStore, Store};
+use ferrum_server::Engine;
+use ferrum_store::Store;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -138,21 +140,7 @@ async fn server(replies: &[&str], full: bool) -> Server {
     });
     let url = format!("sqlite://{}", dir.path().join("ferrum.db").display());
     let store = Store::connect(&url).await.unwrap();
-    let config = ServerConfig {
-        engine: EngineConfig {
-            threads: Some(1),
-            scheduling: Default::default(),
-            kv_type: Default::default(),
-        },
-        api_key: None,
-        admin_key: None,
-        blobs: BlobStore::open(dir.path().join("blobs")).unwrap(),
-        max_file_bytes: 1 << 20,
-        batch: BatchConfig {
-            poll: Duration::from_millis(20),
-            ..BatchConfig::default()
-        },
-    };
+    let config = common::config(dir.path());
     let app = ferrum_server::app(Registry::embedded_default(), store, config);
     app.models
         .install("gpt-4.1-nano", engine.clone())
@@ -206,25 +194,8 @@ impl Server {
         uri: &str,
         body: Option<Value>,
     ) -> (StatusCode, axum::http::HeaderMap, String) {
-        let mut req = HttpRequest::builder().method(method).uri(uri);
-        let body = match body {
-            Some(v) => {
-                req = req.header("content-type", "application/json");
-                Body::from(v.to_string())
-            }
-            None => Body::empty(),
-        };
-        let response = ferrum_server::router(Arc::clone(&self.app))
-            .oneshot(req.body(body).unwrap())
-            .await
-            .unwrap();
-        let (parts, body) = response.into_parts();
-        let bytes = body.collect().await.unwrap().to_bytes();
-        (
-            parts.status,
-            parts.headers,
-            String::from_utf8(bytes.to_vec()).unwrap(),
-        )
+        let (status, headers, bytes) = common::send(&self.app, method, uri, None, body).await;
+        (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
     }
 }
 

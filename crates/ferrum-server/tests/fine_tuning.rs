@@ -5,6 +5,8 @@
 //! trained end to end on a tiny random-weight model whose `ft:` model then answers in chat
 //! with its adapter.
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,8 +19,8 @@ use ferrum_engine::{
     TokenEvent,
 };
 use ferrum_registry::Registry;
-use ferrum_server::{BatchConfig, Engine, EngineConfig, ServerConfig};
-use ferrum_store::{BlobStore, FineTunedModel, NewEvent, Store};
+use ferrum_server::Engine;
+use ferrum_store::{FineTunedModel, NewEvent, Store};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -110,21 +112,7 @@ async fn server_with(registry: impl FnOnce(&std::path::Path) -> Registry) -> Ser
     });
     let url = format!("sqlite://{}", dir.path().join("ferrum.db").display());
     let store = Store::connect(&url).await.unwrap();
-    let config = ServerConfig {
-        engine: EngineConfig {
-            threads: Some(1),
-            scheduling: Default::default(),
-            kv_type: Default::default(),
-        },
-        api_key: None,
-        admin_key: None,
-        blobs: BlobStore::open(dir.path().join("blobs")).unwrap(),
-        max_file_bytes: 1 << 20,
-        batch: BatchConfig {
-            poll: Duration::from_millis(20),
-            ..BatchConfig::default()
-        },
-    };
+    let config = common::config(dir.path());
     let app = ferrum_server::app(registry(dir.path()), store, config);
     app.models
         .install("gpt-4.1-nano", engine.clone())
@@ -166,20 +154,7 @@ impl Server {
     }
 
     async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut req = HttpRequest::builder().method(method).uri(uri);
-        let body = match body {
-            Some(v) => {
-                req = req.header("content-type", "application/json");
-                Body::from(v.to_string())
-            }
-            None => Body::empty(),
-        };
-        let response = ferrum_server::router(Arc::clone(&self.app))
-            .oneshot(req.body(body).unwrap())
-            .await
-            .unwrap();
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let (status, _, bytes) = common::send(&self.app, method, uri, None, body).await;
         (
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),

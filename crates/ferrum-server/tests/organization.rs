@@ -3,23 +3,22 @@
 //! service accounts and their keys, the key lifecycle, the 401/403 shapes, rate limits with
 //! their headers and 429s, and usage and costs against the ledger.
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{HeaderMap, Request as HttpRequest, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use ferrum_engine::testing::TinyModel;
 use ferrum_engine::{
     Completion, EngineStats, Event, FinishReason, LoadOptions, LoadedModel, Request, SubmitError,
     TokenEvent,
 };
 use ferrum_registry::Registry;
-use ferrum_server::{BatchConfig, Engine, EngineConfig, ServerConfig};
-use ferrum_store::{BlobStore, Store};
-use http_body_util::BodyExt;
+use ferrum_server::{Engine, ServerConfig};
+use ferrum_store::Store;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 const ADMIN: &str = "sk-admin-test-key";
 const REPLY: &str = "hello there";
@@ -110,19 +109,9 @@ async fn server(api_key: Option<&str>, admin_key: Option<&str>) -> Server {
     let url = format!("sqlite://{}", dir.path().join("ferrum.db").display());
     let store = Store::connect(&url).await.unwrap();
     let config = ServerConfig {
-        engine: EngineConfig {
-            threads: Some(1),
-            scheduling: Default::default(),
-            kv_type: Default::default(),
-        },
         api_key: api_key.map(str::to_string),
         admin_key: admin_key.map(str::to_string),
-        blobs: BlobStore::open(dir.path().join("blobs")).unwrap(),
-        max_file_bytes: 1 << 20,
-        batch: BatchConfig {
-            poll: Duration::from_millis(20),
-            ..BatchConfig::default()
-        },
+        ..common::config(dir.path())
     };
     let app = ferrum_server::app(Registry::embedded_default(), store, config);
     app.models.install("gpt-4.1-nano", engine).await.unwrap();
@@ -137,25 +126,9 @@ impl Server {
         key: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, HeaderMap, Value) {
-        let mut req = HttpRequest::builder().method(method).uri(uri);
-        if let Some(k) = key {
-            req = req.header("authorization", format!("Bearer {k}"));
-        }
-        let body = match body {
-            Some(v) => {
-                req = req.header("content-type", "application/json");
-                Body::from(v.to_string())
-            }
-            None => Body::empty(),
-        };
-        let response = ferrum_server::router(Arc::clone(&self.app))
-            .oneshot(req.body(body).unwrap())
-            .await
-            .unwrap();
-        let (parts, body) = response.into_parts();
-        let bytes = body.collect().await.unwrap().to_bytes();
+        let (status, headers, bytes) = common::send(&self.app, method, uri, key, body).await;
         let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (parts.status, parts.headers, value)
+        (status, headers, value)
     }
 
     /// An admin call that must succeed: its body.
