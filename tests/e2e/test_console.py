@@ -6,6 +6,7 @@ the test's temporary directory (`--basetemp` keeps them) for a person to look at
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -124,6 +125,7 @@ def test_console_admin_manages_projects_keys_and_limits(server_factory, browser,
         const row = [...document.querySelectorAll('#limits-table tbody tr')]
             .find(r => r.cells[0].textContent === {json.dumps(NANO)});
         row.cells[1].querySelector('input').value = '7';
+        row.cells[3].querySelector('input').value = '5000';
         row.querySelector('button').click();
     }})()""")
     admin = openai.OpenAI(base_url=server.api_base, api_key="unused", admin_api_key=ADMIN_KEY)
@@ -132,13 +134,13 @@ def test_console_admin_manages_projects_keys_and_limits(server_factory, browser,
 
     def nano_limit():
         limits = admin.admin.organization.projects.rate_limits.list_rate_limits(project_id)
-        return next(l for l in limits if l.model == NANO).max_requests_per_1_minute
+        limit = next(l for l in limits if l.model == NANO)
+        return limit.max_requests_per_1_minute, limit.model_extra["reserved_tokens_per_1_minute"]
 
-    import time
     deadline = time.monotonic() + 10
-    while nano_limit() != 7 and time.monotonic() < deadline:
+    while nano_limit() != (7, 5000) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert nano_limit() == 7
+    assert nano_limit() == (7, 5000)
 
     # Revoked in the page: refused at once.
     browser.js("document.querySelector('#keys-table tbody tr button').click()")

@@ -284,7 +284,9 @@ function drawBars(el, buckets, format) {
   }
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
-  const W = 600, H = 160, top = 10, bottom = 20;
+  // Drawn at the element's own width, so the bars span it (a fixed viewBox would be
+  // letterboxed in a wide page).
+  const W = Math.max(300, el.clientWidth || 600), H = 160, top = 10, bottom = 20;
   svg.setAttribute("viewBox", `0 0 ${W} ${H + 20}`);
   const w = W / buckets.length;
   buckets.forEach((b, i) => {
@@ -313,6 +315,13 @@ function drawBars(el, buckets, format) {
       svg.append(t);
     }
   });
+  const scale = document.createElementNS(ns, "text");
+  scale.setAttribute("x", W - 4);
+  scale.setAttribute("y", 12);
+  scale.setAttribute("font-size", "11");
+  scale.setAttribute("text-anchor", "end");
+  scale.textContent = `highest day: ${format(max)}`;
+  svg.append(scale);
   keys.forEach((k, i) => {
     const t = document.createElementNS(ns, "text");
     t.setAttribute("x", 10 + i * 150);
@@ -383,11 +392,12 @@ async function openProject(p) {
   for (const l of limits) {
     const tr = lb.insertRow();
     tr.insertCell().textContent = l.model;
-    const inputs = ["max_requests_per_1_minute", "max_tokens_per_1_minute"].map((f) => {
+    const fields = ["max_requests_per_1_minute", "max_tokens_per_1_minute", "reserved_tokens_per_1_minute"];
+    const inputs = fields.map((f) => {
       const input = document.createElement("input");
       input.type = "number";
       input.min = "0";
-      input.value = l[f];
+      input.value = l[f] ?? 0;
       input.setAttribute("aria-label", `${l.model} ${f.replaceAll("_", " ")}`);
       tr.insertCell().append(input);
       return [f, input];
