@@ -20,6 +20,7 @@ from helpers import (
     chat_body,
     read_stream,
     sse_data,
+    usage_by_model,
 )
 
 API_KEY = "sk-ferrum-e2e-secret"
@@ -120,6 +121,9 @@ def test_full_queue_answers_429(server_factory):
     assert client.chat.completions.create(
         model=NANO, messages=SHORT_PROMPT, max_tokens=2
     ).choices[0].message.content
+    # A refused request costs nothing: the ledger holds the answered ones only.
+    with server.http() as http:
+        assert usage_by_model(http)[NANO]["requests"] == len(succeeded) + 1
 
 
 # --- client disconnect -----------------------------------------------------------------------

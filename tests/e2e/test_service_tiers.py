@@ -146,3 +146,38 @@ def test_reserved_capacity_keeps_a_project_ahead_of_others(server_factory):
     order = finishing_order([("other-long", other, 200), ("other", other, 8),
                              ("reserved", reserved, 8)])
     assert order.index("reserved") > order.index("other"), order
+
+
+def test_flex_is_refused_unbilled_when_the_background_queue_is_full(server_factory):
+    """Flex requests wait in the background queue; when a queue's worth already waits there
+    (`--queue-size 1` here), the next one gets OpenAI's 429 `resource_unavailable` at once, and
+    nothing is billed for it. The waiting one still completes, at the flex price."""
+    server = server_factory("--max-running", "1", "--queue-size", "1")
+    client = server.client(max_retries=0)
+    results: dict[str, object] = {}
+
+    def ask(name: str, max_tokens: int, **extra) -> None:
+        try:
+            results[name] = client.chat.completions.create(
+                model=NANO, messages=SHORT_PROMPT, max_tokens=max_tokens, temperature=0,
+                logit_bias=BAN_EOS, **extra)
+        except openai.APIStatusError as e:
+            results[name] = e
+
+    long = threading.Thread(target=ask, args=("long", 300))
+    long.start()
+    time.sleep(1.0)
+    waiting = threading.Thread(target=ask, args=("flex-1", 4), kwargs={"service_tier": "flex"})
+    waiting.start()
+    time.sleep(0.7)
+    with server.http() as http:
+        before = usage_by_model(http)[NANO]["requests"] if NANO in usage_by_model(http) else 0
+        r = http.post("/v1/chat/completions", json={
+            "model": NANO, "messages": SHORT_PROMPT, "max_tokens": 4, "service_tier": "flex"})
+        error = assert_error(r, 429, code="resource_unavailable")
+        assert "flex" in error["message"], error
+        for t in (long, waiting):
+            t.join(timeout=300)
+        assert results["flex-1"].service_tier == "flex", results
+        after = usage_by_model(http)[NANO]["requests"]
+    assert after - before == 2, (before, after)  # the long one and flex-1; not the refused one

@@ -284,6 +284,19 @@ impl ModelHandle {
         &self.stats
     }
 
+    /// Requests that may wait per interactive queue (`EngineOptions::queue_capacity`).
+    pub fn queue_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Background requests waiting for admission now (batch lines, flex requests, evals),
+    /// the one the engine holds until it fits included.
+    pub fn background_waiting(&self) -> usize {
+        let waiting = self.stats.waiting.load(Ordering::Relaxed);
+        let interactive = self.stats.interactive_waiting.load(Ordering::Relaxed);
+        waiting.saturating_sub(interactive) as usize
+    }
+
     /// Queues a request without waiting. Interactive requests (priority ones included) are
     /// refused when their queue is full; background ones always queue.
     pub fn submit(&self, request: Request) -> Result<(), SubmitError> {

@@ -162,6 +162,21 @@ impl ApiError {
         .with_code("rate_limit_exceeded")
     }
 
+    /// A flex request refused for want of capacity, before any work (and so unbilled), as
+    /// OpenAI's flex processing answers: retry later, or at the default tier.
+    pub fn flex_unavailable(model: &str, waiting: usize) -> Self {
+        Self::new(
+            429,
+            ErrorType::RateLimit,
+            format!(
+                "Resource unavailable: flex processing for {model} has no capacity now \
+                 ({waiting} background requests are already waiting). Retry with backoff, or \
+                 send the request with service_tier \"default\"."
+            ),
+        )
+        .with_code("resource_unavailable")
+    }
+
     pub fn context_length_exceeded(max: usize, prompt: usize, completion: Option<usize>) -> Self {
         let message = match completion {
             Some(c) => format!(

@@ -125,6 +125,14 @@ pub(crate) async fn submit(
     // The caller is read here, in the handler's task: the stream outlives its scope.
     let caller = crate::auth::Caller::current();
     let service_tier = req.service_tier;
+    // Flex is refused, unbilled, when the background queue already holds a queue's worth:
+    // OpenAI's "resource unavailable" (the client retries later, or at the default tier).
+    if service_tier == ServiceTier::Flex && priority == Priority::Interactive {
+        let (waiting, capacity) = loaded.handle.background_backlog();
+        if waiting >= capacity {
+            return Err(ApiError::flex_unavailable(&loaded.tier.id, waiting).into());
+        }
+    }
     let bill = (priority == Priority::Interactive).then(|| PartialBill {
         service_tier,
         caller: caller.clone(),
@@ -138,6 +146,7 @@ pub(crate) async fn submit(
         generated: 0,
         choices_delivered: 0,
         choices: req.n,
+        started: false,
         failed: false,
     });
     // A client's service tier sets its place in the engine's queues: priority ahead of everyone,
@@ -230,7 +239,12 @@ fn timed_sink(
                     b.failed = true;
                 }
             }
-            Event::Started | Event::ChoiceDone { .. } => {}
+            Event::Started => {
+                if let Some(b) = bill.as_mut() {
+                    b.started = true;
+                }
+            }
+            Event::ChoiceDone { .. } => {}
         }
         let is_done = matches!(ev, Event::ChoiceDone { .. });
         if send(ev) {
@@ -262,12 +276,15 @@ struct PartialBill {
     generated: u64,
     choices_delivered: u32,
     choices: u32,
+    /// Whether the engine started it: a request refused at submission (a full queue) or whose
+    /// client left before its turn cost nothing.
+    started: bool,
     failed: bool,
 }
 
 impl Drop for PartialBill {
     fn drop(&mut self) {
-        if self.failed || self.choices_delivered == self.choices {
+        if !self.started || self.failed || self.choices_delivered == self.choices {
             return;
         }
         let usage = ferrum_protocol::response::Usage::new(self.prompt_tokens, 0, self.generated);

@@ -55,6 +55,11 @@ pub trait Engine: Send + Sync {
     fn shared_model(&self) -> Arc<LoadedModel>;
     fn stats(&self) -> &EngineStats;
     fn submit(&self, request: Request) -> Result<(), SubmitError>;
+    /// Background requests waiting, and the queue capacity flex requests are refused at
+    /// (an engine without queues, such as a test's fake, never refuses).
+    fn background_backlog(&self) -> (usize, usize) {
+        (0, usize::MAX)
+    }
 }
 
 impl Engine for ModelHandle {
@@ -69,6 +74,9 @@ impl Engine for ModelHandle {
     }
     fn submit(&self, request: Request) -> Result<(), SubmitError> {
         ModelHandle::submit(self, request)
+    }
+    fn background_backlog(&self) -> (usize, usize) {
+        (self.background_waiting(), self.queue_capacity())
     }
 }
 
