@@ -298,3 +298,35 @@ def test_responses_a_streamed_flagged_output_never_sends_the_flagged_text(http):
     assert final["type"] == "response.incomplete"
     assert final["response"]["incomplete_details"] == {"reason": "content_filter"}
     assert final["response"]["output"][0]["content"][0]["text"] == RELEASED
+
+
+# --- the model judge ------------------------------------------------------------------------
+# The embedded default config names gpt-4.1 as the judge: `omni-moderation-*` asks it one yes/no
+# question per category, `text-moderation-*` stays lexical. A few short texts: 13 one-token
+# questions each on a 2-core machine.
+
+VIOLENT = "I'm going to find you and stab you."
+BENIGN = "What a lovely morning for a walk in the park."
+
+
+def test_the_judge_scores_every_category_and_flags_the_obvious(tiers_server):
+    client = tiers_server.client()
+    m = client.moderations.create(input=[VIOLENT, BENIGN])
+    assert m.id.startswith("modr-") and m.model == "omni-moderation-latest"
+    bad, good = m.results
+    for r in (bad, good):
+        scores = r.category_scores.model_dump(by_alias=True)
+        assert len(scores) == 13 and all(0.0 <= s <= 1.0 for s in scores.values()), scores
+        applied = r.category_applied_input_types.model_dump(by_alias=True)
+        assert set(applied) == set(scores) and all(v == ["text"] for v in applied.values())
+    assert bad.flagged and {"violence", "harassment/threatening"} & categories_of(bad), bad
+    assert not good.flagged and categories_of(good) == set(), good
+    assert bad.category_scores.violence > good.category_scores.violence
+    # Calibrated probabilities: a benign text's scores are low, not the lexical classifier's zeros.
+    assert 0.0 < max(good.category_scores.model_dump(by_alias=True).values()) < 0.5
+
+
+def test_text_moderation_models_stay_lexical_beside_the_judge(tiers_server):
+    m = tiers_server.client().moderations.create(input=BENIGN, model="text-moderation-latest")
+    assert m.model == "text-moderation-latest"
+    assert set(m.results[0].category_scores.model_dump(by_alias=True).values()) == {0.0}

@@ -456,6 +456,8 @@ fn the_moderation_judge_must_be_a_chat_tier_that_does_not_block_prompts() {
     ));
     assert!(blocking.contains("blocks flagged prompts"), "{blocking}");
     config_error(&format!("{a}\n[moderation]\nclassifier = \"x\"\n"));
+    let default = Registry::embedded_default();
+    assert_eq!(default.moderation().judge.as_deref(), Some("gpt-4.1"));
 }
 
 #[test]

@@ -140,9 +140,11 @@ pub fn p_yes<'a>(top: impl IntoIterator<Item = (&'a str, f32)>) -> f32 {
 }
 
 /// The logistic calibration of P(yes): `score = sigmoid(SLOPE * logit(p) + INTERCEPT)`, fitted
-/// on the dev split by scripts/bench_moderation.py (`--fit`).
-const SLOPE: f32 = 1.0;
-const INTERCEPT: f32 = 0.0;
+/// by maximum likelihood on the dev split's 80 texts x 13 categories, with gpt-4.1 as the
+/// judge (scripts/bench_moderation.py `--fit`). It pulls the judge's P(yes) down: gpt-4.1 says
+/// "yes" with 0.3 to 0.5 to many harmless texts.
+const SLOPE: f32 = 1.684;
+const INTERCEPT: f32 = -2.262;
 
 /// A category score in [0, 1] from the judge's P(yes) (see [`SLOPE`]).
 pub fn calibrate(p: f32) -> f32 {
@@ -151,22 +153,24 @@ pub fn calibrate(p: f32) -> f32 {
     1.0 / (1.0 + (-z).exp())
 }
 
-/// The calibrated score from which the judge flags a category, chosen on the dev split
-/// (scripts/bench_moderation.py; docs/benchmarks.md, "Moderation").
+/// The calibrated score from which the judge flags a category: the middle of the range that
+/// maximises the category's F1 on the dev split (gpt-4.1 as the judge), or 0.5 (even odds)
+/// where the dev split has fewer than 3 positives or its best F1 is below 0.5
+/// (scripts/bench_moderation.py `--fit`; docs/benchmarks.md, "Moderation").
 pub fn threshold(c: Category) -> f32 {
     match c {
-        Category::Hate => 0.5,
+        Category::Hate => 0.193,
         Category::HateThreatening => 0.5,
-        Category::Harassment => 0.5,
-        Category::HarassmentThreatening => 0.5,
-        Category::Illicit => 0.5,
-        Category::IllicitViolent => 0.5,
-        Category::SelfHarm => 0.5,
-        Category::SelfHarmIntent => 0.5,
+        Category::Harassment => 0.513,
+        Category::HarassmentThreatening => 0.777,
+        Category::Illicit => 0.027,
+        Category::IllicitViolent => 0.072,
+        Category::SelfHarm => 0.171,
+        Category::SelfHarmIntent => 0.277,
         Category::SelfHarmInstructions => 0.5,
-        Category::Sexual => 0.5,
+        Category::Sexual => 0.126,
         Category::SexualMinors => 0.5,
-        Category::Violence => 0.5,
+        Category::Violence => 0.139,
         Category::ViolenceGraphic => 0.5,
     }
 }
@@ -296,9 +300,13 @@ mod tests {
             assert!((0.0..=1.0).contains(s) && s.is_finite(), "{scores:?}");
         }
         assert!(scores.windows(2).all(|w| w[0] <= w[1]), "{scores:?}");
-        assert!(calibrate(1.0) > calibrate(0.0));
+        // Even odds from the judge are a low score: it says "yes" too readily.
+        assert!((calibrate(0.5) - 0.0943).abs() < 1e-3, "{}", calibrate(0.5));
+        // A confident yes flags every category, a confident no none.
         for c in Category::ALL {
             assert!(threshold(c) > 0.0 && threshold(c) < 1.0, "{c:?}");
+            assert!(calibrate(0.99) >= threshold(c), "{c:?}");
+            assert!(calibrate(0.01) < threshold(c), "{c:?}");
         }
     }
 

@@ -40,9 +40,11 @@ pub async fn create(
 ) -> Result<Json<Moderation>, ServerError> {
     let req = parse_moderation_request(&body)?;
     let texts = texts_of(&req)?;
-    let judge_tier = match req.text_only_model() {
-        true => None,
-        false => app.models.moderation_judge(),
+    // The omni models are the judge's when the config names one; the text models are lexical.
+    let judge_tier = if req.text_only_model() {
+        None
+    } else {
+        app.models.moderation_judge()
     };
     let results = match judge_tier {
         Some(tier) => judge::judge_all(Arc::clone(&app), tier, texts)
