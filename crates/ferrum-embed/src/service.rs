@@ -290,12 +290,13 @@ impl Worker {
             if job.reply.is_some() && job.done < job.inputs.len() {
                 return true;
             }
+            // Counted before the reply, so a client that got its answer sees it counted.
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            stats.queued.fetch_sub(1, Ordering::Relaxed);
             if job.reply.is_some() {
                 let vectors = job.vectors.drain(..).flatten().collect();
                 job.finish(Ok(vectors));
             }
-            stats.requests.fetch_add(1, Ordering::Relaxed);
-            stats.queued.fetch_sub(1, Ordering::Relaxed);
             false
         });
     }
