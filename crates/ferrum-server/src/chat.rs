@@ -591,7 +591,7 @@ impl StreamState {
                 }
                 // The content filter holds text back until its window is checked.
                 let text = self.gates[choice as usize].push(&token.text);
-                self.text_chunks(choice, text)
+                self.text_chunks(choice, text.into_owned())
             }
             Event::ChoiceDone { choice, completion } => self.choice_done(choice, completion),
             Event::Error(e) => {

@@ -21,6 +21,7 @@
 use ferrum_protocol::moderation::{FilterResults, PromptFilterResult, Severity, SeverityResult};
 use ferrum_protocol::{ApiError, Message};
 use ferrum_registry::{ContentFilterConfig, FilterMode};
+use std::borrow::Cow;
 
 use super::classify::{classify, Category, Scores};
 
@@ -144,21 +145,22 @@ impl CompletionGate {
         }
     }
 
-    /// More generated text; returns the text that may be sent now.
-    pub fn push(&mut self, text: &str) -> String {
+    /// More generated text; returns the text that may be sent now (borrowed unless blocking
+    /// holds text back: this runs once per generated token).
+    pub fn push<'t>(&mut self, text: &'t str) -> Cow<'t, str> {
         match self.mode {
-            FilterMode::Off => text.to_string(),
+            FilterMode::Off => Cow::Borrowed(text),
             // Scored for the annotation, sent at once.
             FilterMode::Annotate => {
                 self.held.push_str(text);
                 while let Some(end) = window_end(&self.held) {
                     self.check(end);
                 }
-                text.to_string()
+                Cow::Borrowed(text)
             }
             FilterMode::Block => {
                 if self.flagged.is_some() {
-                    return String::new();
+                    return Cow::Borrowed("");
                 }
                 self.held.push_str(text);
                 let mut out = String::new();
@@ -168,7 +170,7 @@ impl CompletionGate {
                         None => break,
                     }
                 }
-                out
+                Cow::Owned(out)
             }
         }
     }
@@ -218,7 +220,7 @@ impl CompletionGate {
 
     /// A whole completion through the gate: the text that may be sent.
     pub fn filter_whole(&mut self, text: &str) -> String {
-        let mut out = self.push(text);
+        let mut out = self.push(text).into_owned();
         out.push_str(&self.finish());
         out
     }
