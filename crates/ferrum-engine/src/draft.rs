@@ -255,6 +255,7 @@ impl Drafter {
                     // The draft proposes with its base weights; the target verifies with the
                     // sequence's adapter, so the output is the adapted model's.
                     adapter: None,
+                    embeds: None,
                 })
                 .collect();
             model.forward_batch(pool, &mut self.ws, &mut batch)?;

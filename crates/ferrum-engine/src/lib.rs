@@ -11,6 +11,7 @@
 mod chat_template;
 mod constraint;
 mod draft;
+mod embeds;
 mod engine;
 mod error;
 mod generate;
@@ -31,6 +32,7 @@ pub mod testing;
 pub use chat_template::{ChatTemplate, TemplateCaps, TemplateError, CHATML_SOURCE};
 pub use constraint::{Constraint, ConstraintError, ConstraintFactory};
 pub use draft::Draft;
+pub use embeds::{is_placeholder, PromptEmbeds, PLACEHOLDER_BASE};
 pub use engine::{LoadOptions, LoadedModel};
 pub use error::{EngineError, Result};
 pub use generate::{Completion, FinishReason, GenerateParams, Session, TokenEvent};

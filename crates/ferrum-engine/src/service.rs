@@ -34,6 +34,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::constraint::Constraint;
 use crate::draft::{Draft, DraftCache, DraftJob, Drafter};
+use crate::embeds::PromptEmbeds;
 use crate::engine::LoadedModel;
 use crate::error::EngineError;
 use crate::generate::{Completion, GenerateParams, Sequence, Session, TokenEvent};
@@ -74,6 +75,8 @@ pub struct Request {
     pub priority: Priority,
     /// The LoRA adapter to run with (a fine-tuned model), or the base model.
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// The embedding rows of the prompt's placeholder ids (image tokens), if it has any.
+    pub embeds: Option<Arc<PromptEmbeds>>,
     pub sink: Sink,
 }
 
@@ -336,6 +339,7 @@ struct Running<'m> {
     seq: Sequence<'m>,
     session: Session,
     adapter: Option<Arc<LoraAdapter>>,
+    embeds: Option<Arc<PromptEmbeds>>,
     /// Leading blocks of the session registered in the prefix cache, and the hash of the last.
     registered: usize,
     parent_hash: u64,
@@ -350,6 +354,7 @@ struct Preempted<'m> {
     priority: Priority,
     seq: Sequence<'m>,
     adapter: Option<Arc<LoraAdapter>>,
+    embeds: Option<Arc<PromptEmbeds>>,
 }
 
 struct Engine<'m> {
@@ -553,6 +558,7 @@ impl<'m> Engine<'m> {
                 seq: p.seq,
                 session,
                 adapter: p.adapter,
+                embeds: p.embeds,
                 registered,
                 parent_hash,
                 draft: None,
@@ -606,6 +612,7 @@ impl<'m> Engine<'m> {
                         seq,
                         session,
                         adapter: request.adapter.clone(),
+                        embeds: request.embeds.clone(),
                         registered,
                         parent_hash,
                         draft: None,
@@ -726,6 +733,7 @@ impl<'m> Engine<'m> {
                         tokens,
                         logits,
                         adapter: r.adapter.as_deref(),
+                        embeds: r.embeds.as_deref(),
                     });
                 }
             }
@@ -804,7 +812,8 @@ impl<'m> Engine<'m> {
         let k_max = drafter.draft().tokens();
         let mut jobs: Vec<(usize, DraftJob<'_>)> = Vec::new();
         for (i, r) in self.running.iter_mut().enumerate() {
-            if !r.seq.wants_draft() {
+            // (A draft model reads token ids only: a prompt with image rows is not drafted.)
+            if !r.seq.wants_draft() || r.embeds.is_some() {
                 r.draft = None;
                 continue;
             }
@@ -900,6 +909,7 @@ impl<'m> Engine<'m> {
             priority: r.priority,
             seq: r.seq,
             adapter: r.adapter,
+            embeds: r.embeds,
         });
     }
 

@@ -52,6 +52,7 @@ fn submit(h: &ModelHandle, prompt: Vec<u32>, params: GenerateParams) -> Receiver
         choices: 1,
         priority: Priority::Interactive,
         adapter: None,
+        embeds: None,
         sink,
     })
     .unwrap();

@@ -86,6 +86,7 @@ fn request(
         choices,
         priority: Priority::Interactive,
         adapter: None,
+        embeds: None,
         sink,
     };
     (r, rx)

@@ -86,12 +86,73 @@ impl Role {
     }
 }
 
+/// The text an image part leaves in its message's content, where the image's tokens go (the
+/// marker llama.cpp's mtmd uses).
+pub const IMAGE_MARKER: &str = "<__media__>";
+
+/// Where an image comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageSource {
+    /// `https://...` or a `data:` URL.
+    Url(String),
+    /// A file uploaded to the Files API.
+    FileId(String),
+}
+
+/// OpenAI's `detail` of an image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImageDetail {
+    #[default]
+    Auto,
+    Low,
+    High,
+    Original,
+}
+
+impl ImageDetail {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageDetail::Auto => "auto",
+            ImageDetail::Low => "low",
+            ImageDetail::High => "high",
+            ImageDetail::Original => "original",
+        }
+    }
+
+    pub(crate) fn parse_field(f: &Fields, key: &str) -> Result<ImageDetail> {
+        Ok(match f.str(key)? {
+            None | Some("auto") => ImageDetail::Auto,
+            Some("low") => ImageDetail::Low,
+            Some("high") => ImageDetail::High,
+            Some("original") => ImageDetail::Original,
+            Some(other) => {
+                return Err(invalid_value(
+                    &f.path_of(key),
+                    other,
+                    &["auto", "low", "high", "original"],
+                ))
+            }
+        })
+    }
+}
+
+/// An image part of a message, in content order (each left [`IMAGE_MARKER`] in the text).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInput {
+    pub source: ImageSource,
+    pub detail: ImageDetail,
+    /// The part's place in the request (`messages[0].content[1]`), for errors.
+    pub param: String,
+}
+
 /// One validated input message.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Message {
     pub role: Role,
-    /// The text content (text parts joined by newlines).
+    /// The text content (text parts joined by newlines; an image part is [`IMAGE_MARKER`]).
     pub content: String,
+    /// The message's images, in order.
+    pub images: Vec<ImageInput>,
     pub name: Option<String>,
     /// For `tool` messages: the call this message answers.
     pub tool_call_id: Option<String>,
@@ -472,11 +533,11 @@ fn parse_message(path: &str, v: &Value) -> Result<Message> {
         }
         Some(other) => return Err(invalid_type(&m.path_of("tool_calls"), "an array", other)),
     };
-    let content = match m.get("content") {
+    let (content, images) = match m.get("content") {
         // An assistant message may carry only tool calls (or a refusal).
-        None if role == Role::Assistant => String::new(),
+        None if role == Role::Assistant => (String::new(), Vec::new()),
         None => return Err(missing(&m.path_of("content"))),
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) => (s.clone(), Vec::new()),
         Some(Value::Array(parts)) => parse_parts(&m.path_of("content"), parts, role)?,
         Some(other) => {
             return Err(invalid_type(
@@ -501,15 +562,22 @@ fn parse_message(path: &str, v: &Value) -> Result<Message> {
     Ok(Message {
         role,
         content,
+        images,
         name: m.str("name")?.map(str::to_string),
         tool_call_id,
         tool_calls,
     })
 }
 
-/// Content parts: text is supported; images and audio belong to later work and say so.
-pub(crate) fn parse_parts(path: &str, parts: &[Value], role: Role) -> Result<String> {
+/// Content parts: text, and images in user messages (left as [`IMAGE_MARKER`] in the text,
+/// whether the model reads images is the server's to say); audio and files are refused.
+pub(crate) fn parse_parts(
+    path: &str,
+    parts: &[Value],
+    role: Role,
+) -> Result<(String, Vec<ImageInput>)> {
     let mut texts = Vec::with_capacity(parts.len());
+    let mut images = Vec::new();
     for (i, part) in parts.iter().enumerate() {
         let p_path = format!("{path}[{i}]");
         let Value::Object(map) = part else {
@@ -526,7 +594,26 @@ pub(crate) fn parse_parts(path: &str, parts: &[Value], role: Role) -> Result<Str
             "refusal" if role == Role::Assistant => {
                 p.required_str("refusal")?;
             }
-            t @ ("image_url" | "input_audio" | "file") if role == Role::User => {
+            "image_url" if role == Role::User => {
+                let image = p
+                    .object("image_url")?
+                    .ok_or_else(|| missing(&p.path_of("image_url")))?;
+                let url = image.required_str("url")?;
+                if url.is_empty() {
+                    return Err(ApiError::invalid_param(
+                        image.path_of("url"),
+                        "invalid_value",
+                        "Invalid image URL: the URL is empty.",
+                    ));
+                }
+                images.push(ImageInput {
+                    source: ImageSource::Url(url.to_string()),
+                    detail: ImageDetail::parse_field(&image, "detail")?,
+                    param: p_path.clone(),
+                });
+                texts.push(IMAGE_MARKER.to_string());
+            }
+            t @ ("input_audio" | "file") if role == Role::User => {
                 return Err(ApiError::invalid_param(
                     p.path_of("type"),
                     "unsupported_value",
@@ -536,7 +623,7 @@ pub(crate) fn parse_parts(path: &str, parts: &[Value], role: Role) -> Result<Str
             other => return Err(invalid_value(&p.path_of("type"), other, supported)),
         }
     }
-    Ok(texts.join("\n"))
+    Ok((texts.join("\n"), images))
 }
 
 fn parse_stop(f: &Fields) -> Result<Vec<String>> {
@@ -826,7 +913,9 @@ fn parse_prediction(f: &Fields) -> Result<Option<String>> {
     }
     match p.required("content")? {
         Value::String(s) => Ok(Some(s.clone())),
-        Value::Array(parts) => parse_parts(&p.path_of("content"), parts, Role::Assistant).map(Some),
+        Value::Array(parts) => {
+            parse_parts(&p.path_of("content"), parts, Role::Assistant).map(|(t, _)| Some(t))
+        }
         other => Err(invalid_type(
             &p.path_of("content"),
             "a string or an array of text parts",

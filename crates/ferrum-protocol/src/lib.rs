@@ -17,7 +17,8 @@ pub mod response;
 pub mod responses;
 
 pub use chat::{
-    parse_chat_request, ChatRequest, Message, ResponseFormat, Role, ServiceTier, Tool, ToolChoice,
+    parse_chat_request, ChatRequest, ImageDetail, ImageInput, ImageSource, Message, ResponseFormat,
+    Role, ServiceTier, Tool, ToolChoice, IMAGE_MARKER,
 };
 pub use embeddings::{parse_embedding_request, EmbeddingInput, EmbeddingRequest, EncodingFormat};
 pub use error::{ApiError, ErrorType};

@@ -114,6 +114,11 @@ pub struct Usage {
 pub struct PromptTokensDetails {
     pub cached_tokens: u64,
     pub audio_tokens: u64,
+    /// Text and image tokens of a prompt with images (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_tokens: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -132,10 +137,20 @@ impl Usage {
             total_tokens: prompt_tokens + completion_tokens,
             prompt_tokens_details: PromptTokensDetails {
                 cached_tokens,
-                audio_tokens: 0,
+                ..Default::default()
             },
             completion_tokens_details: CompletionTokensDetails::default(),
         }
+    }
+
+    /// Splits the prompt into its image tokens and the rest (a prompt with images).
+    pub fn with_image_tokens(mut self, image_tokens: u64) -> Usage {
+        if image_tokens > 0 {
+            let d = &mut self.prompt_tokens_details;
+            d.image_tokens = Some(image_tokens);
+            d.text_tokens = Some(self.prompt_tokens.saturating_sub(image_tokens));
+        }
+        self
     }
 
     /// Adds another choice's or request's usage.
@@ -143,7 +158,17 @@ impl Usage {
         self.prompt_tokens += other.prompt_tokens;
         self.completion_tokens += other.completion_tokens;
         self.total_tokens += other.total_tokens;
-        self.prompt_tokens_details.cached_tokens += other.prompt_tokens_details.cached_tokens;
+        let (d, o) = (
+            &mut self.prompt_tokens_details,
+            &other.prompt_tokens_details,
+        );
+        d.cached_tokens += o.cached_tokens;
+        let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+        d.image_tokens = sum(d.image_tokens, o.image_tokens);
+        d.text_tokens = sum(d.text_tokens, o.text_tokens);
     }
 }
 

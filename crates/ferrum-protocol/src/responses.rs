@@ -5,8 +5,8 @@ use serde_json::{json, Map, Value};
 
 use crate::chat::{
     check_tool_choice, parse_function, parse_json_schema, parse_metadata, parse_tool_list,
-    read_tool_choice, unsupported, ResponseFormat, Role, ServiceTier, Tool, ToolChoice,
-    MAX_TOP_LOGPROBS,
+    read_tool_choice, unsupported, ImageDetail, ImageInput, ImageSource, ResponseFormat, Role,
+    ServiceTier, Tool, ToolChoice, IMAGE_MARKER, MAX_TOP_LOGPROBS,
 };
 use crate::error::ApiError;
 use crate::reader::{invalid_type, invalid_value, missing, parse_object, Fields, Result};
@@ -56,6 +56,8 @@ pub enum Item {
     Message {
         role: Role,
         text: String,
+        /// `input_image` parts, in order (each left an [`IMAGE_MARKER`] in `text`).
+        images: Vec<ImageInput>,
     },
     FunctionCall {
         call_id: String,
@@ -68,28 +70,68 @@ pub enum Item {
     },
 }
 
+/// A user message's text and images as `input_text` and `input_image` parts, in order (the
+/// newlines that joined the parts dropped).
+fn image_parts(text: &str, images: &[ImageInput]) -> Vec<Value> {
+    let mut out = Vec::new();
+    let segments: Vec<&str> = text.split(IMAGE_MARKER).collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        let mut seg = *seg;
+        if i > 0 {
+            seg = seg.strip_prefix('\n').unwrap_or(seg);
+        }
+        if i < last {
+            seg = seg.strip_suffix('\n').unwrap_or(seg);
+        }
+        if !seg.is_empty() {
+            out.push(json!({"type": "input_text", "text": seg}));
+        }
+        if let Some(img) = images.get(i).filter(|_| i < last) {
+            let mut part = json!({"type": "input_image", "detail": img.detail.as_str()});
+            match &img.source {
+                ImageSource::Url(u) => {
+                    part["image_url"] = u.clone().into();
+                    part["file_id"] = Value::Null;
+                }
+                ImageSource::FileId(f) => {
+                    part["file_id"] = f.clone().into();
+                    part["image_url"] = Value::Null;
+                }
+            }
+            out.push(part);
+        }
+    }
+    out
+}
+
 impl Item {
     /// The item as the API shows it (`input_items`, `output`), with its id.
     pub fn to_json(&self, id: &str) -> Value {
         match self {
-            Item::Message { role, text } => {
+            Item::Message { role, text, images } => {
                 let (role, part) = match role {
                     Role::Assistant => ("assistant", "output_text"),
                     Role::System => ("system", "input_text"),
                     Role::Developer => ("developer", "input_text"),
                     Role::User | Role::Tool => ("user", "input_text"),
                 };
-                let mut content = json!({"type": part, "text": text});
-                if part == "output_text" {
-                    content["annotations"] = json!([]);
-                    content["logprobs"] = json!([]);
-                }
+                let content = if images.is_empty() {
+                    let mut content = json!({"type": part, "text": text});
+                    if part == "output_text" {
+                        content["annotations"] = json!([]);
+                        content["logprobs"] = json!([]);
+                    }
+                    vec![content]
+                } else {
+                    image_parts(text, images)
+                };
                 json!({
                     "id": id,
                     "type": "message",
                     "role": role,
                     "status": "completed",
-                    "content": [content],
+                    "content": content,
                 })
             }
             Item::FunctionCall {
@@ -172,6 +214,7 @@ pub fn parse_responses_request(body: &[u8]) -> Result<ResponsesRequest> {
         Some(Value::String(s)) => vec![Item::Message {
             role: Role::User,
             text: s.clone(),
+            images: Vec::new(),
         }],
         Some(Value::Array(items)) => items
             .iter()
@@ -300,9 +343,9 @@ pub fn parse_item(path: &str, v: &Value) -> Result<Item> {
                     ))
                 }
             };
-            let text = match it.get("content") {
+            let (text, images) = match it.get("content") {
                 None => return Err(missing(&it.path_of("content"))),
-                Some(Value::String(s)) => s.clone(),
+                Some(Value::String(s)) => (s.clone(), Vec::new()),
                 Some(Value::Array(parts)) => parse_parts(&it.path_of("content"), parts)?,
                 Some(other) => {
                     return Err(invalid_type(
@@ -312,7 +355,14 @@ pub fn parse_item(path: &str, v: &Value) -> Result<Item> {
                     ))
                 }
             };
-            Ok(Item::Message { role, text })
+            if !images.is_empty() && role != Role::User {
+                return Err(ApiError::invalid_param(
+                    it.path_of("content"),
+                    "invalid_value",
+                    "Image inputs are only allowed in messages with role 'user'.",
+                ));
+            }
+            Ok(Item::Message { role, text, images })
         }
         "function_call" => Ok(Item::FunctionCall {
             call_id: it.required_str("call_id")?.to_string(),
@@ -323,7 +373,7 @@ pub fn parse_item(path: &str, v: &Value) -> Result<Item> {
             let output = match it.get("output") {
                 None => return Err(missing(&it.path_of("output"))),
                 Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => parse_parts(&it.path_of("output"), parts)?,
+                Some(Value::Array(parts)) => parse_parts(&it.path_of("output"), parts)?.0,
                 Some(other) => return Err(invalid_type(&it.path_of("output"), "a string", other)),
             };
             Ok(Item::FunctionCallOutput {
@@ -359,9 +409,11 @@ pub fn parse_item(path: &str, v: &Value) -> Result<Item> {
     }
 }
 
-/// Text parts (`input_text`, `output_text`, `text`); images and files are refused clearly.
-fn parse_parts(path: &str, parts: &[Value]) -> Result<String> {
+/// Text parts (`input_text`, `output_text`, `text`) and images (`input_image`, by URL or
+/// `file_id`, left as [`IMAGE_MARKER`] in the text); files and audio are refused clearly.
+fn parse_parts(path: &str, parts: &[Value]) -> Result<(String, Vec<ImageInput>)> {
     let mut texts = Vec::with_capacity(parts.len());
+    let mut images = Vec::new();
     for (i, part) in parts.iter().enumerate() {
         let p_path = format!("{path}[{i}]");
         let Value::Object(map) = part else {
@@ -373,7 +425,35 @@ fn parse_parts(path: &str, parts: &[Value]) -> Result<String> {
                 texts.push(p.required_str("text")?.to_string())
             }
             "refusal" => texts.push(p.required_str("refusal")?.to_string()),
-            t @ ("input_image" | "input_file" | "input_audio") => {
+            "input_image" => {
+                let url = p.str("image_url")?.filter(|u| !u.is_empty());
+                let file = p.str("file_id")?.filter(|u| !u.is_empty());
+                let source = match (url, file) {
+                    (Some(u), None) => ImageSource::Url(u.to_string()),
+                    (None, Some(f)) => ImageSource::FileId(f.to_string()),
+                    (Some(_), Some(_)) => {
+                        return Err(ApiError::invalid_param(
+                            p.path_of("file_id"),
+                            "invalid_value",
+                            "An input_image takes either 'image_url' or 'file_id', not both.",
+                        ))
+                    }
+                    (None, None) => {
+                        return Err(ApiError::invalid_param(
+                            p.path_of("image_url"),
+                            "missing_required_parameter",
+                            "An input_image needs an 'image_url' or a 'file_id'.",
+                        ))
+                    }
+                };
+                images.push(ImageInput {
+                    source,
+                    detail: ImageDetail::parse_field(&p, "detail")?,
+                    param: p_path.clone(),
+                });
+                texts.push(IMAGE_MARKER.to_string());
+            }
+            t @ ("input_file" | "input_audio") => {
                 return Err(ApiError::invalid_param(
                     p.path_of("type"),
                     "unsupported_value",
@@ -389,7 +469,7 @@ fn parse_parts(path: &str, parts: &[Value]) -> Result<String> {
             }
         }
     }
-    Ok(texts.join("\n"))
+    Ok((texts.join("\n"), images))
 }
 
 fn parse_tools(f: &Fields) -> Result<Vec<Tool>> {
@@ -478,6 +558,7 @@ pub fn to_messages(instructions: Option<&str>, items: &[Item]) -> Vec<Message> {
         out.push(Message {
             role: Role::System,
             content: text.to_string(),
+            images: Vec::new(),
             name: None,
             tool_call_id: None,
             tool_calls: None,
@@ -485,9 +566,10 @@ pub fn to_messages(instructions: Option<&str>, items: &[Item]) -> Vec<Message> {
     }
     for item in items {
         match item {
-            Item::Message { role, text } => out.push(Message {
+            Item::Message { role, text, images } => out.push(Message {
                 role: *role,
                 content: text.clone(),
+                images: images.clone(),
                 name: None,
                 tool_call_id: None,
                 tool_calls: None,
@@ -511,6 +593,7 @@ pub fn to_messages(instructions: Option<&str>, items: &[Item]) -> Vec<Message> {
                     _ => out.push(Message {
                         role: Role::Assistant,
                         content: String::new(),
+                        images: Vec::new(),
                         name: None,
                         tool_call_id: None,
                         tool_calls: Some(Value::Array(vec![call])),
@@ -520,6 +603,7 @@ pub fn to_messages(instructions: Option<&str>, items: &[Item]) -> Vec<Message> {
             Item::FunctionCallOutput { call_id, output } => out.push(Message {
                 role: Role::Tool,
                 content: output.clone(),
+                images: Vec::new(),
                 name: None,
                 tool_call_id: Some(call_id.clone()),
                 tool_calls: None,

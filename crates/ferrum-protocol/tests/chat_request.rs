@@ -175,11 +175,49 @@ fn bad_messages() {
         Some("missing_required_parameter"),
     );
     check_rejected(
-        &msgs(
-            json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
-        ),
+        &msgs(json!([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}])),
         Some("messages[0].content[0].type"),
         Some("unsupported_value"),
+    );
+    check_rejected(
+        &msgs(
+            json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "detail": "max"}}]}]),
+        ),
+        Some("messages[0].content[0].image_url.detail"),
+        Some("invalid_value"),
+    );
+    check_rejected(
+        &msgs(json!([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])),
+        Some("messages[0].content[0].image_url.url"),
+        Some("missing_required_parameter"),
+    );
+    check_rejected(
+        &msgs(
+            json!([{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        ),
+        Some("messages[0].content[0].type"),
+        Some("invalid_value"),
+    );
+}
+
+#[test]
+fn image_parts_leave_a_marker_where_they_were() {
+    let body = with(json!({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "high"}},
+    ]}]}));
+    let req = ferrum_protocol::parse_chat_request(&body).unwrap();
+    let m = &req.messages[0];
+    assert_eq!(
+        m.content,
+        format!("What is this?\n{}", ferrum_protocol::IMAGE_MARKER)
+    );
+    assert_eq!(m.images.len(), 1);
+    assert_eq!(m.images[0].detail, ferrum_protocol::ImageDetail::High);
+    assert_eq!(m.images[0].param, "messages[0].content[1]");
+    assert_eq!(
+        m.images[0].source,
+        ferrum_protocol::ImageSource::Url("data:image/png;base64,AAAA".into())
     );
 }
 

@@ -18,7 +18,8 @@ fn a_string_input_is_one_user_message_and_defaults_follow_the_spec() {
         r.input,
         [Item::Message {
             role: Role::User,
-            text: "Hi".into()
+            text: "Hi".into(),
+            images: vec![],
         }]
     );
     assert!(r.store && r.parallel_tool_calls && !r.truncate && !r.background);
@@ -72,10 +73,12 @@ fn stored_items_round_trip_through_their_json() {
         Item::Message {
             role: Role::Assistant,
             text: "x".into(),
+            images: vec![],
         },
         Item::Message {
             role: Role::Developer,
             text: "y".into(),
+            images: vec![],
         },
         Item::FunctionCall {
             call_id: "c".into(),
@@ -154,4 +157,53 @@ fn bad_bodies_name_the_parameter() {
             "{body}: {e:?}"
         );
     }
+}
+
+#[test]
+fn input_images_keep_their_place_and_survive_storage() {
+    use ferrum_protocol::{ImageDetail, ImageSource, IMAGE_MARKER};
+    let r = parse(json!({"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "Compare"},
+        {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "low"},
+        {"type": "input_text", "text": "with"},
+        {"type": "input_image", "file_id": "file-abc", "detail": "auto"},
+    ]}]}))
+    .unwrap();
+    let Item::Message { text, images, .. } = &r.input[0] else {
+        panic!("a message")
+    };
+    assert_eq!(
+        text,
+        &format!("Compare\n{IMAGE_MARKER}\nwith\n{IMAGE_MARKER}")
+    );
+    assert_eq!(images.len(), 2);
+    assert_eq!(images[0].detail, ImageDetail::Low);
+    assert_eq!(images[1].source, ImageSource::FileId("file-abc".into()));
+    assert_eq!(images[0].param, "input[0].content[1]");
+    // Stored and read back (`previous_response_id`), the same text and images.
+    let v = r.input[0].to_json("msg_1");
+    let back = ferrum_protocol::responses::parse_item("input[0]", &v).unwrap();
+    assert_eq!(back, r.input[0], "{v}");
+    // Neither or both sources, or an image in an assistant message, are refused.
+    for bad in [
+        json!({"type": "input_image", "detail": "auto"}),
+        json!({"type": "input_image", "detail": "auto", "file_id": "f", "image_url": "data:x"}),
+        json!({"type": "input_image", "detail": "best", "file_id": "f"}),
+    ] {
+        let e = parse(json!({"model": "m", "input": [{"role": "user", "content": [bad]}]}))
+            .unwrap_err();
+        assert!(
+            e.param
+                .as_deref()
+                .unwrap()
+                .starts_with("input[0].content[0]"),
+            "{e:?}"
+        );
+    }
+    let e = parse(
+        json!({"model": "m", "input": [{"role": "assistant", "content": [
+        {"type": "input_image", "detail": "auto", "file_id": "f"}]}]}),
+    )
+    .unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("input[0].content"));
 }

@@ -48,6 +48,10 @@ pub struct Tier {
     pub kind: ModelKind,
     /// Where the GGUF file (or the embedding model's files) comes from.
     pub weights: WeightsSource,
+    /// A chat tier's vision encoder and projector (an mmproj GGUF, as llama.cpp's converter
+    /// writes it): with one, the tier reads images. Same forms as `weights`.
+    #[serde(default)]
+    pub mmproj: Option<WeightsSource>,
     /// What a request costs, for usage accounting.
     pub price: Price,
     /// A cap on the context window (for an embedding tier: on the positions an input may
@@ -312,6 +316,12 @@ impl Tier {
                 .validate()
                 .map_err(|e| format!("adapter `{}`: {e}", a.id))?;
         }
+        if let Some(m) = &self.mmproj {
+            if self.kind != ModelKind::Chat {
+                return Err("`mmproj` belongs to a chat tier".into());
+            }
+            m.validate().map_err(|e| format!("mmproj: {e}"))?;
+        }
         if self.context_length == Some(0) {
             return Err("`context_length` must be greater than 0".into());
         }
@@ -467,6 +477,9 @@ impl Registry {
         if let Some(base_dir) = base_dir {
             for t in &mut tiers {
                 t.weights.resolve_relative(base_dir);
+                if let Some(m) = &mut t.mmproj {
+                    m.resolve_relative(base_dir);
+                }
                 for a in &mut t.adapters {
                     a.weights.resolve_relative(base_dir);
                 }

@@ -100,6 +100,7 @@ pub(crate) async fn submit(
 ) -> Result<(Meta, UnboundedReceiver<Event>), ServerError> {
     let loaded = crate::fine_tuning::loaded(app, &req.model).await?;
     let filter = loaded.tier.content_filter;
+    let images = crate::vision::encode_images(app, &loaded, &req).await?;
     let (prompt_req, req) = {
         let loaded = loaded.clone();
         tokio::task::spawn_blocking(move || {
@@ -107,7 +108,7 @@ pub(crate) async fn submit(
             let p = moderation::check_prompt(filter.prompt, &req.messages)
                 .map_err(ServerError::from)
                 .and_then(|checked| {
-                    let prepared = frontend::prepare(loaded.handle.model(), &req)?;
+                    let prepared = frontend::prepare(loaded.handle.model(), &req, &images)?;
                     Ok((checked, prepared))
                 });
             (p, req)
@@ -119,6 +120,7 @@ pub(crate) async fn submit(
     let (id, created) = (random_id(endpoint.id_prefix), now());
     let tool_mode = prepared.tool_mode;
     let prompt_len = prepared.prompt.len();
+    let image_tokens = prepared.image_tokens as u64;
     let (tx, rx) = unbounded_channel();
     // A batch line interrupted (by a shutdown) runs again later and is billed then: only
     // interactive requests bill what a departed client cost.
@@ -170,6 +172,7 @@ pub(crate) async fn submit(
         choices: req.n,
         priority,
         adapter: loaded.adapter.clone(),
+        embeds: prepared.embeds,
         sink: timed_sink(app, received, req.n, bill, move |ev| tx.send(ev).is_ok()),
     };
     loaded.handle.submit(request).map_err(|e| match e {
@@ -197,6 +200,7 @@ pub(crate) async fn submit(
         stored_request: None,
         filter,
         prompt_filter,
+        image_tokens,
     };
     Ok((meta, rx))
 }
@@ -324,6 +328,8 @@ pub(crate) struct Meta {
     /// The tier's content filter, and its annotation of the prompt (when it reads prompts).
     pub(crate) filter: ContentFilterConfig,
     pub(crate) prompt_filter: Option<PromptFilterResult>,
+    /// The prompt's image tokens (reported in `usage.prompt_tokens_details`).
+    pub(crate) image_tokens: u64,
 }
 
 impl Meta {
@@ -342,7 +348,7 @@ impl Meta {
         &self,
         completions: &[Completion],
     ) -> ferrum_protocol::response::Usage {
-        let usage = frontend::usage_of(completions);
+        let usage = frontend::usage_of(completions).with_image_tokens(self.image_tokens);
         if self.record {
             self.app
                 .record_usage_at(

@@ -2,27 +2,38 @@
 //! context check, sampling parameters) and engine events back into OpenAI responses. The HTTP
 //! routes use it, and the batch runner will take the same path.
 
+use std::sync::Arc;
+
 use ferrum_engine::{
     ChatTemplate, Completion, Constraint, ConstraintError, FinishReason, GenerateParams,
-    LoadedModel, SamplingParams, TokenEvent, Tokenizer,
+    LoadedModel, PromptEmbeds, SamplingParams, TokenEvent, Tokenizer,
 };
+use ferrum_vision::{EncodedImage, Piece};
 
 use crate::tools::{self, ToolMode};
 use crate::ServerError;
 use ferrum_protocol::chat::MAX_OUTPUT_TOKENS;
 use ferrum_protocol::response::{ChoiceLogprobs, TokenLogprob, TopLogprob, Usage};
-use ferrum_protocol::{ApiError, ChatRequest, ResponseFormat};
+use ferrum_protocol::{ApiError, ChatRequest, ResponseFormat, IMAGE_MARKER};
 
 /// A chat request ready for the engine.
 pub struct Prepared {
     pub prompt: Vec<u32>,
+    /// The embedding rows of the prompt's image tokens, when it has images.
+    pub embeds: Option<Arc<PromptEmbeds>>,
+    /// How many of the prompt's tokens are image tokens.
+    pub image_tokens: usize,
     pub params: GenerateParams,
     pub tool_mode: ToolMode,
 }
 
 /// Renders the conversation with the model's chat template and tokenizes it, checks the
 /// context window and builds the generation parameters. CPU work: run it off the async threads.
-pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, ServerError> {
+pub fn prepare(
+    model: &LoadedModel,
+    req: &ChatRequest,
+    images: &[Arc<EncodedImage>],
+) -> Result<Prepared, ServerError> {
     let mut messages: Vec<serde_json::Value> =
         req.messages.iter().map(|m| m.to_template()).collect();
     let tool_mode = tools::mode(req);
@@ -54,10 +65,16 @@ pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, Serve
     let text = template
         .render(&messages, rendered_tools, true)
         .map_err(|e| ApiError::invalid_param("messages", "invalid_value", e.to_string()))?;
-    let prompt = model
-        .tokenizer
-        .encode(&text, false, true)
-        .map_err(|e| ServerError::internal("tokenizing the prompt", e))?;
+    let (prompt, embeds, image_tokens) = if images.is_empty() {
+        let prompt = model
+            .tokenizer
+            .encode(&text, false, true)
+            .map_err(|e| ServerError::internal("tokenizing the prompt", e))?;
+        (prompt, None, 0)
+    } else {
+        let (prompt, embeds, n) = splice_images(model, &text, images)?;
+        (prompt, Some(Arc::new(embeds)), n)
+    };
     let context = model.context_length;
     if prompt.len() >= context {
         return Err(ApiError::context_length_exceeded(context, prompt.len(), None).into());
@@ -103,6 +120,8 @@ pub fn prepare(model: &LoadedModel, req: &ChatRequest) -> Result<Prepared, Serve
         .or_else(|| (req.temperature > 0.0).then(rand::random::<u64>));
     Ok(Prepared {
         prompt,
+        embeds,
+        image_tokens,
         params: GenerateParams {
             max_tokens,
             stop: req.stop.clone(),
@@ -231,6 +250,69 @@ pub fn finish_reason(reason: FinishReason) -> &'static str {
         FinishReason::Stop => "stop",
         FinishReason::Length | FinishReason::Cancelled => "length",
     }
+}
+
+/// The tokens of a rendered prompt with images: the text between image markers tokenized
+/// piece by piece (as mtmd tokenizes around its media markers), each image's pieces in its
+/// place (special tokens, and placeholder ids for its embedding rows). Returns the tokens, the
+/// rows, and the number of image tokens.
+pub(crate) fn splice_images(
+    model: &LoadedModel,
+    text: &str,
+    images: &[Arc<EncodedImage>],
+) -> Result<(Vec<u32>, PromptEmbeds, usize), ServerError> {
+    let tok = &model.tokenizer;
+    let encode = |s: &str| {
+        tok.encode(s, false, true)
+            .map_err(|e| ServerError::internal("tokenizing the prompt", e))
+    };
+    let segments: Vec<&str> = text.split(IMAGE_MARKER).collect();
+    if segments.len() != images.len() + 1 {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "invalid_value",
+            format!(
+                "The model's chat template placed {} of the request's {} images; it drops \
+                 some messages' content.",
+                segments.len() - 1,
+                images.len()
+            ),
+        )
+        .into());
+    }
+    let mut embeds = PromptEmbeds::new(model.model.cfg.d_model);
+    let mut prompt = Vec::new();
+    let mut image_tokens = 0;
+    for (seg, img) in segments.iter().zip(images.iter().map(Some).chain([None])) {
+        prompt.extend(encode(seg)?);
+        let Some(img) = img else { break };
+        for piece in &img.pieces {
+            match piece {
+                Piece::Text(t) => prompt.extend(encode(t)?),
+                Piece::Token(t) => prompt.push(lookup_token(tok, t).ok_or_else(|| {
+                    ServerError::internal(
+                        "laying out an image",
+                        format!(
+                            "the vocabulary has no token {t:?}, which this vision projector needs"
+                        ),
+                    )
+                })?),
+                Piece::Image(i) => {
+                    let mut key = img.key.to_vec();
+                    key.extend((*i as u64).to_le_bytes());
+                    let ids = embeds.push(&key, Arc::clone(&img.inputs[*i]));
+                    image_tokens += ids.len();
+                    prompt.extend(ids);
+                }
+            }
+        }
+    }
+    Ok((prompt, embeds, image_tokens))
+}
+
+/// The first token whose text is exactly `text` (mtmd's `lookup_token`).
+fn lookup_token(tok: &Tokenizer, text: &str) -> Option<u32> {
+    (0..tok.vocab_size() as u32).find(|&id| tok.token_bytes(id) == text.as_bytes())
 }
 
 /// Usage of a whole request: the prompt counted once (as OpenAI does for `n` > 1), the cached

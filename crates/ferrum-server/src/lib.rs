@@ -25,6 +25,7 @@ mod ratelimit;
 mod responses;
 mod stored;
 mod tools;
+mod vision;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -91,6 +92,8 @@ pub struct App {
     /// The keys this server takes (see `auth`).
     pub auth: auth::Auth,
     pub metrics: Arc<metrics::Metrics>,
+    /// Encoded images, by content (see `vision`).
+    pub images: vision::ImageCache,
 }
 
 impl App {
@@ -253,6 +256,7 @@ pub fn app(registry: Registry, store: Store, config: ServerConfig) -> Arc<App> {
         evals: Default::default(),
         auth: auth::Auth::new(config.api_key, config.admin_key),
         metrics: Arc::default(),
+        images: Default::default(),
     })
 }
 

@@ -91,6 +91,8 @@ pub struct Loaded {
     pub fingerprint: String,
     /// The LoRA adapter of a fine-tuned model, which its requests run with.
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// The tier's vision encoder, when it reads images (`mmproj`).
+    pub vision: Option<Arc<ferrum_vision::VisionModel>>,
 }
 
 /// An embedding tier that is ready to serve.
@@ -340,6 +342,7 @@ impl Models {
             fingerprint: fingerprint(&engine.model().path),
             handle: engine,
             adapter: None,
+            vision: None,
         }));
         Ok(())
     }
@@ -472,10 +475,17 @@ impl Models {
             }
             None => None,
         };
-        let (handle, path) =
-            tokio::task::spawn_blocking(move || load_model(&weights, &opts, scheduling, draft))
-                .await
-                .map_err(|e| ApiError::internal(format!("loading `{id}` panicked: {e}")))??;
+        let mmproj = tier.mmproj.clone();
+        let (handle, path, vision) = tokio::task::spawn_blocking(move || {
+            let (handle, path) = load_model(&weights, &opts, scheduling, draft)?;
+            let vision = match &mmproj {
+                Some(m) => Some(Arc::new(load_vision(m, handle.model())?)),
+                None => None,
+            };
+            Ok::<_, ApiError>((handle, path, vision))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("loading `{id}` panicked: {e}")))??;
         let fingerprint = fingerprint(&path);
         tracing::info!(tier = %tier.id, path = %path.display(), %fingerprint, "model ready");
         Ok(Loaded {
@@ -483,6 +493,7 @@ impl Models {
             handle: Arc::new(handle),
             fingerprint,
             adapter: None,
+            vision,
         })
     }
 }
@@ -523,6 +534,29 @@ fn load_model(
     let handle = ModelHandle::spawn_with_draft(model, scheduling, draft)
         .map_err(|e| ApiError::internal(format!("could not start the engine thread: {e}")))?;
     Ok((handle, path))
+}
+
+/// A tier's vision encoder, checked against its language model.
+fn load_vision(
+    source: &WeightsSource,
+    model: &LoadedModel,
+) -> Result<ferrum_vision::VisionModel, ApiError> {
+    let progress = ferrum_registry::default_progress();
+    let path = ferrum_registry::ensure_weights(source, progress.as_ref()).map_err(|e| {
+        ApiError::unavailable(format!("The model's mmproj file is not available: {e}"))
+    })?;
+    let vision = ferrum_vision::VisionModel::load(&path)
+        .map_err(|e| ApiError::unavailable(format!("The model's mmproj is unusable: {e}")))?;
+    let d = model.model.cfg.d_model;
+    if vision.width() != d {
+        return Err(ApiError::unavailable(format!(
+            "The model's mmproj projects to {} dimensions but its language model embeds in {d}: \
+             the mmproj belongs to another model.",
+            vision.width()
+        )));
+    }
+    tracing::info!(path = %path.display(), projector = ?vision.config().projector, "vision encoder ready");
+    Ok(vision)
 }
 
 /// A chat endpoint asked for an embedding model.

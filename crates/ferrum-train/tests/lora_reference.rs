@@ -64,6 +64,7 @@ fn agreement(
                     tokens: chunk,
                     logits: Logits::Prompt,
                     adapter,
+                    embeds: None,
                 }],
             )
             .unwrap();

@@ -81,6 +81,7 @@ fn request(prompt: &[u32], adapter: Option<Arc<LoraAdapter>>) -> (Request, Recei
         choices: 1,
         priority: Priority::Interactive,
         adapter,
+        embeds: None,
         sink,
     };
     (r, rx)

@@ -130,6 +130,7 @@ fn engine_nll(model: &LoadedModel, adapter: Option<&LoraAdapter>, ex: &Example) 
                 tokens: &ex.tokens,
                 logits: Logits::All,
                 adapter,
+                embeds: None,
             }],
         )
         .unwrap()

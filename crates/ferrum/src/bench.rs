@@ -199,6 +199,7 @@ fn lora_bench(model: &ferrum_engine::LoadedModel, args: &BenchArgs) -> anyhow::R
                     tokens: p,
                     logits: Logits::Last,
                     adapter: adapter_of(i),
+                    embeds: None,
                 })
                 .collect();
             let logits = m.forward_batch(&model.pool, &mut ws, &mut batch)?;
@@ -218,6 +219,7 @@ fn lora_bench(model: &ferrum_engine::LoadedModel, args: &BenchArgs) -> anyhow::R
                         tokens: tok,
                         logits: Logits::Last,
                         adapter: adapter_of(i),
+                    embeds: None,
                     })
                     .collect();
                 let logits = m.forward_batch(&model.pool, &mut ws, &mut batch)?;

@@ -10,6 +10,7 @@ use super::flash;
 use super::lora::{LoraAdapter, Proj};
 use super::ops::{self, Rope};
 use super::{ModelConfig, ModelOptions};
+use crate::embeds::{is_placeholder, PromptEmbeds};
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, TensorView};
 use crate::kernels::{self, MatmulJob, MatmulScratch, QMatrix, RowKind, ThreadPool};
@@ -83,6 +84,8 @@ pub struct SeqInput<'a> {
     pub logits: Logits,
     /// The LoRA adapter this sequence runs with, if any.
     pub adapter: Option<&'a LoraAdapter>,
+    /// The embedding rows of placeholder ids among `tokens` (an image's tokens), if any.
+    pub embeds: Option<&'a PromptEmbeds>,
 }
 
 /// Scratch buffers of a forward pass, reused across calls so the hot loop never allocates.
@@ -282,6 +285,7 @@ impl Transformer {
                 tokens,
                 logits,
                 adapter: None,
+                embeds: None,
             }],
         )
     }
@@ -315,7 +319,11 @@ impl Transformer {
                     max: seq.kv.capacity(),
                 });
             }
-            if let Some(&id) = seq.tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            let known = |id: u32| match seq.embeds {
+                Some(e) if is_placeholder(id) => e.width() == d && e.row(id).is_some(),
+                _ => (id as usize) < cfg.vocab_size,
+            };
+            if let Some(&id) = seq.tokens.iter().find(|&&id| !known(id)) {
                 return Err(EngineError::TokenOutOfRange {
                     id,
                     vocab: cfg.vocab_size,
@@ -344,10 +352,15 @@ impl Transformer {
                 in_batch_of_8: prompt && end - start >= 8,
             })
         }));
-        let ids = seqs.iter().flat_map(|s| s.tokens.iter());
-        for (t, &id) in ids.enumerate() {
-            self.embed
-                .dequantize_row(id as usize, &mut ws.x[t * d..(t + 1) * d]);
+        let ids = seqs
+            .iter()
+            .flat_map(|s| s.tokens.iter().map(move |&id| (s.embeds, id)));
+        for (t, (embeds, id)) in ids.enumerate() {
+            let out = &mut ws.x[t * d..(t + 1) * d];
+            match embeds.and_then(|e| e.row(id)) {
+                Some(row) => out.copy_from_slice(row),
+                None => self.embed.dequantize_row(id as usize, out),
+            }
         }
         // The tokens that need logits.
         let mut rows = Vec::new();

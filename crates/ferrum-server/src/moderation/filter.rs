@@ -391,6 +391,7 @@ mod tests {
         let msg = |t: &str| Message {
             role: ferrum_protocol::Role::User,
             content: t.into(),
+            images: Vec::new(),
             name: None,
             tool_call_id: None,
             tool_calls: None,

@@ -1,0 +1,252 @@
+//! ferrum's image input: a tier's mmproj (vision encoder and projector, GGUF as llama.cpp's
+//! converter writes it) turns images into rows of the language model's embedding space.
+//!
+//! The path of an image: bytes ([`decode_image`]: PNG, JPEG, WebP or GIF's first frame, with
+//! size limits) -> [`RgbImage`] -> [`VisionModel::encode`]: preprocessing exactly as llama.cpp's
+//! mtmd does it for the projector (Pillow-compatible resampling, idefics3 tiles or one padded
+//! image), the ViT and projector per encoder input, and the [`Piece`]s that say where the
+//! image's tokens and the special tokens around them go in the prompt. The crate knows nothing
+//! of tokenizers or the language model: the server turns pieces into token ids and hands the
+//! embeddings to the engine.
+
+mod error;
+mod layout;
+mod mmproj;
+pub mod preprocess;
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+pub use error::{Result, VisionError};
+pub use layout::Piece;
+pub use mmproj::{Mmproj, Projector, VisionConfig, SUPPORTED_PROJECTORS};
+pub use preprocess::{Preprocessed, RgbImage};
+
+/// OpenAI's `detail` on an image: `low` reads only the overview (idefics3: no tiles), `high`
+/// and `auto` the whole tiling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Detail {
+    Low,
+    High,
+    #[default]
+    Auto,
+}
+
+impl Detail {
+    pub fn parse(s: &str) -> Option<Detail> {
+        match s {
+            "low" => Some(Detail::Low),
+            "high" => Some(Detail::High),
+            "auto" => Some(Detail::Auto),
+            _ => None,
+        }
+    }
+
+    fn tiled(self) -> bool {
+        self != Detail::Low
+    }
+}
+
+/// An encoded image: its token layout and the embedding rows of each encoder input.
+#[derive(Clone, Debug)]
+pub struct EncodedImage {
+    /// SHA-256 of the decoded pixels, the detail and the mmproj: equal images share cache
+    /// entries (and prefix-cache blocks).
+    pub key: [u8; 32],
+    pub pieces: Vec<Piece>,
+    /// Per encoder input, `rows x width` floats.
+    pub inputs: Vec<std::sync::Arc<Vec<f32>>>,
+    /// The width of a row (the language model's embedding width).
+    pub width: usize,
+}
+
+impl EncodedImage {
+    /// Image tokens in the prompt (embedding rows; the special tokens around them not counted).
+    pub fn image_tokens(&self) -> usize {
+        self.inputs.iter().map(|r| r.len() / self.width).sum()
+    }
+}
+
+/// Limits on images a client may send.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageLimits {
+    /// Encoded bytes of one image.
+    pub max_bytes: usize,
+    /// Pixels on a side of one decoded image.
+    pub max_side: u32,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        ImageLimits {
+            max_bytes: 20 * 1024 * 1024,
+            max_side: 8192,
+        }
+    }
+}
+
+/// The media types images may have (what [`decode_image`] reads).
+pub const IMAGE_MEDIA_TYPES: &[&str] = &["image/png", "image/jpeg", "image/webp", "image/gif"];
+
+/// Decodes PNG, JPEG, WebP or GIF (its first frame) into 8-bit RGB. Alpha is dropped, not
+/// composited (as stb_image, which llama.cpp uses, converts 4 channels to 3); grey is copied to
+/// the three channels. `media_type`, when given, must match what the bytes are.
+pub fn decode_image(
+    bytes: &[u8],
+    media_type: Option<&str>,
+    limits: ImageLimits,
+) -> Result<RgbImage> {
+    use image::ImageFormat;
+    if bytes.len() > limits.max_bytes {
+        return Err(VisionError::Image(format!(
+            "image of {} bytes is over the limit of {} bytes",
+            bytes.len(),
+            limits.max_bytes
+        )));
+    }
+    let format = image::guess_format(bytes).map_err(|_| {
+        VisionError::Image(
+            "the image is not a PNG, JPEG, WebP or GIF file (its bytes match none of them)".into(),
+        )
+    })?;
+    let name = match format {
+        ImageFormat::Png => "image/png",
+        ImageFormat::Jpeg => "image/jpeg",
+        ImageFormat::WebP => "image/webp",
+        ImageFormat::Gif => "image/gif",
+        other => {
+            return Err(VisionError::Image(format!(
+                "image format {other:?} is not supported; send PNG, JPEG, WebP or GIF"
+            )))
+        }
+    };
+    if let Some(mt) = media_type {
+        let mt = if mt == "image/jpg" { "image/jpeg" } else { mt };
+        if mt != name {
+            return Err(VisionError::Image(format!(
+                "the image's media type is '{mt}' but its bytes are {name}"
+            )));
+        }
+    }
+    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(limits.max_side);
+    l.max_image_height = Some(limits.max_side);
+    l.max_alloc = Some(512 * 1024 * 1024);
+    reader.limits(l);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => VisionError::Image(format!(
+            "the image is larger than {0}x{0} pixels",
+            limits.max_side
+        )),
+        other => VisionError::Image(format!("the {name} image could not be decoded: {other}")),
+    })?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(VisionError::Image("the image has no pixels".into()));
+    }
+    let rgb = img.to_rgb8();
+    Ok(RgbImage {
+        width: rgb.width() as usize,
+        height: rgb.height() as usize,
+        data: rgb.into_raw(),
+    })
+}
+
+/// A tier's vision encoder, ready to encode images.
+pub struct VisionModel {
+    mmproj: Mmproj,
+    pub path: PathBuf,
+    fingerprint: [u8; 32],
+}
+
+impl VisionModel {
+    pub fn load(path: &Path) -> Result<Self> {
+        let mmproj = Mmproj::load(path)?;
+        let meta = std::fs::metadata(path).ok();
+        let mut h = Sha256::new();
+        h.update(path.display().to_string().as_bytes());
+        if let Some(m) = meta {
+            h.update(m.len().to_le_bytes());
+        }
+        Ok(VisionModel {
+            mmproj,
+            path: path.to_path_buf(),
+            fingerprint: h.finalize().into(),
+        })
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.mmproj.cfg
+    }
+
+    /// The language model width this encoder's rows have.
+    pub fn width(&self) -> usize {
+        self.mmproj.cfg.n_out
+    }
+
+    /// The encoder inputs an image becomes, as 8-bit images.
+    pub fn preprocess(&self, img: &RgbImage, detail: Detail) -> Preprocessed {
+        let c = &self.mmproj.cfg;
+        match c.projector {
+            Projector::Idefics3 { .. } => {
+                preprocess::idefics3(img, c.image_size, c.longest_edge, detail.tiled())
+            }
+            Projector::Mlp => preprocess::fixed_size(
+                img,
+                c.image_size,
+                preprocess::ResizeAlgo::Bicubic,
+                preprocess::Pad::Ceil([122, 116, 104]),
+            ),
+        }
+    }
+
+    /// Image tokens an image of this size takes (without encoding it).
+    pub fn image_tokens(&self, width: usize, height: usize, detail: Detail) -> usize {
+        let c = &self.mmproj.cfg;
+        let inputs = match c.projector {
+            Projector::Mlp => 1,
+            Projector::Idefics3 { .. } => {
+                let (gx, gy) =
+                    preprocess::idefics3_grid(width, height, c.image_size, c.longest_edge);
+                if detail.tiled() {
+                    gx * gy + 1
+                } else {
+                    1
+                }
+            }
+        };
+        inputs * c.tokens_per_image()
+    }
+
+    /// The cache key of an image under this encoder.
+    pub fn key(&self, img: &RgbImage, detail: Detail) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.fingerprint);
+        h.update((img.width as u64).to_le_bytes());
+        h.update((img.height as u64).to_le_bytes());
+        h.update([detail as u8]);
+        h.update(&img.data);
+        h.finalize().into()
+    }
+
+    /// Preprocesses and encodes an image.
+    pub fn encode(&self, img: &RgbImage, detail: Detail) -> Result<EncodedImage> {
+        let c = &self.mmproj.cfg;
+        let pre = self.preprocess(img, detail);
+        let pieces = layout::pieces(c.projector, &pre);
+        let mut inputs = Vec::with_capacity(pre.tiles.len() + 1);
+        for t in pre.tiles.iter().chain(std::iter::once(&pre.overview)) {
+            let n = preprocess::normalize(t, c.image_mean, c.image_std);
+            let rows = self.mmproj.encode(&n.pixels, n.width, n.height)?;
+            inputs.push(std::sync::Arc::new(rows));
+        }
+        Ok(EncodedImage {
+            key: self.key(img, detail),
+            pieces,
+            inputs,
+            width: c.n_out,
+        })
+    }
+}
