@@ -58,6 +58,26 @@ pub struct TensorView {
 }
 
 impl TensorView {
+    /// A tensor of bytes made in memory (weights converted at load time, e.g. a vision
+    /// encoder's f16 matrices quantized for the integer kernels), in anonymous memory.
+    pub fn from_bytes(
+        name: &str,
+        dtype: GgmlDType,
+        dims: Vec<usize>,
+        bytes: &[u8],
+    ) -> std::io::Result<TensorView> {
+        let mut anon = memmap2::MmapMut::map_anon(bytes.len().max(1))?;
+        anon[..bytes.len()].copy_from_slice(bytes);
+        Ok(TensorView {
+            name: name.to_string(),
+            dtype,
+            dims,
+            mmap: Arc::new(anon.make_read_only()?),
+            start: 0,
+            len: bytes.len(),
+        })
+    }
+
     pub fn bytes(&self) -> &[u8] {
         &self.mmap[self.start..self.start + self.len]
     }

@@ -29,6 +29,16 @@ pub mod kernels;
 #[doc(hidden)]
 pub mod testing;
 
+/// ggml's flash-attention arithmetic over f16 keys and values, for other encoders (a vision
+/// transformer's full attention is a causal one whose every query sits at the last position).
+#[doc(hidden)]
+pub mod attention {
+    pub use crate::model::flash::{
+        attend_tiles_f32, available as tiled_available, FlashScratch, TILE,
+    };
+    pub use crate::model::ops::{attend_f16, AttnScratch};
+}
+
 pub use chat_template::{ChatTemplate, TemplateCaps, TemplateError, CHATML_SOURCE};
 pub use constraint::{Constraint, ConstraintError, ConstraintFactory};
 pub use draft::Draft;

@@ -22,8 +22,12 @@ const CACHE_IMAGES: usize = 64;
 /// Encoded images by content key, least recently used evicted first.
 #[derive(Default)]
 pub struct ImageCache {
-    inner: Mutex<(HashMap<[u8; 32], Arc<EncodedImage>>, VecDeque<[u8; 32]>)>,
+    inner: Mutex<Lru>,
 }
+
+/// The cached images and their keys from least to most recently used.
+#[derive(Default)]
+struct Lru(HashMap<[u8; 32], Arc<EncodedImage>>, VecDeque<[u8; 32]>);
 
 impl ImageCache {
     fn get(&self, key: &[u8; 32]) -> Option<Arc<EncodedImage>> {
@@ -304,7 +308,7 @@ mod parity {
         is_placeholder, EngineOptions, Event, GenerateParams, LoadOptions, LoadedModel,
         ModelHandle, Priority, Request, SamplingParams,
     };
-    use ferrum_vision::{decode_image, Detail, ImageLimits, Piece, VisionModel};
+    use ferrum_vision::{decode_image, Detail, ImageLimits, Piece, Precision, VisionModel};
     use serde_json::Value;
 
     /// Largest absolute difference allowed between an image token's values and llama.cpp's.
@@ -377,7 +381,8 @@ mod parity {
                 ..Default::default()
             };
             let model = LoadedModel::load(&lm, &opts).unwrap();
-            let vision = VisionModel::load(&dir().join(case["mmproj"].as_str().unwrap())).unwrap();
+            let mmproj = dir().join(case["mmproj"].as_str().unwrap());
+            let vision = VisionModel::load_with(&mmproj, Precision::Exact, 2).unwrap();
             let images: Vec<_> = case["images"]
                 .as_array()
                 .unwrap()

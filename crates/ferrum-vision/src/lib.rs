@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 pub use error::{Result, VisionError};
 pub use layout::Piece;
-pub use mmproj::{Mmproj, Projector, VisionConfig, SUPPORTED_PROJECTORS};
+pub use mmproj::{Mmproj, Precision, Projector, VisionConfig, SUPPORTED_PROJECTORS};
 pub use preprocess::{Preprocessed, RgbImage};
 
 /// OpenAI's `detail` on an image: `low` reads only the overview (idefics3: no tiles), `high`
@@ -162,11 +162,23 @@ pub struct VisionModel {
 }
 
 impl VisionModel {
+    /// Loads an mmproj on every core, with the fast path ([`Precision::Int8`]) unless
+    /// `FERRUM_VISION_PRECISION=exact` asks for llama.cpp's arithmetic.
     pub fn load(path: &Path) -> Result<Self> {
-        let mmproj = Mmproj::load(path)?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let precision = match std::env::var("FERRUM_VISION_PRECISION").as_deref() {
+            Ok("exact") => Precision::Exact,
+            _ => Precision::Int8,
+        };
+        Self::load_with(path, precision, threads)
+    }
+
+    pub fn load_with(path: &Path, precision: Precision, threads: usize) -> Result<Self> {
+        let mmproj = Mmproj::load(path, precision, threads)?;
         let meta = std::fs::metadata(path).ok();
         let mut h = Sha256::new();
         h.update(path.display().to_string().as_bytes());
+        h.update([precision as u8]);
         if let Some(m) = meta {
             h.update(m.len().to_le_bytes());
         }
@@ -179,6 +191,10 @@ impl VisionModel {
 
     pub fn config(&self) -> &VisionConfig {
         &self.mmproj.cfg
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.mmproj.precision
     }
 
     /// The language model width this encoder's rows have.

@@ -219,7 +219,7 @@ fn lora_bench(model: &ferrum_engine::LoadedModel, args: &BenchArgs) -> anyhow::R
                         tokens: tok,
                         logits: Logits::Last,
                         adapter: adapter_of(i),
-                    embeds: None,
+                        embeds: None,
                     })
                     .collect();
                 let logits = m.forward_batch(&model.pool, &mut ws, &mut batch)?;

@@ -39,6 +39,8 @@ pub enum Command {
     Chat(ChatArgs),
     /// Measure prefill and decode speed.
     Bench(crate::bench::BenchArgs),
+    /// Measure how long an mmproj takes to encode an image.
+    BenchVision(crate::bench_vision::BenchVisionArgs),
     /// Serve the OpenAI API over HTTP.
     Serve(crate::serve::ServeArgs),
     /// Token and cost totals per model from the usage ledger.
@@ -176,6 +178,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run(&registry, args),
         Command::Chat(args) => chat(&registry, args),
         Command::Bench(args) => crate::bench::bench(&registry, args),
+        Command::BenchVision(args) => crate::bench_vision::bench_vision(args),
         Command::Serve(args) => crate::serve::serve(registry, args),
         Command::Usage(args) => crate::serve::usage(args),
         Command::Export(args) => crate::serve::export(args),

@@ -2,6 +2,7 @@
 //! fine-tune | admin`.
 
 mod bench;
+mod bench_vision;
 mod cli;
 mod evals;
 mod finetune;
