@@ -256,3 +256,51 @@ def test_bad_file_ids_are_400(http, client):
         })
         e = assert_error(r, 400, param="input[0].content[0].file_id")
         assert word in e["message"]
+
+
+@pytest.fixture(scope="module")
+def image_site():
+    """A local web server holding the fixture images (what `--fetch-image-urls` downloads)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(DATA))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_image_urls_are_downloaded_only_when_the_operator_allows(ferrum_bin, nano_weights, tmp_path_factory,
+                                                                 image_site, http):
+    url = f"{image_site}/img-64x64.png"
+    # The module's server does not download: a 400 that says what to send instead.
+    assert_error(http.post("/v1/chat/completions", json={
+        "model": IDEFICS, "max_tokens": 4,
+        "messages": [{"role": "user", "content": [image_part(url)]}],
+    }), 400, param="messages[0].content[0].image_url.url", code="invalid_image_url")
+    workdir = tmp_path_factory.mktemp("vision-urls")
+    config = workdir / "ferrum.toml"
+    config.write_text(CONFIG.format(idefics=IDEFICS, llava=LLAVA, nano=NANO, data=DATA, nano_weights=nano_weights))
+    server = FerrumServer(ferrum_bin, config, workdir / "server", ["--fetch-image-urls"])
+    try:
+        client = server.client()
+        by_url = ask(client, IDEFICS, image_part(url))
+        by_data = ask(client, IDEFICS, image_part(data_url((DATA / "img-64x64.png").read_bytes())))
+        assert by_url.usage.prompt_tokens_details.image_tokens == 5 * TOKENS_PER_TILE
+        # The same pixels: the data URL's encoding came from the cache, its tokens from the
+        # prefix cache.
+        assert by_data.usage.prompt_tokens_details.cached_tokens >= 5 * TOKENS_PER_TILE
+        with server.http() as h:
+            e = assert_error(h.post("/v1/chat/completions", json={
+                "model": IDEFICS, "max_tokens": 4,
+                "messages": [{"role": "user", "content": [image_part(f"{image_site}/missing.png")]}],
+            }), 400, param="messages[0].content[0].image_url.url", code="invalid_image_url")
+            assert "404" in e["message"]
+            e = assert_error(h.post("/v1/chat/completions", json={
+                "model": IDEFICS, "max_tokens": 4,
+                "messages": [{"role": "user", "content": [image_part(f"{image_site}/README.md")]}],
+            }), 400, param="messages[0].content[0].image_url.url", code="invalid_image_format")
+    finally:
+        server.stop()

@@ -65,6 +65,10 @@ pub struct ServerConfig {
     /// Largest upload, in bytes.
     pub max_file_bytes: u64,
     pub batch: BatchConfig,
+    /// Whether image parts may name `http(s)://` URLs, which the server then downloads (off
+    /// by default: the server may have no way out, and a URL fetched on a client's word is a
+    /// request the server makes for it).
+    pub fetch_image_urls: bool,
 }
 
 /// Upload rules of the Files API.
@@ -94,6 +98,8 @@ pub struct App {
     pub metrics: Arc<metrics::Metrics>,
     /// Encoded images, by content (see `vision`).
     pub images: vision::ImageCache,
+    /// Whether image URLs are downloaded (`ServerConfig::fetch_image_urls`).
+    pub fetch_image_urls: bool,
 }
 
 impl App {
@@ -257,6 +263,7 @@ pub fn app(registry: Registry, store: Store, config: ServerConfig) -> Arc<App> {
         auth: auth::Auth::new(config.api_key, config.admin_key),
         metrics: Arc::default(),
         images: Default::default(),
+        fetch_image_urls: config.fetch_image_urls,
     })
 }
 

@@ -130,6 +130,15 @@ async fn image_bytes(
                         )
                     })?;
                 Ok((bytes, Some(media.to_string())))
+            } else if (url.starts_with("https://") || url.starts_with("http://"))
+                && app.fetch_image_urls
+            {
+                let (url, field_owned) = (url.clone(), field);
+                let img2 = img.clone();
+                tokio::task::spawn_blocking(move || download(&url))
+                    .await
+                    .map_err(|e| ServerError::internal("downloading an image", e))?
+                    .map_err(|m| bad_image(&img2, field_owned, "invalid_image_url", m).into())
             } else if url.starts_with("https://") || url.starts_with("http://") {
                 Err(bad_image(
                     img,
@@ -178,6 +187,46 @@ async fn image_bytes(
             Ok((bytes, None))
         }
     }
+}
+
+/// Seconds an image download may take.
+const DOWNLOAD_TIMEOUT_S: u64 = 20;
+
+/// Downloads an image URL (`--fetch-image-urls`): its bytes, and its media type when the
+/// server names an image type; the message of a 400 otherwise.
+fn download(url: &str) -> Result<(Vec<u8>, Option<String>), String> {
+    use std::io::Read;
+    let limit = ImageLimits::default().max_bytes;
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(DOWNLOAD_TIMEOUT_S))
+        .build();
+    let resp = agent.get(url).call().map_err(|e| match e {
+        ureq::Error::Status(code, _) => {
+            format!("Error while downloading {url}: the server answered HTTP {code}.")
+        }
+        other => format!("Error while downloading {url}: {other}."),
+    })?;
+    let media = resp
+        .header("content-type")
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|t| ferrum_vision::IMAGE_MEDIA_TYPES.contains(&t.as_str()));
+    let mut bytes = Vec::new();
+    resp.into_reader()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("Error while downloading {url}: {e}."))?;
+    if bytes.len() > limit {
+        return Err(format!(
+            "The image at {url} is over the limit of {limit} bytes."
+        ));
+    }
+    Ok((bytes, media))
 }
 
 /// Checks, reads, decodes and encodes the request's images, in prompt order (none: empty).

@@ -266,3 +266,96 @@ impl VisionModel {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(img: &image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    fn picture() -> image::RgbaImage {
+        image::RgbaImage::from_fn(9, 5, |x, y| {
+            image::Rgba([
+                (x * 28) as u8,
+                (y * 50) as u8,
+                ((x + y) * 9) as u8,
+                (x * 20 + 5) as u8,
+            ])
+        })
+    }
+
+    #[test]
+    fn every_format_decodes_to_rgb_with_alpha_dropped() {
+        let rgba = picture();
+        let rgb: Vec<u8> = rgba.pixels().flat_map(|p| [p[0], p[1], p[2]]).collect();
+        let dynamic = image::DynamicImage::ImageRgba8(rgba.clone());
+        let limits = ImageLimits::default();
+        // Lossless formats keep every pixel; alpha is dropped, not blended.
+        for (format, media) in [
+            (image::ImageFormat::Png, "image/png"),
+            (image::ImageFormat::WebP, "image/webp"),
+        ] {
+            let bytes = encoded(&dynamic, format);
+            let img = decode_image(&bytes, Some(media), limits).unwrap();
+            assert_eq!((img.width, img.height), (9, 5));
+            assert_eq!(img.data, rgb, "{media}");
+        }
+        // JPEG is lossy; GIF has a palette: sizes and rough colours.
+        let rgb8 = image::DynamicImage::ImageRgb8(dynamic.to_rgb8());
+        for (format, media) in [
+            (image::ImageFormat::Jpeg, "image/jpeg"),
+            (image::ImageFormat::Gif, "image/gif"),
+        ] {
+            let bytes = encoded(&rgb8, format);
+            let img = decode_image(&bytes, Some(media), limits).unwrap();
+            assert_eq!((img.width, img.height), (9, 5), "{media}");
+            let err: f64 = img
+                .data
+                .iter()
+                .zip(&rgb)
+                .map(|(a, b)| (f64::from(*a) - f64::from(*b)).abs())
+                .sum::<f64>()
+                / rgb.len() as f64;
+            assert!(err < 24.0, "{media}: mean error {err}");
+        }
+        // "image/jpg" is read as JPEG's alias.
+        let jpeg = encoded(&rgb8, image::ImageFormat::Jpeg);
+        assert!(decode_image(&jpeg, Some("image/jpg"), limits).is_ok());
+    }
+
+    #[test]
+    fn bad_bytes_types_and_sizes_are_refused_with_reasons() {
+        let png = encoded(
+            &image::DynamicImage::ImageRgba8(picture()),
+            image::ImageFormat::Png,
+        );
+        let limits = ImageLimits::default();
+        let msg = |r: Result<RgbImage>| match r {
+            Err(VisionError::Image(m)) => m,
+            other => panic!("expected an image error, got {:?}", other.map(|i| i.width)),
+        };
+        assert!(msg(decode_image(&png, Some("image/gif"), limits)).contains("media type"));
+        let m = msg(decode_image(
+            b"GIF89a\x02\x00\x02\x00not-really",
+            None,
+            limits,
+        ));
+        assert!(m.contains("decoded"), "{m}");
+        assert!(msg(decode_image(&png[..png.len() / 2], None, limits)).contains("decoded"));
+        assert!(msg(decode_image(b"hello", None, limits)).contains("not a PNG"));
+        let tight = ImageLimits {
+            max_bytes: 100,
+            ..limits
+        };
+        assert!(msg(decode_image(&png, None, tight)).contains("over the limit"));
+        let small = ImageLimits {
+            max_side: 8,
+            ..limits
+        };
+        assert!(msg(decode_image(&png, None, small)).contains("8x8"));
+    }
+}

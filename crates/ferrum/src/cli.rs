@@ -204,6 +204,11 @@ fn pull(registry: &Registry, models: &[String], verify: bool) -> anyhow::Result<
         let path = pull_tier(tier, &opts, progress.as_ref())
             .with_context(|| format!("fetching the weights of {}", tier.id))?;
         println!("{}: {}", tier.id, path.display());
+        if let Some(mmproj) = &tier.mmproj {
+            let path = ferrum_registry::ensure_weights_with(mmproj, &opts, progress.as_ref())
+                .with_context(|| format!("fetching the mmproj of {}", tier.id))?;
+            println!("{} mmproj: {}", tier.id, path.display());
+        }
     }
     Ok(())
 }

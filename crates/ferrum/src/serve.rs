@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Largest upload to /v1/files, in MiB.
     #[arg(long, default_value_t = 512)]
     pub max_file_mib: u64,
+    /// Download images that requests name by `http(s)://` URL (by default only data URLs and
+    /// file ids are read, and URLs get a 400 saying so).
+    #[arg(long, env = "FERRUM_FETCH_IMAGE_URLS")]
+    pub fetch_image_urls: bool,
     /// Seconds a batch line stays claimed by this server without renewal (renewed every third
     /// of it): how long the lines of a killed server wait before another takes them over.
     #[arg(long, default_value_t = 60)]
@@ -177,6 +181,7 @@ pub fn serve(registry: Registry, args: ServeArgs) -> anyhow::Result<()> {
                 window: args.batch_window.max(1),
                 ..BatchConfig::default()
             },
+            fetch_image_urls: args.fetch_image_urls,
         };
         ferrum_server::serve(listener, registry, store, config, shutdown_signal()).await?;
         Ok(())

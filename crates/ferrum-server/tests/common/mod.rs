@@ -32,6 +32,7 @@ pub fn config(dir: &Path) -> ServerConfig {
             poll: Duration::from_millis(20),
             ..BatchConfig::default()
         },
+        fetch_image_urls: false,
     }
 }
 
