@@ -34,6 +34,13 @@ weights = {{ path = "{data}/tiny-lm.gguf" }}
 mmproj = {{ path = "{data}/tiny-llava-mmproj.gguf" }}
 
 [[tier]]
+id = "mismatched-vlm"
+load = "lazy"
+price = {{ input = 1.0, cached_input = 0.25, output = 4.0 }}
+weights = {{ path = "{nano_weights}" }}
+mmproj = {{ path = "{data}/tiny-idefics3-mmproj.gguf" }}
+
+[[tier]]
 id = "{nano}"
 load = "lazy"
 price = {{ input = 0.10, cached_input = 0.025, output = 0.40 }}
@@ -245,6 +252,15 @@ def test_bad_images_are_clear_400s(http):
     assert "mmproj" in e["message"]
     # The marker the server uses for images may not be smuggled in as text.
     assert_error(post(image_part(data_url(good)), {"type": "text", "text": "<__media__>"}), 400, param="messages")
+
+
+def test_an_mmproj_of_another_model_is_refused_at_load(http):
+    """nano embeds in 576 dimensions; the fixture's projector writes 128."""
+    r = http.post("/v1/chat/completions", json={
+        "model": "mismatched-vlm", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}],
+    })
+    e = assert_error(r, 503)
+    assert "128" in e["message"] and "576" in e["message"] and "another model" in e["message"]
 
 
 def test_bad_file_ids_are_400(http, client):
