@@ -86,9 +86,33 @@ impl Role {
     }
 }
 
-/// The text an image part leaves in its message's content, where the image's tokens go (the
-/// marker llama.cpp's mtmd uses).
-pub const IMAGE_MARKER: &str = "<__media__>";
+/// The text an image part leaves in its message's content, where the image's tokens go. As
+/// llama-server's, it is random per process (`<__media_...__>`), so no client text can pass for
+/// one.
+pub fn image_marker() -> &'static str {
+    use std::hash::{BuildHasher, Hasher};
+    static MARKER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MARKER.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        format!("<__media_{:016x}__>", h.finish())
+    })
+}
+
+/// Joins a message's parts as llama-server does: text parts separated by newlines, but no
+/// newline before or after an image marker.
+pub(crate) fn join_parts(parts: &[(bool, String)]) -> String {
+    let mut text = String::new();
+    let mut after_marker = false;
+    for (marker, part) in parts {
+        if !marker && !after_marker && !text.is_empty() {
+            text.push('\n');
+        }
+        after_marker = *marker;
+        text.push_str(part);
+    }
+    text
+}
 
 /// Where an image comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,7 +160,7 @@ impl ImageDetail {
     }
 }
 
-/// An image part of a message, in content order (each left [`IMAGE_MARKER`] in the text).
+/// An image part of a message, in content order (each left an [`image_marker`] in the text).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageInput {
     pub source: ImageSource,
@@ -149,7 +173,7 @@ pub struct ImageInput {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Message {
     pub role: Role,
-    /// The text content (text parts joined by newlines; an image part is [`IMAGE_MARKER`]).
+    /// The text content (text parts joined by newlines; an image part is an [`image_marker`]).
     pub content: String,
     /// The message's images, in order.
     pub images: Vec<ImageInput>,
@@ -569,7 +593,7 @@ fn parse_message(path: &str, v: &Value) -> Result<Message> {
     })
 }
 
-/// Content parts: text, and images in user messages (left as [`IMAGE_MARKER`] in the text,
+/// Content parts: text, and images in user messages (left as an [`image_marker`] in the text,
 /// whether the model reads images is the server's to say); audio and files are refused.
 pub(crate) fn parse_parts(
     path: &str,
@@ -590,7 +614,7 @@ pub(crate) fn parse_parts(
             _ => &["text"],
         };
         match p.required_str("type")? {
-            "text" => texts.push(p.required_str("text")?.to_string()),
+            "text" => texts.push((false, p.required_str("text")?.to_string())),
             "refusal" if role == Role::Assistant => {
                 p.required_str("refusal")?;
             }
@@ -611,7 +635,7 @@ pub(crate) fn parse_parts(
                     detail: ImageDetail::parse_field(&image, "detail")?,
                     param: p_path.clone(),
                 });
-                texts.push(IMAGE_MARKER.to_string());
+                texts.push((true, image_marker().to_string()));
             }
             t @ ("input_audio" | "file") if role == Role::User => {
                 return Err(ApiError::invalid_param(
@@ -623,7 +647,7 @@ pub(crate) fn parse_parts(
             other => return Err(invalid_value(&p.path_of("type"), other, supported)),
         }
     }
-    Ok((texts.join("\n"), images))
+    Ok((join_parts(&texts), images))
 }
 
 fn parse_stop(f: &Fields) -> Result<Vec<String>> {

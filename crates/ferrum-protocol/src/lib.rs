@@ -17,8 +17,8 @@ pub mod response;
 pub mod responses;
 
 pub use chat::{
-    parse_chat_request, ChatRequest, ImageDetail, ImageInput, ImageSource, Message, ResponseFormat,
-    Role, ServiceTier, Tool, ToolChoice, IMAGE_MARKER,
+    image_marker, parse_chat_request, ChatRequest, ImageDetail, ImageInput, ImageSource, Message,
+    ResponseFormat, Role, ServiceTier, Tool, ToolChoice,
 };
 pub use embeddings::{parse_embedding_request, EmbeddingInput, EmbeddingRequest, EncodingFormat};
 pub use error::{ApiError, ErrorType};

@@ -4,9 +4,9 @@
 use serde_json::{json, Map, Value};
 
 use crate::chat::{
-    check_tool_choice, parse_function, parse_json_schema, parse_metadata, parse_tool_list,
-    read_tool_choice, unsupported, ImageDetail, ImageInput, ImageSource, ResponseFormat, Role,
-    ServiceTier, Tool, ToolChoice, IMAGE_MARKER, MAX_TOP_LOGPROBS,
+    check_tool_choice, image_marker, join_parts, parse_function, parse_json_schema, parse_metadata,
+    parse_tool_list, read_tool_choice, unsupported, ImageDetail, ImageInput, ImageSource,
+    ResponseFormat, Role, ServiceTier, Tool, ToolChoice, MAX_TOP_LOGPROBS,
 };
 use crate::error::ApiError;
 use crate::reader::{invalid_type, invalid_value, missing, parse_object, Fields, Result};
@@ -56,7 +56,7 @@ pub enum Item {
     Message {
         role: Role,
         text: String,
-        /// `input_image` parts, in order (each left an [`IMAGE_MARKER`] in `text`).
+        /// `input_image` parts, in order (each left an [`image_marker`] in `text`).
         images: Vec<ImageInput>,
     },
     FunctionCall {
@@ -70,20 +70,12 @@ pub enum Item {
     },
 }
 
-/// A user message's text and images as `input_text` and `input_image` parts, in order (the
-/// newlines that joined the parts dropped).
+/// A user message's text and images as `input_text` and `input_image` parts, in order.
 fn image_parts(text: &str, images: &[ImageInput]) -> Vec<Value> {
     let mut out = Vec::new();
-    let segments: Vec<&str> = text.split(IMAGE_MARKER).collect();
+    let segments: Vec<&str> = text.split(image_marker()).collect();
     let last = segments.len() - 1;
     for (i, seg) in segments.iter().enumerate() {
-        let mut seg = *seg;
-        if i > 0 {
-            seg = seg.strip_prefix('\n').unwrap_or(seg);
-        }
-        if i < last {
-            seg = seg.strip_suffix('\n').unwrap_or(seg);
-        }
         if !seg.is_empty() {
             out.push(json!({"type": "input_text", "text": seg}));
         }
@@ -410,7 +402,7 @@ pub fn parse_item(path: &str, v: &Value) -> Result<Item> {
 }
 
 /// Text parts (`input_text`, `output_text`, `text`) and images (`input_image`, by URL or
-/// `file_id`, left as [`IMAGE_MARKER`] in the text); files and audio are refused clearly.
+/// `file_id`, left as an [`image_marker`] in the text); files and audio are refused clearly.
 fn parse_parts(path: &str, parts: &[Value]) -> Result<(String, Vec<ImageInput>)> {
     let mut texts = Vec::with_capacity(parts.len());
     let mut images = Vec::new();
@@ -422,9 +414,9 @@ fn parse_parts(path: &str, parts: &[Value]) -> Result<(String, Vec<ImageInput>)>
         let p = Fields::new(map, p_path.as_str());
         match p.required_str("type")? {
             "input_text" | "output_text" | "text" => {
-                texts.push(p.required_str("text")?.to_string())
+                texts.push((false, p.required_str("text")?.to_string()))
             }
-            "refusal" => texts.push(p.required_str("refusal")?.to_string()),
+            "refusal" => texts.push((false, p.required_str("refusal")?.to_string())),
             "input_image" => {
                 let url = p.str("image_url")?.filter(|u| !u.is_empty());
                 let file = p.str("file_id")?.filter(|u| !u.is_empty());
@@ -451,7 +443,7 @@ fn parse_parts(path: &str, parts: &[Value]) -> Result<(String, Vec<ImageInput>)>
                     detail: ImageDetail::parse_field(&p, "detail")?,
                     param: p_path.clone(),
                 });
-                texts.push(IMAGE_MARKER.to_string());
+                texts.push((true, image_marker().to_string()));
             }
             t @ ("input_file" | "input_audio") => {
                 return Err(ApiError::invalid_param(
@@ -469,7 +461,7 @@ fn parse_parts(path: &str, parts: &[Value]) -> Result<(String, Vec<ImageInput>)>
             }
         }
     }
-    Ok((texts.join("\n"), images))
+    Ok((join_parts(&texts), images))
 }
 
 fn parse_tools(f: &Fields) -> Result<Vec<Tool>> {

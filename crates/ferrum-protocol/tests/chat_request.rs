@@ -210,7 +210,7 @@ fn image_parts_leave_a_marker_where_they_were() {
     let m = &req.messages[0];
     assert_eq!(
         m.content,
-        format!("What is this?\n{}", ferrum_protocol::IMAGE_MARKER)
+        format!("What is this?{}", ferrum_protocol::image_marker())
     );
     assert_eq!(m.images.len(), 1);
     assert_eq!(m.images[0].detail, ferrum_protocol::ImageDetail::High);

@@ -14,7 +14,7 @@ use crate::tools::{self, ToolMode};
 use crate::ServerError;
 use ferrum_protocol::chat::MAX_OUTPUT_TOKENS;
 use ferrum_protocol::response::{ChoiceLogprobs, TokenLogprob, TopLogprob, Usage};
-use ferrum_protocol::{ApiError, ChatRequest, ResponseFormat, IMAGE_MARKER};
+use ferrum_protocol::{image_marker, ApiError, ChatRequest, ResponseFormat};
 
 /// A chat request ready for the engine.
 pub struct Prepared {
@@ -266,7 +266,7 @@ pub(crate) fn splice_images(
         tok.encode(s, false, true)
             .map_err(|e| ServerError::internal("tokenizing the prompt", e))
     };
-    let segments: Vec<&str> = text.split(IMAGE_MARKER).collect();
+    let segments: Vec<&str> = text.split(image_marker()).collect();
     if segments.len() != images.len() + 1 {
         return Err(ApiError::invalid_param(
             "messages",

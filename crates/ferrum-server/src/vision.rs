@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
-use ferrum_protocol::{ApiError, ChatRequest, ImageDetail, ImageInput, ImageSource, IMAGE_MARKER};
+use ferrum_protocol::{image_marker, ApiError, ChatRequest, ImageDetail, ImageInput, ImageSource};
 use ferrum_vision::{decode_image, Detail, EncodedImage, ImageLimits, VisionError, VisionModel};
 
 use crate::models::Loaded;
@@ -270,13 +270,16 @@ pub async fn encode_images(
     let markers: usize = req
         .messages
         .iter()
-        .map(|m| m.content.matches(IMAGE_MARKER).count())
+        .map(|m| m.content.matches(image_marker()).count())
         .sum();
     if markers != images.len() {
         return Err(ApiError::invalid_param(
             "messages",
             "invalid_value",
-            format!("Message text may not contain '{IMAGE_MARKER}' (this server's image marker)."),
+            format!(
+                "Message text may not contain '{}' (this server's image marker).",
+                image_marker()
+            ),
         )
         .into());
     }
@@ -479,7 +482,12 @@ mod parity {
                     "{name}: chunk {k}: max abs error {err}"
                 );
             }
-            let prompt = case["prompt"].as_str().unwrap();
+            // llama.cpp's marker, as this server's.
+            let prompt = case["prompt"]
+                .as_str()
+                .unwrap()
+                .replace("<__media__>", ferrum_protocol::image_marker());
+            let prompt = prompt.as_str();
             let (tokens, embeds, image_tokens) =
                 crate::frontend::splice_images(&model, prompt, &images).unwrap();
             let mut expected: Vec<Option<u32>> = Vec::new();
