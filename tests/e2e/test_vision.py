@@ -6,6 +6,7 @@ image tokens in usage, cache them, and refuse bad images with clear 400s."""
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -14,7 +15,7 @@ import openai
 import pytest
 
 from conftest import REPO_ROOT, FerrumServer
-from helpers import NANO, assert_error
+from helpers import NANO, assert_error, wait_for_batch
 
 DATA = REPO_ROOT / "tests" / "data" / "vision"
 IDEFICS = "tiny-vlm"
@@ -224,6 +225,47 @@ def test_responses_take_input_images_by_url_and_by_file_id(client):
     # completion's: that one ran on a cold prefix cache, and this random model's near ties may
     # go either way on the last bits a warm cache changes.)
     assert outputs[0] == outputs[1]
+
+
+def test_a_conversation_keeps_its_image_across_turns(client):
+    """previous_response_id: the first turn's image is in the rebuilt conversation, and its
+    tokens come from the prefix cache."""
+    img = data_url((DATA / "img-30x90.png").read_bytes())
+    first = client.responses.create(
+        model=IDEFICS,
+        input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": img, "detail": "auto"},
+            {"type": "input_text", "text": "What is this?"},
+        ]}],
+        max_output_tokens=16,
+        temperature=0,
+    )
+    second = client.responses.create(
+        model=IDEFICS, previous_response_id=first.id, input="And the colours?", max_output_tokens=16, temperature=0,
+    )
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    assert second.usage.input_tokens_details.cached_tokens >= 3 * TOKENS_PER_TILE
+
+
+def test_a_batch_line_may_carry_an_image(client):
+    body = {
+        "model": IDEFICS, "max_tokens": 4, "temperature": 0,
+        "messages": [{"role": "user", "content": [
+            image_part(data_url((DATA / "img-64x64.png").read_bytes())),
+            {"type": "text", "text": "Describe the image."},
+        ]}],
+    }
+    lines = [{"custom_id": f"img-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+             for i in range(2)]
+    f = client.files.create(file=("lines.jsonl", "\n".join(map(json.dumps, lines)).encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = wait_for_batch(client, batch.id)
+    assert batch.status == "completed", batch
+    out = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert {o["custom_id"] for o in out} == {"img-0", "img-1"}
+    for o in out:
+        usage = o["response"]["body"]["usage"]
+        assert usage["prompt_tokens_details"]["image_tokens"] == 5 * TOKENS_PER_TILE
 
 
 def test_bad_images_are_clear_400s(http):
