@@ -92,12 +92,7 @@ pub async fn admit(
     };
     let estimate = serde_json::from_slice::<Limited>(&bytes)
         .ok()
-        .and_then(|l| {
-            Some((
-                limit_model(app, l.model.as_deref()?)?,
-                estimate(&l, bytes.len()),
-            ))
-        });
+        .and_then(|l| Some((limit_model(app, l.model.as_deref()?)?, estimate(&l, &bytes))));
     let req = Request::from_parts(parts, axum::body::Body::from(bytes));
     // A body without a model (or naming none served) is refused by its handler, uncounted.
     let Some((model, tokens)) = estimate else {
@@ -165,7 +160,7 @@ pub async fn admit_batch(app: &App, project_id: &str, file_id: &str) -> Result<(
         let Some(model) = l.body.model.as_deref().and_then(|m| limit_model(app, m)) else {
             continue;
         };
-        *per_model.entry(model).or_default() += estimate(&l.body, line.len());
+        *per_model.entry(model).or_default() += estimate(&l.body, line);
     }
     let day = now_ms() / 1000 / 86_400 * 86_400;
     let defaults = DefaultLimits {
@@ -227,15 +222,44 @@ fn limit_model(app: &App, model: &str) -> Option<String> {
 }
 
 /// OpenAI's admission count: the prompt estimated from the request's size (4 bytes a token),
-/// plus the most output the request may produce.
-fn estimate(l: &Limited, body_len: usize) -> u64 {
-    let prompt = (body_len as u64).div_ceil(4);
+/// plus the most output the request may produce. Base64 images count as [`IMAGE_ESTIMATE`]
+/// tokens each, not by their bytes (a 100 KB picture is not 25,000 tokens); the count is
+/// corrected to the real one when the request completes.
+fn estimate(l: &Limited, body: &[u8]) -> u64 {
+    let (image_bytes, images) = inline_images(body);
+    let prompt = ((body.len() - image_bytes) as u64).div_ceil(4) + images * IMAGE_ESTIMATE;
     let out = l
         .max_completion_tokens
         .or(l.max_tokens)
         .or(l.max_output_tokens)
         .unwrap_or(0);
     prompt + out.saturating_mul(l.n.unwrap_or(1).max(1))
+}
+
+/// Admission's guess of one image's tokens (a few tiles of a tiled encoder).
+const IMAGE_ESTIMATE: u64 = 1000;
+
+/// The bytes of base64 image data in a request body (`data:image/...;base64,` and the
+/// base64 after it) and how many such images there are.
+fn inline_images(body: &[u8]) -> (usize, u64) {
+    const HEAD: &[u8] = b"data:image/";
+    let (mut bytes, mut count, mut at) = (0, 0, 0);
+    while let Some(i) = body[at..].windows(HEAD.len()).position(|w| w == HEAD) {
+        let start = at + i;
+        let rest = &body[start..];
+        let Some(comma) = rest.iter().take(64).position(|&b| b == b',') else {
+            at = start + HEAD.len();
+            continue;
+        };
+        let data = rest[comma + 1..]
+            .iter()
+            .take_while(|&&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'\\'))
+            .count();
+        bytes += comma + 1 + data;
+        count += 1;
+        at = start + comma + 1 + data;
+    }
+    (bytes, count)
 }
 
 /// The 429 of a request over a limit, with the headers of the window it did not fit.
@@ -373,8 +397,20 @@ mod tests {
             max_output_tokens: None,
             n,
         };
-        assert_eq!(estimate(&l(None, None, None), 401), 101);
-        assert_eq!(estimate(&l(Some(50), None, Some(3)), 400), 250);
-        assert_eq!(estimate(&l(Some(50), Some(20), None), 400), 120);
+        let body = |n: usize| vec![b' '; n];
+        assert_eq!(estimate(&l(None, None, None), &body(401)), 101);
+        assert_eq!(estimate(&l(Some(50), None, Some(3)), &body(400)), 250);
+        assert_eq!(estimate(&l(Some(50), Some(20), None), &body(400)), 120);
+        // Two inline images of 40,000 base64 bytes each: 1000 tokens apiece, not 20,000.
+        let data = "A".repeat(40_000);
+        let body = format!(
+            r#"{{"messages":[{{"content":[{{"image_url":{{"url":"data:image/png;base64,{data}"}}}},
+            {{"image_url":{{"url":"data:image/jpeg;base64,{data}=="}}}}]}}],"model":"m"}}"#
+        );
+        let (bytes, images) = inline_images(body.as_bytes());
+        assert_eq!(images, 2);
+        assert_eq!(bytes, 2 * ("data:image/png;base64,".len() + 40_000) + 3);
+        let e = estimate(&l(None, None, None), body.as_bytes());
+        assert!((2000..2100).contains(&e), "{e}");
     }
 }
