@@ -306,13 +306,7 @@ fn encode_all(
         let decoded =
             decode_image(&bytes, media.as_deref(), ImageLimits::default()).map_err(|e| {
                 let code = match &e {
-                    VisionError::Image(m)
-                        if m.contains("media type")
-                            || m.contains("not a PNG")
-                            || m.contains("not supported") =>
-                    {
-                        "invalid_image_format"
-                    }
+                    VisionError::ImageFormat(_) => "invalid_image_format",
                     _ => "invalid_image",
                 };
                 bad_image(img, field, code, format!("Invalid image: {e}"))

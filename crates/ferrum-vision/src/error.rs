@@ -2,8 +2,9 @@
 
 use thiserror::Error;
 
-/// A vision error. [`VisionError::Image`] is the client's fault (a bad or too large image);
-/// the others are the deployment's (its mmproj file).
+/// A vision error. [`VisionError::ImageFormat`] and [`VisionError::Image`] are the client's
+/// fault (not an image format read here, or a bad or too large image); the others are the
+/// deployment's (its mmproj file).
 #[derive(Debug, Error)]
 pub enum VisionError {
     /// The mmproj file could not be read, or lacks what its projector needs.
@@ -15,7 +16,10 @@ pub enum VisionError {
         crate::SUPPORTED_PROJECTORS.join(", ")
     )]
     UnsupportedProjector { path: String, projector: String },
-    /// The image bytes are not an image this server reads, or break a limit.
+    /// The bytes are not in an image format read here, or not in the one their media type says.
+    #[error("{0}")]
+    ImageFormat(String),
+    /// The image cannot be decoded, or breaks a limit.
     #[error("{0}")]
     Image(String),
     /// A tensor operation failed (a bug, or memory).

@@ -107,7 +107,7 @@ pub fn decode_image(
         )));
     }
     let format = image::guess_format(bytes).map_err(|_| {
-        VisionError::Image(
+        VisionError::ImageFormat(
             "the image is not a PNG, JPEG, WebP or GIF file (its bytes match none of them)".into(),
         )
     })?;
@@ -117,7 +117,7 @@ pub fn decode_image(
         ImageFormat::WebP => "image/webp",
         ImageFormat::Gif => "image/gif",
         other => {
-            return Err(VisionError::Image(format!(
+            return Err(VisionError::ImageFormat(format!(
                 "image format {other:?} is not supported; send PNG, JPEG, WebP or GIF"
             )))
         }
@@ -125,7 +125,7 @@ pub fn decode_image(
     if let Some(mt) = media_type {
         let mt = if mt == "image/jpg" { "image/jpeg" } else { mt };
         if mt != name {
-            return Err(VisionError::Image(format!(
+            return Err(VisionError::ImageFormat(format!(
                 "the image's media type is '{mt}' but its bytes are {name}"
             )));
         }
@@ -335,7 +335,7 @@ mod tests {
         );
         let limits = ImageLimits::default();
         let msg = |r: Result<RgbImage>| match r {
-            Err(VisionError::Image(m)) => m,
+            Err(VisionError::Image(m) | VisionError::ImageFormat(m)) => m,
             other => panic!("expected an image error, got {:?}", other.map(|i| i.width)),
         };
         assert!(msg(decode_image(&png, Some("image/gif"), limits)).contains("media type"));
@@ -347,6 +347,19 @@ mod tests {
         assert!(m.contains("decoded"), "{m}");
         assert!(msg(decode_image(&png[..png.len() / 2], None, limits)).contains("decoded"));
         assert!(msg(decode_image(b"hello", None, limits)).contains("not a PNG"));
+        // What the server answers `invalid_image_format` against `invalid_image`.
+        assert!(matches!(
+            decode_image(b"hello", None, limits),
+            Err(VisionError::ImageFormat(_))
+        ));
+        assert!(matches!(
+            decode_image(&png, Some("image/webp"), limits),
+            Err(VisionError::ImageFormat(_))
+        ));
+        assert!(matches!(
+            decode_image(&png[..png.len() / 2], None, limits),
+            Err(VisionError::Image(_))
+        ));
         let tight = ImageLimits {
             max_bytes: 100,
             ..limits
