@@ -133,12 +133,11 @@ async fn image_bytes(
             } else if (url.starts_with("https://") || url.starts_with("http://"))
                 && app.fetch_image_urls
             {
-                let (url, field_owned) = (url.clone(), field);
-                let img2 = img.clone();
+                let url = url.clone();
                 tokio::task::spawn_blocking(move || download(&url))
                     .await
                     .map_err(|e| ServerError::internal("downloading an image", e))?
-                    .map_err(|m| bad_image(&img2, field_owned, "invalid_image_url", m).into())
+                    .map_err(|m| bad_image(img, field, "invalid_image_url", m).into())
             } else if url.starts_with("https://") || url.starts_with("http://") {
                 Err(bad_image(
                     img,

@@ -218,24 +218,6 @@ impl VisionModel {
         }
     }
 
-    /// Image tokens an image of this size takes (without encoding it).
-    pub fn image_tokens(&self, width: usize, height: usize, detail: Detail) -> usize {
-        let c = &self.mmproj.cfg;
-        let inputs = match c.projector {
-            Projector::Mlp => 1,
-            Projector::Idefics3 { .. } => {
-                let (gx, gy) =
-                    preprocess::idefics3_grid(width, height, c.image_size, c.longest_edge);
-                if detail.tiled() {
-                    gx * gy + 1
-                } else {
-                    1
-                }
-            }
-        };
-        inputs * c.tokens_per_image()
-    }
-
     /// The cache key of an image under this encoder.
     pub fn key(&self, img: &RgbImage, detail: Detail) -> [u8; 32] {
         let mut h = Sha256::new();

@@ -17,6 +17,7 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Tensor};
+use ferrum_engine::kernels::gemm::Ptr;
 use ferrum_engine::kernels::{self, MatmulJob, MatmulScratch, QMatrix, ThreadPool};
 use ferrum_engine::TensorView;
 use half::f16;
@@ -317,8 +318,9 @@ impl Linear {
                 t.matmul(wt)?.flatten_all()?.to_vec1::<f32>()?
             }
             Weight::Quant(m) => {
+                use candle_core::Module;
                 let t = Tensor::from_slice(x, (n, inner), &Device::Cpu)?;
-                m.forward_qmm(&t)?
+                m.forward(&t)?.flatten_all()?.to_vec1::<f32>()?
             }
         };
         if let Some(b) = &self.b {
@@ -329,17 +331,6 @@ impl Linear {
             }
         }
         Ok(y)
-    }
-}
-
-trait QmmExt {
-    fn forward_qmm(&self, x: &Tensor) -> Result<Vec<f32>>;
-}
-
-impl QmmExt for QMatMul {
-    fn forward_qmm(&self, x: &Tensor) -> Result<Vec<f32>> {
-        use candle_core::Module;
-        Ok(self.forward(x)?.flatten_all()?.to_vec1::<f32>()?)
     }
 }
 
@@ -411,7 +402,7 @@ fn silu(x: f32) -> f32 {
 /// Applies `f` to chunks of `x` in parallel on the pool.
 fn par_chunks(pool: &ThreadPool, x: &mut [f32], chunk: usize, f: impl Fn(&mut [f32]) + Sync) {
     let n = x.len().div_ceil(chunk);
-    let (ptr, len) = (OutPtr(x.as_mut_ptr()), x.len());
+    let (ptr, len) = (Ptr(x.as_mut_ptr()), x.len());
     pool.run(n, &|c| {
         let start = c * chunk;
         let end = (start + chunk).min(len);
@@ -707,19 +698,6 @@ impl Mmproj {
     }
 }
 
-/// A raw pointer writable from the pool's threads (each writes its own rows).
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the attention tasks write disjoint (position, head) slices of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Full (bidirectional) multi-head attention over `n` positions; `q`, `k`, `v` are `[n][heads
 /// * dh]`, the result likewise.
 ///
@@ -752,7 +730,7 @@ fn attention(
         })
     };
     let mut out = vec![0f32; n * e];
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = Ptr(out.as_mut_ptr());
     let write = move |p: usize, h: usize, row: &[f32]| {
         // SAFETY: (p, h) is written by one task only; the slice is inside `out`.
         unsafe {

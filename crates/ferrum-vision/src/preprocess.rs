@@ -319,77 +319,41 @@ fn rounded_grid(width: usize, height: usize, tile: usize) -> (usize, usize) {
     (round(width), round(height))
 }
 
-/// The tile grid (columns, rows) [`idefics3`] gives an image of this size.
-pub fn idefics3_grid(
-    width: usize,
-    height: usize,
-    tile: usize,
-    longest_edge: usize,
-) -> (usize, usize) {
-    if longest_edge > 0 {
-        let (rw, rh) = longest_edge_size(width, height, longest_edge);
-        (rw.div_ceil(tile), rh.div_ceil(tile))
-    } else {
-        rounded_grid(width, height, tile)
-    }
-}
-
 /// `mtmd_image_preprocessor_idefics3`: tiles of `tile` pixels covering the image resized so
 /// its longer side is `longest_edge`, and an overview. `tiled: false` (OpenAI's `detail:
 /// "low"`) keeps only the overview.
 pub fn idefics3(img: &RgbImage, tile: usize, longest_edge: usize, tiled: bool) -> Preprocessed {
-    let algo = ResizeAlgo::Lanczos;
-    let (grid, refined) = if longest_edge > 0 {
+    let (grid, overview, refined) = if longest_edge > 0 {
+        let algo = ResizeAlgo::Lanczos;
         let (rw, rh) = longest_edge_size(img.width, img.height, longest_edge);
-        let (gx, gy) = (rw.div_ceil(tile), rh.div_ceil(tile));
-        let resized = resize(img, rw.max(1), rh.max(1), algo, Pad::None);
-        let refined = resize(&resized, gx * tile, gy * tile, algo, Pad::None);
+        let grid = (rw.div_ceil(tile), rh.div_ceil(tile));
+        let resized = resize(img, rw, rh, algo, Pad::None);
+        let refined = resize(&resized, grid.0 * tile, grid.1 * tile, algo, Pad::None);
         let overview = resize(&refined, tile, tile, algo, Pad::None);
-        if !tiled {
-            return Preprocessed {
-                tiles: Vec::new(),
-                grid: (0, 0),
-                overview,
-            };
-        }
-        let tiles = (0..gy)
-            .flat_map(|y| (0..gx).map(move |x| (x, y)))
-            .map(|(x, y)| refined.crop(x * tile, y * tile, tile, tile))
-            .collect();
-        return Preprocessed {
-            tiles,
-            grid: (gx, gy),
-            overview,
-        };
+        (grid, overview, Some(refined))
     } else {
         // Older mmproj files without `preproc_image_size`: the llava-uhd slicer, the refined
         // size the image's own rounded to whole tiles.
         let grid = rounded_grid(img.width, img.height, tile);
-        (grid, (grid.0 * tile, grid.1 * tile))
+        let overview = resize(img, tile, tile, ResizeAlgo::Bicubic, Pad::None);
+        let (w, h) = (grid.0 * tile, grid.1 * tile);
+        let refined = tiled.then(|| resize(img, w, h, ResizeAlgo::Bicubic, Pad::Ceil([0, 0, 0])));
+        (grid, overview, refined)
     };
-    let overview = resize(img, tile, tile, ResizeAlgo::Bicubic, Pad::None);
-    if !tiled {
-        return Preprocessed {
+    match refined.filter(|_| tiled) {
+        None => Preprocessed {
             tiles: Vec::new(),
             grid: (0, 0),
             overview,
-        };
-    }
-    let refined = resize(
-        img,
-        refined.0,
-        refined.1,
-        ResizeAlgo::Bicubic,
-        Pad::Ceil([0, 0, 0]),
-    );
-    let tiles = (0..grid.1)
-        .flat_map(|y| (0..grid.0).map(move |x| (x, y)))
-        .map(|(x, y)| refined.crop(x * tile, y * tile, tile, tile))
-        .collect();
-    Preprocessed {
-        tiles,
-        grid,
-        overview,
+        },
+        Some(refined) => Preprocessed {
+            tiles: (0..grid.1)
+                .flat_map(|y| (0..grid.0).map(move |x| (x, y)))
+                .map(|(x, y)| refined.crop(x * tile, y * tile, tile, tile))
+                .collect(),
+            grid,
+            overview,
+        },
     }
 }
 

@@ -229,14 +229,14 @@ impl Panels {
 
 /// A raw pointer that chunks of one pool job share, each writing its own part.
 #[derive(Clone, Copy)]
-pub(crate) struct Ptr<T>(pub(crate) *mut T);
+pub struct Ptr<T>(pub *mut T);
 // SAFETY: the chunks using it write disjoint parts (see the call sites).
 unsafe impl<T> Send for Ptr<T> {}
 unsafe impl<T> Sync for Ptr<T> {}
 
 impl<T> Ptr<T> {
     /// Taking the pointer through a method makes closures capture the whole wrapper.
-    pub(crate) fn get(self) -> *mut T {
+    pub fn get(self) -> *mut T {
         self.0
     }
 }

@@ -357,7 +357,11 @@ impl Transformer {
             .flat_map(|s| s.tokens.iter().map(move |&id| (s.embeds, id)));
         for (t, (embeds, id)) in ids.enumerate() {
             let out = &mut ws.x[t * d..(t + 1) * d];
-            match embeds.and_then(|e| e.row(id)) {
+            // (Text tokens never look in the table: only placeholder ids can be rows.)
+            match embeds
+                .filter(|_| is_placeholder(id))
+                .and_then(|e| e.row(id))
+            {
                 Some(row) => out.copy_from_slice(row),
                 None => self.embed.dequantize_row(id as usize, out),
             }
